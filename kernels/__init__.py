@@ -1,0 +1,1 @@
+"""Triton kernels (shipped as vllm_slq.kernels) and the per-layer kernel registry."""
