@@ -1,0 +1,619 @@
+"""GSQ: Gumbel-Softmax scalar quantization (Dadgarnia et al.), the pure math.
+
+GSQ keeps a plain **symmetric** group-wise integer format (w ~ q * s) and learns,
+per weight, which grid code to use, and per group, the scale, by relaxing the
+discrete choice with a Gumbel-Softmax. It starts from GPTQ codes q0 and scales.
+
+Equations (docs/methods.md section 3) and where they live below:
+
+* Candidate set per weight (:func:`candidate_offsets`, :class:`GSQWeight`):
+    2-bit   : 4 codes v_k in {-2,-1,0,1}; written as base 0 + offset v_k.
+    3/4-bit : 5 codes q0 + d, d in {-2..2}; candidates outside [qmin, qmax]
+              are masked (logit -inf), so codes always stay on the grid.
+    ternary : independent sign and mask logits (binary Gumbel = logistic noise),
+              codes sign * mask in {-1, 0, 1}, stored on the 2-bit symmetric grid.
+* Logit init with a prior around the GPTQ code (:func:`init_logits`):
+    alpha_k = std * (N(0,1) + strength * l_k),  l_k = -(q0 - v_k)^2 / 2 centred over k
+  (std 0.01, strength 6).
+* Soft weight (:class:`GumbelSoftWeight`, :class:`TernarySoftWeight`):
+    y = softmax((alpha * kappa + g) / tau),   g ~ Gumbel(0, 1)
+    W_soft = (base + sum_k y_k d_k) * s
+  The backward pass **replays** g from a seed instead of saving y, so the only
+  per-weight state is alpha (+ its gradient and Lion moment): no soft one-hot
+  [N, K, C] tensor lives between forward and backward. Work is done in row
+  chunks so transient buffers stay small.
+  Gradients (y_k = softmax output, e = E_y[d]):
+    dL/dalpha_k = (kappa / tau) * (dL/dW * s) * y_k * (d_k - e)
+    dL/ds_group = sum_{group} dL/dW * (base + e)
+* Schedules per step (:func:`linear_schedule`, :func:`cosine_lr`):
+    tau 2.0 -> 0.05 linear, kappa 100 -> 500 linear, lr cosine to 0.1 * lr.
+* Optimiser (:class:`Lion`): u = sign(b1 m + (1 - b1) g);
+    p <- p * (1 - lr * wd) - lr * u;  m <- b2 m + (1 - b2) g
+  logits: lr 2e-4, decoupled wd 1.0 (pulls logits towards uniform: the real
+  regulariser); scales: lr 1e-4, fp32, no decay.
+* End: hard argmax codes times the learned scale (:meth:`GSQWeight.to_quantized`).
+* The optimisation loop over calibration batches for a set of weights refined
+  jointly against one loss (the decoder block output MSE): :func:`refine`.
+
+Nothing here imports llmcompressor or vLLM; the modifier supplies the loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from vllm_slq.quant.spec import QuantizedWeight, QuantSpec, QuantSpecError
+
+__all__ = [
+    "GSQConfig",
+    "GSQWeight",
+    "GumbelSoftWeight",
+    "TernarySoftWeight",
+    "Lion",
+    "candidate_offsets",
+    "init_logits",
+    "linear_schedule",
+    "cosine_lr",
+    "sample_noise",
+    "soft_weight_reference",
+    "refine",
+    "ternary_init",
+]
+
+_EPS = 1e-10
+_SEED_MOD = (1 << 62) - 57  # keep combined seeds inside torch's accepted range
+
+
+@dataclass
+class GSQConfig:
+    """Hyper-parameters of one GSQ refinement (defaults: the paper's released configs)."""
+
+    tau_start: float = 2.0
+    tau_end: float = 0.05
+    kappa_start: float = 100.0
+    kappa_end: float = 500.0
+    logit_lr: float = 2e-4
+    logit_weight_decay: float = 1.0
+    scale_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of lr
+    init_std: float = 0.01
+    init_strength: float = 6.0
+    epochs: int = 10
+    batch_size: int = 8  # calibration sequences per optimiser step
+    seed: int = 0
+    chunk_elems: int = 1 << 21  # weights per row chunk in the soft-weight kernels
+    # keep the best hard assignment seen at evaluation points (by the loss on
+    # hard weights); the paper simply takes the final argmax
+    keep_best: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"GSQConfig: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not (self.tau_start > 0 and self.tau_end > 0):
+            raise ValueError("GSQConfig: temperatures must be positive")
+        if not (0 < self.final_lr_fraction <= 1):
+            raise ValueError("GSQConfig: final_lr_fraction must be in (0, 1]")
+
+
+# --------------------------------------------------------------------------- #
+# candidate sets and initial logits
+# --------------------------------------------------------------------------- #
+
+def candidate_offsets(bits: int, ternary: bool = False) -> torch.Tensor:
+    """Offsets d_k added to the per-weight base code (float32 [C]).
+
+    2-bit: base 0, offsets are the four absolute codes {-2, -1, 0, 1}.
+    3..8-bit: base q0 (the GPTQ code), offsets {-2, -1, 0, 1, 2}.
+    ternary: {-1, 0, 1} (only used to describe the code set; the relaxation is sign/mask).
+    """
+    if ternary:
+        return torch.tensor([-1.0, 0.0, 1.0])
+    if bits == 2:
+        return torch.tensor([-2.0, -1.0, 0.0, 1.0])
+    if 3 <= bits <= 8:
+        return torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    raise QuantSpecError(f"GSQ supports 2..8 bits or ternary, got bits={bits!r}")
+
+
+def _valid_mask(base: torch.Tensor, offsets: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    cand = base.to(torch.float32).unsqueeze(-1) + offsets
+    return (cand >= qmin) & (cand <= qmax)
+
+
+def init_logits(
+    q0: torch.Tensor,
+    base: torch.Tensor,
+    offsets: torch.Tensor,
+    std: float = 0.01,
+    strength: float = 6.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """alpha_k = std * (N(0,1) + strength * l_k), l_k = -(q0 - v_k)^2/2 centred over k.
+
+    v_k = base + offsets[k] are the candidate codes; q0 the GPTQ code.
+    """
+    v = base.to(torch.float32).unsqueeze(-1) + offsets.to(q0.device)
+    prior = -0.5 * (q0.to(torch.float32).unsqueeze(-1) - v) ** 2
+    prior = prior - prior.mean(dim=-1, keepdim=True)
+    noise = torch.randn(prior.shape, generator=generator, device=prior.device, dtype=torch.float32)
+    return std * (noise + strength * prior)
+
+
+def ternary_init(
+    w: torch.Tensor, q0: torch.Tensor, std: float = 0.01, strength: float = 6.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Sign and mask logits [N, K, 2] with a prior at the initial ternary code q0.
+
+    Sign prior +-1/2 towards sign(q0) (sign(w) where q0 = 0, at half strength, so an
+    unmasked weight starts on the side its FP value lies); mask prior +-1/2 towards
+    "kept" where q0 != 0. Same std/strength convention as :func:`init_logits`.
+    """
+    s = torch.sign(q0.to(torch.float32))
+    s = torch.where(s == 0, 0.5 * torch.sign(w.to(torch.float32)), s)
+    m = torch.where(q0 != 0, 1.0, -1.0)
+    prior = 0.5 * torch.stack([s, m], dim=-1)
+    noise = torch.randn(prior.shape, generator=generator, device=prior.device, dtype=torch.float32)
+    return std * (noise + strength * prior)
+
+
+# --------------------------------------------------------------------------- #
+# seeded noise (replayed in backward)
+# --------------------------------------------------------------------------- #
+
+def _chunk_rows(n: int, k: int, c: int, chunk_elems: int) -> int:
+    return max(1, min(n, chunk_elems // max(1, k * c)))
+
+
+def _chunk_noise(shape, seed: int, chunk_index: int, device, kind: str) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + chunk_index) % _SEED_MOD)
+    u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32).clamp_(_EPS, 1.0 - _EPS)
+    if kind == "gumbel":
+        return -torch.log(-torch.log(u))
+    if kind == "logistic":
+        return torch.log(u) - torch.log1p(-u)
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def sample_noise(shape: Sequence[int], seed: int, chunk_elems: int, device="cpu", kind: str = "gumbel") -> torch.Tensor:
+    """The full noise tensor the soft-weight kernels draw for (shape, seed).
+
+    For reference implementations and tests; the kernels regenerate it chunk by chunk.
+    """
+    n, k, c = shape
+    rows = _chunk_rows(n, k, c, chunk_elems)
+    parts = [
+        _chunk_noise((min(rows, n - r0), k, c), seed, i, device, kind)
+        for i, r0 in enumerate(range(0, n, rows))
+    ]
+    return torch.cat(parts, dim=0)
+
+
+def _expand_groups(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, groups] -> [n, K] by repeating each group's value over its G columns."""
+    groups = x.shape[1]
+    return x.repeat_interleave(k // groups, dim=1)
+
+
+def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, k = x.shape
+    return x.view(n, groups, k // groups).sum(-1)
+
+
+# --------------------------------------------------------------------------- #
+# custom autograd: categorical candidates
+# --------------------------------------------------------------------------- #
+
+class GumbelSoftWeight(torch.autograd.Function):
+    """W_soft = (base + sum_k softmax((alpha*kappa + g)/tau)_k d_k) * s, g replayed from seed.
+
+    Inputs: logits [N,K,C] fp32, scale [N,groups] fp32, base int8 [N,K], offsets [C],
+    valid bool-able mask built on the fly from (base, offsets, qmin, qmax).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, scale, base, offsets, tau, kappa, seed, qmin, qmax, chunk_elems, out_dtype):
+        n, k, c = logits.shape
+        rows = _chunk_rows(n, k, c, chunk_elems)
+        out = torch.empty((n, k), dtype=out_dtype, device=logits.device)
+        offs = offsets.to(device=logits.device, dtype=torch.float32)
+        with torch.no_grad():
+            for i, r0 in enumerate(range(0, n, rows)):
+                r1 = min(n, r0 + rows)
+                y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
+                e = (y * offs).sum(-1)
+                s = _expand_groups(scale[r0:r1], k)
+                out[r0:r1] = ((base[r0:r1].to(torch.float32) + e) * s).to(out_dtype)
+        ctx.save_for_backward(logits, scale, base, offs)
+        ctx.cfg = (tau, kappa, seed, qmin, qmax, chunk_elems)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, scale, base, offs = ctx.saved_tensors
+        tau, kappa, seed, qmin, qmax, chunk_elems = ctx.cfg
+        n, k, c = logits.shape
+        rows = _chunk_rows(n, k, c, chunk_elems)
+        need_logits, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_logits = torch.empty_like(logits) if need_logits else None
+        g_scale = torch.empty_like(scale) if need_scale else None
+        groups = scale.shape[1]
+        for i, r0 in enumerate(range(0, n, rows)):
+            r1 = min(n, r0 + rows)
+            y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
+            e = (y * offs).sum(-1)
+            g = grad_out[r0:r1].to(torch.float32)
+            if need_scale:
+                g_scale[r0:r1] = _sum_groups(g * (base[r0:r1].to(torch.float32) + e), groups)
+            if need_logits:
+                gs = g * _expand_groups(scale[r0:r1], k) * (kappa / tau)
+                # y*(d - e) is zero for masked candidates (y = 0 there)
+                g_logits[r0:r1] = gs.unsqueeze(-1) * y * (offs - e.unsqueeze(-1))
+        return g_logits, g_scale, None, None, None, None, None, None, None, None, None
+
+
+def _soft_assign(logits, base, offs, tau, kappa, seed, chunk_index, qmin, qmax):
+    noise = _chunk_noise(logits.shape, seed, chunk_index, logits.device, "gumbel")
+    z = (logits * kappa + noise) / tau
+    z = z.masked_fill(~_valid_mask(base, offs, qmin, qmax), float("-inf"))
+    return torch.softmax(z, dim=-1)
+
+
+# --------------------------------------------------------------------------- #
+# custom autograd: ternary sign/mask
+# --------------------------------------------------------------------------- #
+
+class TernarySoftWeight(torch.autograd.Function):
+    """W_soft = s * (2 sigma(z_sign) - 1) * sigma(z_mask), z = (alpha*kappa + logistic)/tau.
+
+    logits [N,K,2] = (sign, mask); logistic noise replayed from seed.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, scale, tau, kappa, seed, chunk_elems, out_dtype):
+        n, k, _ = logits.shape
+        rows = _chunk_rows(n, k, 2, chunk_elems)
+        out = torch.empty((n, k), dtype=out_dtype, device=logits.device)
+        with torch.no_grad():
+            for i, r0 in enumerate(range(0, n, rows)):
+                r1 = min(n, r0 + rows)
+                sig = _ternary_sigmoids(logits[r0:r1], tau, kappa, seed, i)
+                val = (2 * sig[..., 0] - 1) * sig[..., 1]
+                out[r0:r1] = (val * _expand_groups(scale[r0:r1], k)).to(out_dtype)
+        ctx.save_for_backward(logits, scale)
+        ctx.cfg = (tau, kappa, seed, chunk_elems)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, scale = ctx.saved_tensors
+        tau, kappa, seed, chunk_elems = ctx.cfg
+        n, k, _ = logits.shape
+        rows = _chunk_rows(n, k, 2, chunk_elems)
+        need_logits, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_logits = torch.empty_like(logits) if need_logits else None
+        g_scale = torch.empty_like(scale) if need_scale else None
+        for i, r0 in enumerate(range(0, n, rows)):
+            r1 = min(n, r0 + rows)
+            sig = _ternary_sigmoids(logits[r0:r1], tau, kappa, seed, i)
+            ss, sm = sig[..., 0], sig[..., 1]
+            sign_soft = 2 * ss - 1
+            g = grad_out[r0:r1].to(torch.float32)
+            if need_scale:
+                g_scale[r0:r1] = _sum_groups(g * sign_soft * sm, scale.shape[1])
+            if need_logits:
+                gs = g * _expand_groups(scale[r0:r1], k) * (kappa / tau)
+                g_logits[r0:r1, :, 0] = gs * sm * 2 * ss * (1 - ss)
+                g_logits[r0:r1, :, 1] = gs * sign_soft * sm * (1 - sm)
+        return g_logits, g_scale, None, None, None, None, None
+
+
+def _ternary_sigmoids(logits, tau, kappa, seed, chunk_index):
+    noise = _chunk_noise(logits.shape, seed, chunk_index, logits.device, "logistic")
+    return torch.sigmoid((logits * kappa + noise) / tau)
+
+
+def soft_weight_reference(w: "GSQWeight", tau: float, kappa: float, seed: int) -> torch.Tensor:
+    """The same soft weight through plain autograd (stores y): for tests and checks."""
+    n, k, c = w.logits.shape
+    if w.ternary:
+        noise = sample_noise((n, k, 2), seed, w.chunk_elems, w.logits.device, "logistic")
+        sig = torch.sigmoid((w.logits * kappa + noise) / tau)
+        val = (2 * sig[..., 0] - 1) * sig[..., 1]
+        return val * _expand_groups(w.scale, k)
+    noise = sample_noise((n, k, c), seed, w.chunk_elems, w.logits.device, "gumbel")
+    z = (w.logits * kappa + noise) / tau
+    z = z.masked_fill(~w.valid_mask(), float("-inf"))
+    y = torch.softmax(z, dim=-1)
+    e = (y * w.offsets).sum(-1)
+    return (w.base.to(torch.float32) + e) * _expand_groups(w.scale, k)
+
+
+# --------------------------------------------------------------------------- #
+# one refined weight
+# --------------------------------------------------------------------------- #
+
+class GSQWeight:
+    """Learnable assignment logits and group scales for one linear weight.
+
+    Built from an initial symmetric quantization (GPTQ codes q0 and scales). The
+    trainable tensors are ``logits`` ([N,K,C] fp32) and ``scale`` ([N,groups] fp32).
+    """
+
+    def __init__(
+        self,
+        init: QuantizedWeight,
+        ternary: bool = False,
+        init_std: float = 0.01,
+        init_strength: float = 6.0,
+        seed: int = 0,
+        chunk_elems: int = 1 << 21,
+        fp_weight: Optional[torch.Tensor] = None,
+        name: str = "",
+    ):
+        spec = init.spec
+        where = f"layer {name!r}: " if name else ""
+        if not spec.symmetric or init.zero_point is not None:
+            raise QuantSpecError(f"{where}GSQ refines symmetric quantization only, got {spec.short()}")
+        q0 = init.codes
+        if q0.dim() != 2:
+            raise QuantSpecError(f"{where}codes must be [N, K], got shape {tuple(q0.shape)}")
+        if int(q0.min()) < spec.qmin or int(q0.max()) > spec.qmax:
+            raise QuantSpecError(f"{where}initial codes outside [{spec.qmin}, {spec.qmax}]")
+        if ternary and (spec.bits != 2 or int(q0.min()) < -1):
+            raise QuantSpecError(f"{where}ternary GSQ needs a 2-bit symmetric init with codes in {{-1,0,1}}")
+        self.name = name
+        self.spec = spec
+        self.ternary = ternary
+        self.chunk_elems = chunk_elems
+        device = q0.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) % _SEED_MOD)
+        self.q0 = q0.to(torch.int8)
+        if ternary:
+            self.offsets = candidate_offsets(2, ternary=True).to(device)
+            self.base = torch.zeros_like(self.q0)
+            fp = fp_weight if fp_weight is not None else init.dequantize()
+            logits = ternary_init(fp, self.q0, init_std, init_strength, gen)
+        else:
+            self.offsets = candidate_offsets(spec.bits).to(device)
+            self.base = torch.zeros_like(self.q0) if spec.bits == 2 else self.q0.clone()
+            logits = init_logits(self.q0, self.base, self.offsets, init_std, init_strength, gen)
+        self.logits = logits.requires_grad_(True)
+        self.scale = init.scale.detach().to(torch.float32).clone().requires_grad_(True)
+        self.meta = dict(init.meta)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.logits.shape[-1]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.logits, self.scale]
+
+    def valid_mask(self) -> torch.Tensor:
+        return _valid_mask(self.base, self.offsets, self.spec.qmin, self.spec.qmax)
+
+    def soft_weight(self, tau: float, kappa: float, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.ternary:
+            return TernarySoftWeight.apply(self.logits, self.scale, float(tau), float(kappa), int(seed),
+                                           self.chunk_elems, dtype)
+        return GumbelSoftWeight.apply(self.logits, self.scale, self.base, self.offsets, float(tau), float(kappa),
+                                      int(seed), self.spec.qmin, self.spec.qmax, self.chunk_elems, dtype)
+
+    @torch.no_grad()
+    def hard_codes(self) -> torch.Tensor:
+        """Argmax assignment (no noise): int8 [N, K] on the grid."""
+        if self.ternary:
+            sign = torch.where(self.logits[..., 0] >= 0, 1, -1)
+            keep = self.logits[..., 1] > 0
+            return (sign * keep).to(torch.int8)
+        z = self.logits.masked_fill(~self.valid_mask(), float("-inf"))
+        idx = z.argmax(dim=-1)
+        return (self.base.to(torch.int64) + self.offsets[idx].to(torch.int64)).to(torch.int8)
+
+    @torch.no_grad()
+    def hard_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.to_quantized().dequantize(dtype)
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedWeight:
+        meta = dict(self.meta)
+        meta.update(method="gsq", ternary=self.ternary)
+        return QuantizedWeight(
+            codes=self.hard_codes(),
+            scale=self.scale.detach().clone(),
+            zero_point=None,
+            spec=self.spec,
+            meta=meta,
+        )
+
+    def state_bytes(self) -> int:
+        """Bytes of the persistent per-weight state (logits, base, q0, scale); excludes optimiser state."""
+        return sum(t.numel() * t.element_size() for t in (self.logits, self.base, self.q0, self.scale))
+
+
+# --------------------------------------------------------------------------- #
+# schedules and optimiser
+# --------------------------------------------------------------------------- #
+
+def linear_schedule(start: float, end: float, step: int, total: int) -> float:
+    """Linear interpolation start -> end over steps 0..total-1 (per step, as in the paper)."""
+    if total <= 1:
+        return end
+    t = min(max(step, 0), total - 1) / (total - 1)
+    return start + (end - start) * t
+
+
+def cosine_lr(base_lr: float, step: int, total: int, final_fraction: float = 0.1) -> float:
+    """Cosine decay from base_lr to final_fraction * base_lr over total steps."""
+    if total <= 1:
+        return base_lr
+    t = min(max(step, 0), total - 1) / (total - 1)
+    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) with decoupled weight decay.
+
+    u = sign(b1 * m + (1 - b1) * g); p <- p (1 - lr wd) - lr u; m <- b2 m + (1 - b2) g.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"Lion: lr must be positive, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lion: betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                update = m.mul(b1).add_(p.grad, alpha=1 - b1).sign_()
+                p.add_(update, alpha=-lr)
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss
+
+
+# --------------------------------------------------------------------------- #
+# the refinement loop
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class RefineResult:
+    losses: list[float] = field(default_factory=list)  # soft-weight training loss per step
+    init_hard_loss: float = float("nan")  # loss with the GPTQ weights on all batches
+    final_hard_loss: float = float("nan")  # loss with the returned hard weights
+    steps: int = 0
+    kept: str = "final"  # "final" or "init" (if the refined hard weights were worse)
+
+
+def refine(
+    weights: Mapping[str, GSQWeight],
+    batches: Sequence,
+    loss_fn: Callable[[Mapping[str, torch.Tensor], object], torch.Tensor],
+    cfg: GSQConfig,
+    weight_dtype: torch.dtype = torch.float32,
+    progress: Optional[Callable[[int, float], None]] = None,
+    keep_init_if_worse: bool = True,
+) -> RefineResult:
+    """Jointly refine ``weights`` against ``loss_fn(soft_weights_by_name, batch)``.
+
+    ``batches``: a sequence of calibration items; every optimiser step takes
+    ``cfg.batch_size`` of them (loss averaged over the items) for ``cfg.epochs``
+    passes. ``loss_fn`` runs the block with the given weights and returns the
+    MSE to the FP block output for one item. ``keep_init_if_worse``: if the final
+    hard assignment has a larger total loss than the initial (GPTQ) one, the
+    GSQWeights are reset to their initial codes and scales (a safety net; set
+    to False to always keep the argmax, as the paper does).
+    """
+    if not weights:
+        raise ValueError("refine: no weights to refine")
+    if len(batches) == 0:
+        raise ValueError("refine: no calibration batches")
+    n_items = len(batches)
+    bs = min(cfg.batch_size, n_items)
+    steps_per_epoch = math.ceil(n_items / bs)
+    total = steps_per_epoch * cfg.epochs
+    names = list(weights)
+    logit_params = [weights[n].logits for n in names]
+    scale_params = [weights[n].scale for n in names]
+    opt = Lion(
+        [
+            dict(params=logit_params, lr=cfg.logit_lr, weight_decay=cfg.logit_weight_decay),
+            dict(params=scale_params, lr=cfg.scale_lr, weight_decay=0.0),
+        ],
+        betas=cfg.betas,
+    )
+    base_lrs = [cfg.logit_lr, cfg.scale_lr]
+    result = RefineResult()
+    init_state = {n: (weights[n].scale.detach().clone()) for n in names}
+    init_codes = {n: weights[n].q0.clone() for n in names}
+    result.init_hard_loss = _hard_loss(weights, batches, loss_fn, weight_dtype, codes=init_codes)
+    order_gen = torch.Generator()
+    order_gen.manual_seed(int(cfg.seed) % _SEED_MOD)
+    step = 0
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n_items, generator=order_gen).tolist()
+        for b0 in range(0, n_items, bs):
+            idx = perm[b0:b0 + bs]
+            tau = linear_schedule(cfg.tau_start, cfg.tau_end, step, total)
+            kappa = linear_schedule(cfg.kappa_start, cfg.kappa_end, step, total)
+            for g, base_lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = cosine_lr(base_lr, step, total, cfg.final_lr_fraction)
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for j in idx:
+                # one Gumbel draw per (step, weight); shared over the step's items
+                soft = {
+                    n: weights[n].soft_weight(tau, kappa, seed=_step_seed(cfg.seed, step, wi), dtype=weight_dtype)
+                    for wi, n in enumerate(names)
+                }
+                loss = loss_fn(soft, batches[j]) / len(idx)
+                loss.backward()
+                step_loss += float(loss.detach())
+                del soft, loss
+            opt.step()
+            result.losses.append(step_loss)
+            if progress is not None:
+                progress(step, step_loss)
+            step += 1
+    result.steps = step
+    del opt
+    result.final_hard_loss = _hard_loss(weights, batches, loss_fn, weight_dtype)
+    if keep_init_if_worse and result.final_hard_loss > result.init_hard_loss:
+        with torch.no_grad():
+            for n in names:
+                w = weights[n]
+                w.scale.copy_(init_state[n])
+                _force_codes(w, init_codes[n])
+        result.kept = "init"
+        result.final_hard_loss = result.init_hard_loss
+    return result
+
+
+def _step_seed(seed: int, step: int, weight_index: int) -> int:
+    return (int(seed) * 7_919 + step * 104_729 + weight_index * 15_485_863 + 1) % _SEED_MOD
+
+
+@torch.no_grad()
+def _hard_loss(weights, batches, loss_fn, dtype, codes: Optional[Mapping[str, torch.Tensor]] = None) -> float:
+    """Mean loss over all batches with hard weights (argmax codes, or ``codes``) and current scales."""
+    hard = {}
+    for n, w in weights.items():
+        c = w.hard_codes() if codes is None else codes[n]
+        hard[n] = QuantizedWeight(c, w.scale.detach(), None, w.spec).dequantize(dtype)
+    total = 0.0
+    for b in batches:
+        total += float(loss_fn(hard, b))
+    return total / len(batches)
+
+
+@torch.no_grad()
+def _force_codes(w: GSQWeight, codes: torch.Tensor) -> None:
+    """Set logits so that the argmax is ``codes`` (used to fall back to the init)."""
+    if w.ternary:
+        c = codes.to(torch.float32)
+        w.logits[..., 0] = torch.where(c >= 0, 1.0, -1.0)
+        w.logits[..., 1] = torch.where(c != 0, 1.0, -1.0)
+        return
+    target = (codes.to(torch.float32) - w.base.to(torch.float32)).unsqueeze(-1)
+    w.logits.copy_(torch.where(w.offsets == target, 1.0, -1.0))
