@@ -1,0 +1,323 @@
+"""Numerics of the Triton WNA16 kernels (kernels/triton_wna16.py) and their layout / configs.
+
+Runs on CPU through Triton's interpreter. TRITON_INTERPRET=1 must be in the
+environment before triton is first imported, so it is set at the very top of
+this module (tests/conftest.py may also set it for the whole session). On a
+machine with CUDA, run with TRITON_INTERPRET=0 to test the compiled kernels.
+
+Tolerance (derived, not tuned): the kernels compute (u - z) * s exactly in fp32,
+round that weight to the activation dtype only when it feeds tl.dot, accumulate
+in fp32 and round the output once. With u the unit roundoff of the activation
+dtype (2^-11 fp16, 2^-8 bf16), every output obeys
+
+    |y - y_ref| <= (2u + K * 2^-23) * (|x| @ |W|^T) + 2^-24
+
+against y_ref = x.float() @ W_fp32^T (W from QuantizedWeight.dequantize):
+one rounding of each weight (u), one of the output (u), fp32 accumulation
+(K * 2^-24 at most, doubled for split-K atomics), and half an fp16 subnormal.
+test_tolerance_catches_one_wrong_code shows the bound is tight enough to
+detect a single wrong code.
+"""
+import os
+import sys
+
+_NATIVE_CUDA = os.environ.get("TRITON_INTERPRET") == "0"
+if not _NATIVE_CUDA:
+    _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["VLLM_SLQ_FORCE_TRITON"] = "1"
+else:
+    _TRITON_PREIMPORTED = False
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _TRITON_PREIMPORTED:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment "
+                "or tests/conftest.py", allow_module_level=True)
+pytest.importorskip("triton", reason="Triton kernels need the triton package")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vllm_slq.kernels import autotune  # noqa: E402
+from vllm_slq.kernels import triton_wna16 as tw  # noqa: E402
+from vllm_slq.kernels.layout import (LayoutError, dequantize_repacked, pack_dense_bitstream,  # noqa: E402
+                                     pack_planes, padded_k, plane_widths, repack,
+                                     unpack_dense_bitstream, unpack_planes)
+from vllm_slq.kernels.registry import KernelConfig, select_kernel  # noqa: E402
+from vllm_slq.quant.packing import pack_codes  # noqa: E402
+from vllm_slq.quant.spec import QuantizedWeight, QuantSpec  # noqa: E402
+
+pytestmark = pytest.mark.triton
+DEVICE = torch.device("cuda" if _NATIVE_CUDA else "cpu")
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def make_layer(bits, group_size, symmetric, n, k, dtype, seed=0):
+    """A random quantized layer in the checkpoint layout (packed by the project's checkpoint packer)."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits, group_size, symmetric)
+    groups = spec.groups(k)
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (n, k), generator=gen, dtype=torch.int32).to(torch.int8)
+    # scales spanning ~2 decades, already representable in the activation dtype
+    scale = (torch.rand(n, groups, generator=gen) * 0.05 + 5e-4).to(dtype)
+    zp = None if symmetric else torch.randint(spec.qmin, spec.qmax + 1, (n, groups), generator=gen,
+                                              dtype=torch.int32).to(torch.int8)
+    qw = QuantizedWeight(codes, scale, zp, spec)
+    return qw, pack_codes(codes, bits)
+
+
+def reference(x, qw):
+    w = qw.dequantize(torch.float32)
+    return x.float() @ w.T, x.float().abs() @ w.abs().T
+
+
+def assert_within_bound(y, x, qw, what=""):
+    ref, mag = reference(x, qw)
+    k = x.shape[-1]
+    u = UNIT_ROUNDOFF[x.dtype]
+    bound = (2 * u + k * 2.0**-23) * mag + 2.0**-24
+    err = (y.float().cpu() - ref).abs()
+    ratio = (err / bound).max().item()
+    assert y.dtype == x.dtype and y.shape == ref.shape, what
+    assert torch.isfinite(y).all(), what
+    assert ratio <= 1.0, f"{what}: max |err|/bound = {ratio:.3f}"
+
+
+def run_op(x, w, bits, group_size, k):
+    return tw.wna16_matmul(x.to(DEVICE), w["packed"].to(DEVICE), w["scale"].to(DEVICE),
+                           None if "zero" not in w else w["zero"].to(DEVICE), bits, group_size, k).cpu()
+
+
+# ----------------------------------------------------------------------------- layout (pure torch)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_plane_widths_are_powers_of_two_summing_to_bits(bits):
+    ws = plane_widths(bits)
+    assert sum(ws) == bits and all(w & (w - 1) == 0 for w in ws) and list(ws) == sorted(ws, reverse=True)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [37, 64, 192, 576])
+def test_dense_bitstream_matches_checkpoint_packer(bits, k):
+    gen = torch.Generator().manual_seed(bits * 1000 + k)
+    half = 1 << (bits - 1)
+    codes = torch.randint(-half, half, (5, k), generator=gen, dtype=torch.int32).to(torch.int8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(pack_dense_bitstream(codes.to(torch.int32) + half, bits), packed)
+    assert torch.equal(unpack_dense_bitstream(packed, bits, k), codes.to(torch.int32) + half)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [37, 64, 200, 576])
+def test_plane_repack_round_trip(bits, k):
+    gen = torch.Generator().manual_seed(bits + k)
+    u = torch.randint(0, 1 << bits, (9, k), generator=gen, dtype=torch.int32)
+    planes = pack_planes(u, bits)
+    assert planes.dtype == torch.int32 and planes.shape == (padded_k(k) * bits // 32, 9)
+    assert torch.equal(unpack_planes(planes, bits, k), u)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("group_size,symmetric", [(32, False), (64, True), (None, False)])
+def test_repack_dequant_equals_quantized_weight(bits, group_size, symmetric):
+    qw, packed = make_layer(bits, group_size, symmetric, 24, 192, torch.float16)
+    w = repack(packed, qw.scale, qw.zero_point, bits, group_size, 192, 24)
+    assert ("zero" in w) == (not symmetric)
+    assert torch.equal(dequantize_repacked(w, bits, group_size, 192), qw.dequantize(torch.float32))
+
+
+def test_repack_rejects_bad_inputs_naming_the_layer():
+    qw, packed = make_layer(4, 64, False, 16, 128, torch.float16)
+    with pytest.raises(LayoutError, match="model.layers.0.q_proj.*words"):
+        repack(packed[:, :-1], qw.scale, qw.zero_point, 4, 64, 128, 16, layer="model.layers.0.q_proj")
+    with pytest.raises(LayoutError, match="weight_scale"):
+        repack(packed, qw.scale[:, :1], qw.zero_point, 4, 64, 128, 16)
+    with pytest.raises(LayoutError, match="does not divide"):
+        repack(packed, qw.scale, qw.zero_point, 4, 48, 128, 16)
+    with pytest.raises(LayoutError, match="weight_zero_point"):
+        repack(packed, qw.scale, qw.zero_point.T.contiguous(), 4, 64, 128, 16)
+    with pytest.raises(LayoutError, match="outside"):
+        repack(packed, qw.scale, torch.full_like(qw.zero_point, 8), 4, 64, 128, 16)
+
+
+# ----------------------------------------------------------------------------- kernels, every variant
+
+# K per group size: G=32 -> 576 (not a multiple of 128; BLOCK_K > G: per-element scales),
+# G=64 -> 192, G=128 -> 384 (a group spans two K tiles), channel -> 200 (not a multiple of 32).
+K_FOR_GROUP = {32: 576, 64: 192, 128: 384, None: 200}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=["g32", "g64", "g128", "ch"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_kernel_matches_reference(bits, symmetric, group_size, path, dtype):
+    n, k = 80, K_FOR_GROUP[group_size]  # N=80: two N tiles, the second masked
+    qw, packed = make_layer(bits, group_size, symmetric, n, k, dtype, seed=bits)
+    w = repack(packed, qw.scale, qw.zero_point, bits, group_size, k, n, act_dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    # gemv: M=1 (row reduction) and M=3 (padded tl.dot); gemm: M=17 (first M > 16)
+    for m in ([1, 3] if path == "gemv" else [17]):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        assert_within_bound(run_op(x, w, bits, group_size, k), x, qw, f"{qw.spec.short()} {path} M={m} {dtype}")
+
+
+# ----------------------------------------------------------------------------- randomized (hypothesis)
+
+
+@st.composite
+def layer_and_launch(draw):
+    bits = draw(st.integers(2, 8))
+    group_size = draw(st.sampled_from([16, 32, 64, 128, None]))
+    k = draw(st.integers(1, 6)) * (group_size or draw(st.sampled_from([24, 40, 72])))
+    n = draw(st.integers(1, 96))
+    m = draw(st.sampled_from([1, 2, 5, 16, 17, 33]))
+    cfg = {"BLOCK_N": draw(st.sampled_from([16, 32, 64])), "BLOCK_K": draw(st.sampled_from([16, 32, 64, 128])),
+           "SPLIT_K": draw(st.sampled_from([1, 2, 4])), "BLOCK_M": draw(st.sampled_from([16, 32])), "GROUP_M": 2}
+    return dict(bits=bits, group_size=group_size, k=k, n=n, m=m, symmetric=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), cfg=cfg, seed=draw(st.integers(0, 99)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layer_and_launch())
+def test_kernels_randomized_shapes_and_configs(case):
+    bits, g, k, n, m, dtype = case["bits"], case["group_size"], case["k"], case["n"], case["m"], case["dtype"]
+    qw, packed = make_layer(bits, g, case["symmetric"], n, k, dtype, seed=case["seed"])
+    w = repack(packed, qw.scale, qw.zero_point, bits, g, k, n, act_dtype=dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(case["seed"])).to(dtype)
+    launch = tw.launch_gemv if m <= tw.GEMV_MAX_M else tw.launch_gemm
+    y = launch(x.to(DEVICE), w["packed"].to(DEVICE), w["scale"].to(DEVICE),
+               w["zero"].to(DEVICE) if "zero" in w else None, bits, g or 0, k, case["cfg"]).cpu()
+    assert_within_bound(y, x, qw, str(case))
+
+
+def test_tolerance_catches_one_wrong_code():
+    """The bound is not vacuous: flipping one 1-bit-plane bit (one code off by 4) must fail it."""
+    bits, g, k, n = 3, 32, 64, 16
+    qw, packed = make_layer(bits, g, False, n, k, torch.float16, seed=3)
+    w = repack(packed, qw.scale, qw.zero_point, bits, g, k, n)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    assert_within_bound(run_op(x, w, bits, g, k), x, qw)
+    bad = dict(w)
+    bad["packed"] = w["packed"].clone()
+    bad["packed"][k * 2 // 32, 5] ^= 1 << 7  # 1-bit plane (rows after the 2-bit plane), code k=7 of column 5
+    with pytest.raises(AssertionError, match="err"):
+        assert_within_bound(run_op(x, bad, bits, g, k), x, qw)
+
+
+def test_leading_dims_strided_input_and_empty_batch():
+    bits, g, k, n = 5, 64, 128, 40
+    qw, packed = make_layer(bits, g, True, n, k, torch.float16, seed=5)
+    w = repack(packed, qw.scale, None, bits, g, k, n)
+    big = torch.randn(2, 3, 2 * k, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    x = big[..., ::2]  # non-unit last stride -> made contiguous by the wrapper
+    y = run_op(x, w, bits, g, k)
+    assert y.shape == (2, 3, n)
+    assert_within_bound(y.reshape(6, n), x.reshape(6, k), qw)
+    assert run_op(torch.empty(0, k, dtype=torch.float16), w, bits, g, k).shape == (0, n)
+    with pytest.raises(TypeError, match="float16/bfloat16"):
+        run_op(x.float(), w, bits, g, k)
+    with pytest.raises(ValueError, match="in_features"):
+        run_op(x[..., :64], w, bits, g, k)
+
+
+# ----------------------------------------------------------------------------- registry + custom op
+
+
+def test_registry_selects_triton_and_applies_with_bias():
+    cfg = KernelConfig(bits=6, group_size=32, symmetric=False, in_features=96, out_features=48,
+                       act_dtype=torch.bfloat16)
+    kern = select_kernel(cfg, DEVICE, layer="model.layers.0.mlp.down_proj")
+    assert kern.name == "triton_wna16"
+    qw, packed = make_layer(6, 32, False, 48, 96, torch.bfloat16, seed=11)
+    weights = kern.process_weights(packed, qw.scale, qw.zero_point)
+    weights = {k_: v.to(DEVICE) for k_, v in weights.items()}
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    y = kern.apply(x.to(DEVICE), weights, bias.to(DEVICE)).cpu()
+    y_nobias = kern.apply(x.to(DEVICE), weights).cpu()
+    assert_within_bound(y_nobias, x, qw)
+    assert torch.equal(y, y_nobias + bias)
+    with pytest.raises(LayoutError, match="zero_point"):
+        kern.process_weights(packed, qw.scale, None)
+
+
+def test_can_implement_refuses_cpu_unless_forced(monkeypatch):
+    cfg = KernelConfig(bits=4, group_size=128, symmetric=True, in_features=256, out_features=64)
+    monkeypatch.setenv("VLLM_SLQ_FORCE_TRITON", "0")
+    ok, why = tw.TritonWNA16Kernel.can_implement(cfg, torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET" in why
+    monkeypatch.setenv("VLLM_SLQ_FORCE_TRITON", "1")
+    assert tw.TritonWNA16Kernel.can_implement(cfg, torch.device("cpu"))[0] == (not _NATIVE_CUDA)
+    bad = KernelConfig(bits=4, group_size=96, symmetric=True, in_features=256, out_features=64)
+    assert not tw.TritonWNA16Kernel.can_implement(bad, torch.device("cpu"))[0]
+
+
+def test_custom_op_fake_and_torch_compile():
+    bits, g, k, n = 4, 32, 64, 32
+    qw, packed = make_layer(bits, g, False, n, k, torch.float16, seed=4)
+    w = {k_: v.to(DEVICE) for k_, v in repack(packed, qw.scale, qw.zero_point, bits, g, k, n).items()}
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(torch.empty(2, 5, k, dtype=torch.float16, device=DEVICE))
+        fw = {k_: mode.from_tensor(v) for k_, v in w.items()}
+        out = torch.ops.vllm_slq.wna16_matmul(fx, fw["packed"], fw["scale"], fw["zero"], bits, g, k)
+        assert out.shape == (2, 5, n) and out.dtype == torch.float16
+
+    def f(x):
+        return torch.ops.vllm_slq.wna16_matmul(x, w["packed"], w["scale"], w["zero"], bits, g, k) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(torch.float16).to(DEVICE)
+    assert torch.equal(compiled(x).cpu(), f(x).cpu())
+
+
+# ----------------------------------------------------------------------------- autotune data
+
+
+def test_m_bucket_and_keys():
+    assert [autotune.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 64, 65, 10**6)] == [1, 2, 4, 4, 8, 16, 32, 64,
+                                                                                     128, 4096]
+    assert autotune.config_key(3, 5, 4096, 576) == "3|8|4096|576"
+
+
+def test_shipped_configs_parse_and_match_hopper_names():
+    tables = autotune.shipped_configs()
+    assert autotune.device_table("NVIDIA H100 80GB HBM3")["device"] == "NVIDIA H100"
+    assert autotune.device_table("NVIDIA H200")["device"] == "NVIDIA H200"
+    assert autotune.device_table("NVIDIA A10G") is None
+    for t in tables:
+        for m in (1, 4, 16, 64, 512):
+            cfg = autotune.heuristic_config(4, m, 4096, 14336, t["num_sms"], t["defaults"])
+            assert "BLOCK_N" in cfg and ("SPLIT_K" in cfg) == (m <= 16)
+
+
+def test_heuristic_split_k_fills_the_gpu():
+    one = autotune.heuristic_config(4, 1, 4096, 4096, num_sms=132)
+    assert one["SPLIT_K"] > 1 and (4096 // one["BLOCK_N"]) * one["SPLIT_K"] >= 132
+    tiny = autotune.heuristic_config(4, 1, 576, 64, num_sms=132)
+    assert tiny["SPLIT_K"] == 1  # never more splits than K tiles
+
+
+def test_cache_wins_over_shipped_and_heuristic(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_SLQ_CACHE_DIR", str(tmp_path))
+    name = "NVIDIA H100 80GB HBM3"
+    src, cfg = autotune._lookup(name, 4, 1, 4096, 4096, 0.0)
+    assert src == "heuristic" and cfg["BLOCK_N"] == 128
+    tuned = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 2, "num_stages": 4}
+    autotune._write_cache_atomic(autotune.cache_path(), {name: {"4|1|4096|4096": tuned}})
+    stamp = autotune.cache_path().stat().st_mtime
+    assert autotune._lookup(name, 4, 1, 4096, 4096, stamp) == ("cache", tuned)
+    assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp files left behind
+    autotune.cache_path().write_text("{not json")
+    assert autotune._lookup(name, 4, 1, 4096, 4096, stamp + 1)[0] == "heuristic"
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(autotune.AutotuneError, match="BLOCK_K must be a positive power of two"):
+        autotune._validate({"BLOCK_N": 64, "BLOCK_K": 48}, "x.json entry '4|1|8|8'")
