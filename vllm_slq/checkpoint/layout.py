@@ -406,8 +406,8 @@ def parse_quant_config(config: Mapping, module_names: Iterable[str] | Mapping[st
         if unknown:
             raise QuantConfigError(f"{where}: unknown key(s) {unknown} (QuantizationScheme forbids extra fields)")
         targets = scheme.get("targets")
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise QuantConfigError(f"{where}.targets: expected a non-empty list of strings")
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise QuantConfigError(f"{where}.targets: expected a list of strings")
         for act in ("input_activations", "output_activations"):
             if scheme.get(act) is not None:
                 raise QuantConfigError(f"{where}.{act}: activation quantization is not supported "
