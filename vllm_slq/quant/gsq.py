@@ -61,6 +61,8 @@ __all__ = [
     "soft_weight_reference",
     "refine",
     "ternary_init",
+    "ternary_qparams",
+    "gptq_ternary",
 ]
 
 _EPS = 1e-10
@@ -560,17 +562,24 @@ def refine(
             for g, base_lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = cosine_lr(base_lr, step, total, cfg.final_lr_fraction)
             opt.zero_grad(set_to_none=True)
+            # one Gumbel draw per (step, weight), shared by the step's items: the soft
+            # weights are built once, gradients w.r.t. them accumulate over the items,
+            # then one custom backward (noise replayed) maps them to logits and scales
+            soft = {
+                n: weights[n].soft_weight(tau, kappa, seed=_step_seed(cfg.seed, step, wi), dtype=weight_dtype)
+                for wi, n in enumerate(names)
+            }
+            leaves = {n: t.detach().requires_grad_(True) for n, t in soft.items()}
             step_loss = 0.0
             for j in idx:
-                # one Gumbel draw per (step, weight); shared over the step's items
-                soft = {
-                    n: weights[n].soft_weight(tau, kappa, seed=_step_seed(cfg.seed, step, wi), dtype=weight_dtype)
-                    for wi, n in enumerate(names)
-                }
-                loss = loss_fn(soft, batches[j]) / len(idx)
+                loss = loss_fn(leaves, batches[j]) / len(idx)
                 loss.backward()
                 step_loss += float(loss.detach())
-                del soft, loss
+                del loss
+            torch.autograd.backward([soft[n] for n in names],
+                                    [leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
+                                     for n in names])
+            del soft, leaves
             opt.step()
             result.losses.append(step_loss)
             if progress is not None:
@@ -617,3 +626,83 @@ def _force_codes(w: GSQWeight, codes: torch.Tensor) -> None:
         return
     target = (codes.to(torch.float32) - w.base.to(torch.float32)).unsqueeze(-1)
     w.logits.copy_(torch.where(w.offsets == target, 1.0, -1.0))
+
+
+# --------------------------------------------------------------------------- #
+# ternary initialisation (GPTQ with codes {-1, 0, 1})
+# --------------------------------------------------------------------------- #
+
+TERNARY_SHRINK = tuple(round(0.05 + 0.025 * i, 3) for i in range(39))  # s / max|w| in 0.05..1.0
+
+
+def ternary_qparams(w: torch.Tensor, group_size: int, weights: Optional[torch.Tensor] = None,
+                    grid: Sequence[float] = TERNARY_SHRINK) -> torch.Tensor:
+    """Per-group scale s minimising sum_j h_j (w_j - s * clamp(round(w_j / s), -1, 1))^2.
+
+    w [N, G*groups] fp32; weights h [K] (e.g. diag H) or None. Returns s [N, groups] > 0.
+    """
+    n, k = w.shape
+    wg = w.view(n, k // group_size, group_size)
+    amax = wg.abs().amax(-1).clamp_min(1e-12)
+    h = None if weights is None else weights.view(1, k // group_size, group_size)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax.clone()
+    for p in grid:
+        sc = amax * p
+        q = torch.clamp(torch.round(wg / sc.unsqueeze(-1)), -1, 1)
+        err = (wg - q * sc.unsqueeze(-1)) ** 2
+        err = (err if h is None else err * h).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, sc, best)
+    return best
+
+
+@torch.no_grad()
+def gptq_ternary(W: torch.Tensor, H: torch.Tensor, group_size: int, *, layer: str = "",
+                 percdamp: float = 0.01, blocksize: int = 128,
+                 scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """GPTQ (methods.md sec. 1) with ternary codes on the 2-bit symmetric grid.
+
+    vllm_slq.quant.gptq.gptq_quantize rounds to the full [qmin, qmax] range, so the
+    ternary init runs the same column loop here with codes clamped to {-1, 0, 1} and
+    each group's scale from :func:`ternary_qparams` (diag-H weighted) on the
+    error-updated columns when the group starts.
+    """
+    from vllm_slq.quant.gptq import factor_hessian
+
+    spec = QuantSpec(2, group_size, symmetric=True)
+    n, k = W.shape
+    spec.groups(k, layer)
+    if not torch.isfinite(W).all():
+        raise QuantSpecError(f"layer {layer!r}: weight has NaN/inf")
+    dev = W.device
+    factor = factor_hessian(H, percdamp, layer=layer, device=dev)
+    U, dead, hdiag = factor.hinv_upper.to(dev), factor.dead.to(dev), factor.diag.to(dev)
+    Wc = W.to(torch.float32).clone()
+    Wc[:, dead] = 0.0
+    g = group_size
+    codes = torch.empty(n, k, dtype=torch.int8, device=dev)
+    scales = torch.empty(n, k // g, device=dev)
+    starts = sorted(set(range(0, k, blocksize)) | set(range(0, k, g)))
+    sc = torch.ones(n, device=dev)
+    for bi, i1 in enumerate(starts):
+        i2 = starts[bi + 1] if bi + 1 < len(starts) else k
+        if i1 % g == 0:
+            s = ternary_qparams(Wc[:, i1:i1 + g], g, hdiag[i1:i1 + g]).to(scale_dtype).to(torch.float32)
+            sc = s[:, 0]
+            scales[:, i1 // g] = sc
+        W1 = Wc[:, i1:i2].clone()
+        Err = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / sc), -1, 1)
+            codes[:, i1 + i] = q.to(torch.int8)
+            err = (w - q * sc) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(-1) * U1[i, i:]
+            Err[:, i] = err
+        if i2 < k:
+            Wc[:, i2:] -= Err @ U[i1:i2, i2:]
+    return QuantizedWeight(codes, scales.to(scale_dtype), None, spec,
+                           meta={"method": "gptq_ternary", "layer": layer, "percdamp": factor.percdamp})
