@@ -161,7 +161,12 @@ _TAG = re.compile(r"(\S+)/[^\s/]+")
 
 
 def _brown_detokenize(raw: str) -> str:
-    """Strip POS tags (word/tag) and undo the corpus' token spacing."""
+    """Strip POS tags (word/tag), undo the corpus' token spacing, keep paragraphs."""
+    paragraphs = [_brown_paragraph(p) for p in re.split(r"\n\s*\n", raw)]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _brown_paragraph(raw: str) -> str:
     words = [m.group(1) for m in _TAG.finditer(raw)]
     text = " ".join(words)
     text = text.replace("``", '"').replace("''", '"')
@@ -172,7 +177,7 @@ def _brown_detokenize(raw: str) -> str:
 
 
 def _brown_documents() -> list[tuple[str, str]]:
-    cached = cache_dir() / "text" / "brown.jsonl"
+    cached = cache_dir() / "text" / "brown-v2.jsonl"  # v2: paragraphs kept
     if not cached.is_file():
         npm = shutil.which("npm")
         if npm is None:
