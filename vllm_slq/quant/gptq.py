@@ -1,0 +1,323 @@
+"""GPTQ: column-by-column rounding with error feedback through the inverse Hessian.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers" (ICLR 2023). For a linear layer with
+weight W [N, K] and calibration inputs x [n, K], the layer-wise objective is
+
+    min_Q ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T),   H = 2/n sum_t x_t x_t^T     (paper eq. 1)
+
+and the map from paper to code below is:
+
+    GPTQ.add_batch          H as a running average of 2/n sum x x^T over all tokens
+    factor_hessian          dead columns (H_jj = 0 -> H_jj = 1, W[:, j] = 0);
+                            damping H + lambda I, lambda = percdamp * mean(diag H);
+                            U = chol(H^-1) upper (paper, "Cholesky reformulation"),
+                            retrying with 10x damping when not positive definite
+    gptq_quantize_many      the loop of paper Algorithm 1, for S specs at once:
+                              for each column j of a block:
+                                q_j   = quant(w_j)                        (grid of the group)
+                                e_j   = (w_j - q_j) / U_jj
+                                W[:, j:blk_end] -= e_j U_j,j:blk_end       (within the block)
+                              W[:, blk_end:] -= E U_blk,blk_end:          ("lazy batch" update)
+                            group parameters (scale, zero) are fixed when a group starts,
+                            from the *current, error-updated* columns of that group, by
+                            scale_search (optionally weighted by diag H). A group that
+                            starts inside a block and runs past it (G not dividing the
+                            block size, e.g. G=192) sees its later columns with this
+                            block's pending lazy updates added, so the parameters always
+                            come from exactly-current weights, for any G | K (incl. K=576).
+    gptq_quantize           one spec (= gptq_quantize_many with [spec])
+    hessian_relative_error  tr((W-Q) H (W-Q)^T) / tr(W H W^T), recorded in meta["rel_err"]
+
+The S specs of gptq_quantize_many share the factorisation and one pass over the
+columns on a batched [S, N, K] copy of W; every batched step is elementwise
+except the block-end update, which is done per spec with the same 2-D matmul a
+single-spec run uses, so a spec quantized in a batch gets bit-identical codes,
+scales and zeros to the same spec quantized alone (block boundaries are the
+multiples of `blocksize` whatever the specs).
+
+Output: QuantizedWeight (codes int8, scale rounded to `scale_dtype` and held in
+that dtype, zero int8 | None) whose dequantize() equals, bit for bit, the
+fake-quantized weight the error feedback was computed against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .grid import check_weight, compute_qparams
+from .scale_search import DEFAULT_SHRINK_GRID, search_qparams
+from .spec import QuantizedWeight, QuantSpec
+
+__all__ = [
+    "GPTQ",
+    "GPTQError",
+    "HessianFactor",
+    "factor_hessian",
+    "gptq_quantize",
+    "gptq_quantize_many",
+    "hessian_relative_error",
+    "build_database",
+]
+
+SCALE_SEARCH_MODES = ("minmax", "mse", "hessian")
+
+
+class GPTQError(ValueError):
+    """Bad input to GPTQ (non-finite weight/Hessian, shape mismatch, non-PD Hessian)."""
+
+
+def _where(layer: str) -> str:
+    return f"layer {layer!r}: " if layer else ""
+
+
+class GPTQ:
+    """Hessian accumulator for one linear layer (in_features K) plus quantize entry points.
+
+    add_batch(x) takes activations [..., K] (any leading dims; each row is a token)
+    and keeps H = 2/n sum_t x_t x_t^T as a running average over all n tokens seen.
+    """
+
+    def __init__(self, in_features: int, layer: str = "", device: Optional[torch.device | str] = None,
+                 dtype: torch.dtype = torch.float32):
+        if in_features <= 0:
+            raise GPTQError(f"{_where(layer)}in_features must be positive, got {in_features}")
+        self.in_features = int(in_features)
+        self.layer = layer
+        self.H = torch.zeros(self.in_features, self.in_features, device=device, dtype=dtype)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise GPTQError(f"{_where(self.layer)}activations have last dim {x.shape[-1]}, "
+                            f"expected in_features={self.in_features}")
+        x = x.reshape(-1, self.in_features).to(device=self.H.device, dtype=self.H.dtype)
+        n = x.shape[0]
+        if n == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            raise GPTQError(f"{_where(self.layer)}activations contain NaN/inf")
+        # running average: H_new = (n_old H_old + 2 x^T x) / (n_old + n)
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = x * (2.0 / self.nsamples) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+    def quantize(self, W: torch.Tensor, spec: QuantSpec, **kw) -> QuantizedWeight:
+        qw = gptq_quantize(W, self.H, spec, layer=kw.pop("layer", self.layer), **kw)
+        qw.meta["nsamples"] = self.nsamples
+        return qw
+
+    def quantize_many(self, W: torch.Tensor, specs: Sequence[QuantSpec], **kw) -> dict[QuantSpec, QuantizedWeight]:
+        out = gptq_quantize_many(W, self.H, specs, layer=kw.pop("layer", self.layer), **kw)
+        for qw in out.values():
+            qw.meta["nsamples"] = self.nsamples
+        return out
+
+
+@dataclass
+class HessianFactor:
+    """What the column loop needs from H, computed once per layer."""
+
+    hinv_upper: torch.Tensor  # U [K, K] fp32, upper triangular, U^T U = (H_fixed + lambda I)^-1
+    dead: torch.Tensor        # bool [K]: columns no calibration input ever touched (H_jj = 0)
+    diag: torch.Tensor        # fp32 [K]: diag of H with dead entries set to 1 (scale-search weights)
+    percdamp: float           # damping actually used (may exceed the request after retries)
+    damp: float               # lambda
+
+
+@torch.no_grad()
+def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, *, layer: str = "", max_retries: int = 3,
+                   device: Optional[torch.device | str] = None) -> HessianFactor:
+    """Dead-column fix, damping and the upper Cholesky factor of H^-1 (in float64).
+
+    When H + lambda I is not positive definite (Cholesky fails), lambda is multiplied
+    by 10 up to `max_retries` times before raising GPTQError naming the layer.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise GPTQError(f"{_where(layer)}Hessian must be square [K, K], got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise GPTQError(f"{_where(layer)}Hessian contains NaN/inf (bad calibration activations?)")
+    if not (percdamp > 0):
+        raise GPTQError(f"{_where(layer)}percdamp must be > 0, got {percdamp}")
+    H = H.to(device=device if device is not None else H.device, dtype=torch.float64).clone()
+    diag = torch.diagonal(H)
+    if bool((diag < 0).any()):
+        j = int(torch.nonzero(diag < 0)[0])
+        raise GPTQError(f"{_where(layer)}Hessian has a negative diagonal entry H[{j},{j}]={float(diag[j]):.3g}; "
+                        "it cannot come from 2/n sum x x^T")
+    dead = diag == 0
+    diag[dead] = 1.0  # view: writes into H
+    mean_diag = float(diag.mean())
+    k = H.shape[0]
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    pd = percdamp
+    for attempt in range(max_retries + 1):
+        damp = pd * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return HessianFactor(hinv_upper=U.to(torch.float32), dead=dead,
+                                     diag=torch.diagonal(H).to(torch.float32).clone(), percdamp=pd, damp=damp)
+        if attempt < max_retries:
+            pd *= 10.0
+    raise GPTQError(f"{_where(layer)}Hessian is not positive definite even with percdamp={pd:g} "
+                    f"(damping {damp:.3g}); check the calibration activations")
+
+
+@torch.no_grad()
+def hessian_relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W-Q) H (W-Q)^T) / tr(W H W^T): the layer-output error the GPTQ objective measures."""
+    W = W.to(torch.float64)
+    E = W - Q.to(device=W.device, dtype=torch.float64)
+    H = H.to(device=W.device, dtype=torch.float64)
+    num = float(((E @ H) * E).sum())
+    den = float(((W @ H) * W).sum())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+@torch.no_grad()
+def gptq_quantize_many(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    specs: Sequence[QuantSpec],
+    *,
+    layer: str = "",
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    scale_search: str = "hessian",
+    shrink_grid: Sequence[float] = DEFAULT_SHRINK_GRID,
+    negative_scale: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+    factor: Optional[HessianFactor] = None,
+    device: Optional[torch.device | str] = None,
+) -> dict[QuantSpec, QuantizedWeight]:
+    """GPTQ for every spec in `specs` in one pass over the columns (shared factorisation).
+
+    W: [N, K] weight (any float dtype; computed in fp32). H: [K, K] Hessian.
+    scale_search: "minmax" (plain min/max, RTN's grid), "mse" (range-shrink search,
+    unweighted) or "hessian" (the search weighted by diag H). negative_scale lets the
+    symmetric search use negative scales (set False for consumers that assume s > 0).
+    factor: reuse a factor_hessian() result (it must come from this H and percdamp).
+    Returns {spec: QuantizedWeight} with meta rel_err / gptq_loss / percdamp / ...
+    """
+    specs = list(dict.fromkeys(specs))  # de-duplicate, keep order
+    if not specs:
+        raise GPTQError(f"{_where(layer)}no specs given")
+    if scale_search not in SCALE_SEARCH_MODES:
+        raise GPTQError(f"{_where(layer)}scale_search must be one of {SCALE_SEARCH_MODES}, got {scale_search!r}")
+    if blocksize <= 0:
+        raise GPTQError(f"{_where(layer)}blocksize must be positive, got {blocksize}")
+    for spec in specs:
+        check_weight(W, spec, layer)  # 2-D, float, G | K, finite (errors name the layer)
+    n, k = W.shape
+    if tuple(H.shape) != (k, k):
+        raise GPTQError(f"{_where(layer)}Hessian shape {tuple(H.shape)} does not match in_features {k}")
+    dev = torch.device(device) if device is not None else W.device
+    if factor is None:
+        factor = factor_hessian(H, percdamp, layer=layer, device=dev)
+    U = factor.hinv_upper.to(dev)
+    dead = factor.dead.to(dev)
+    hdiag = factor.diag.to(dev) if scale_search == "hessian" else None
+
+    S = len(specs)
+    W0 = W.to(device=dev, dtype=torch.float32)
+    Wb = W0.unsqueeze(0).repeat(S, 1, 1)  # [S, N, K] working copies, updated in place
+    Wb[:, :, dead] = 0.0
+    group = [spec.effective_group(k) for spec in specs]
+    qmin = torch.tensor([float(s.qmin) for s in specs], device=dev).view(S, 1)
+    qmax = torch.tensor([float(s.qmax) for s in specs], device=dev).view(S, 1)
+    scale_cur = torch.ones(S, n, device=dev)
+    zero_cur = torch.zeros(S, n, device=dev)  # 0 for symmetric specs: w/s + 0 == w/s exactly
+    codes = torch.empty(S, n, k, dtype=torch.int8, device=dev)
+    scales = [torch.empty(n, k // g, device=dev) for g in group]
+    zeros = [None if sp.symmetric else torch.empty(n, k // g, dtype=torch.int8, device=dev)
+             for sp, g in zip(specs, group)]
+    losses = torch.zeros(S, device=dev, dtype=torch.float64)
+
+    group_starts: dict[int, list[int]] = {}  # column -> specs whose group starts there
+    for si, g in enumerate(group):
+        for c in range(0, k, g):
+            group_starts.setdefault(c, []).append(si)
+
+    def fix_group_params(si: int, col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> None:
+        """Scale/zero of spec si's group starting at column `col`, from its current columns."""
+        spec, g = specs[si], group[si]
+        i = col - i1
+        if col + g <= i2:
+            wgrp = W1[si, :, i:i + g]
+        else:  # the group runs past this block: add the block's pending updates to those columns
+            beyond = Wb[si, :, i2:col + g]
+            if i > 0:
+                beyond = beyond - Err1[si, :, :i] @ U[i1:col, i2:col + g]
+            wgrp = torch.cat([W1[si, :, i:], beyond], dim=1)
+        gspec = QuantSpec(spec.bits, g, spec.symmetric)
+        if scale_search == "minmax":
+            sc, zp = compute_qparams(wgrp, gspec, layer=layer, scale_dtype=scale_dtype)
+        else:
+            sc, zp = search_qparams(wgrp, gspec, grid=shrink_grid,
+                                    hessian_diag=None if hdiag is None else hdiag[col:col + g],
+                                    negative_scale=negative_scale, scale_dtype=scale_dtype, layer=layer)
+        scale_cur[si] = sc[:, 0]
+        scales[si][:, col // g] = sc[:, 0]
+        if zp is not None:
+            zero_cur[si] = zp[:, 0].to(torch.float32)
+            zeros[si][:, col // g] = zp[:, 0]
+
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        cnt = i2 - i1
+        W1 = Wb[:, :, i1:i2].clone()
+        Err1 = torch.empty(S, n, cnt, device=dev)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(cnt):
+            for si in group_starts.get(i1 + i, ()):
+                fix_group_params(si, i1 + i, i1, i2, W1, Err1)
+            w = W1[:, :, i]
+            d = U1[i, i]
+            q = torch.clamp(torch.round(w / scale_cur + zero_cur), qmin, qmax)
+            codes[:, :, i1 + i] = q.to(torch.int8)
+            dq = (q - zero_cur) * scale_cur  # = QuantizedWeight.dequantize() of this column
+            err = (w - dq) / d
+            losses += (err * err).sum(dim=1, dtype=torch.float64) / 2.0  # paper: (w - q)^2 / [H^-1]_jj / 2
+            W1[:, :, i:] -= err.unsqueeze(-1) * U1[i, i:]
+            Err1[:, :, i] = err
+        if i2 < k:
+            U12 = U[i1:i2, i2:]
+            for si in range(S):  # same 2-D matmul as a single-spec run (bit-identical results)
+                Wb[si, :, i2:] -= Err1[si] @ U12
+
+    out: dict[QuantSpec, QuantizedWeight] = {}
+    Hdev = H.to(device=dev)
+    for s, spec in enumerate(specs):
+        qw = QuantizedWeight(codes=codes[s].clone(), scale=scales[s].to(scale_dtype), zero_point=zeros[s],
+                             spec=spec, meta={})
+        qw.meta.update({
+            "method": "gptq",
+            "layer": layer,
+            "rel_err": hessian_relative_error(W0, qw.dequantize(torch.float32), Hdev),
+            "gptq_loss": float(losses[s]),
+            "percdamp": factor.percdamp,
+            "dead_columns": int(dead.sum()),
+            "scale_search": scale_search,
+            "blocksize": blocksize,
+        })
+        out[spec] = qw
+    return out
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, layer: str = "", **kw) -> QuantizedWeight:
+    """GPTQ for one spec; keyword options as in gptq_quantize_many."""
+    return gptq_quantize_many(W, H, [spec], layer=layer, **kw)[spec]
+
+
+def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "", **kw):
+    """See vllm_slq.quant.database.build_database (re-exported here for the shared API)."""
+    from .database import build_database as _build
+
+    return _build(W, H, specs, layer=layer, **kw)
