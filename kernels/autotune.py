@@ -174,18 +174,27 @@ def _num_sms(name: str) -> int:
     return 8
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_stamp() -> float:
+    """mtime of the tuned cache, read once per process (no filesystem call per matmul); tune() resets it."""
+    p = cache_path()
+    return p.stat().st_mtime if p.exists() else 0.0
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def get_config(device: torch.device, bits: int, m: int, n: int, k: int, path: Optional[str] = None) -> dict:
     """The launch config for one call; `path` ("gemv"/"gemm") only checks consistency."""
-    device = torch.device(device)
     want = "gemv" if m <= GEMV_MAX_M else "gemm"
     if path is not None and path != want:
         raise ValueError(f"M={m} uses the {want} path, not {path}")
     if device.type == "cpu":
         return dict(_CPU_CONFIGS[want])
-    p = cache_path()
-    stamp = p.stat().st_mtime if p.exists() else 0.0
-    _, cfg = _lookup(device_name(device), bits, m_bucket(m), n, k, stamp)
-    return cfg
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _lookup(_cuda_name(index), bits, m_bucket(m), n, k, _cache_stamp())[1]
 
 
 def explain_config(device: torch.device, bits: int, m: int, n: int, k: int) -> tuple[str, dict]:
@@ -193,9 +202,7 @@ def explain_config(device: torch.device, bits: int, m: int, n: int, k: int) -> t
     device = torch.device(device)
     if device.type == "cpu":
         return "cpu-interpreter", get_config(device, bits, m, n, k)
-    p = cache_path()
-    stamp = p.stat().st_mtime if p.exists() else 0.0
-    return _lookup(device_name(device), bits, m_bucket(m), n, k, stamp)
+    return _lookup(device_name(device), bits, m_bucket(m), n, k, _cache_stamp())
 
 
 # --------------------------------------------------------------------------- tuning (GPU)
@@ -295,6 +302,7 @@ def tune(shapes: Iterable[tuple[int, int]], bits_list: Iterable[int], ms: Iterab
     devices.setdefault(name, {}).update(results)
     _write_cache_atomic(path, devices)
     _lookup.cache_clear()
+    _cache_stamp.cache_clear()
     return results
 
 

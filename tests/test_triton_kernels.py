@@ -321,3 +321,58 @@ def test_cache_wins_over_shipped_and_heuristic(tmp_path, monkeypatch):
 def test_config_validation_names_the_field():
     with pytest.raises(autotune.AutotuneError, match="BLOCK_K must be a positive power of two"):
         autotune._validate({"BLOCK_N": 64, "BLOCK_K": 48}, "x.json entry '4|1|8|8'")
+
+
+# ----------------------------------------------------------------------------- benchmarks (CPU-runnable parts)
+
+
+def _load_bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_benchmark_dry_run_and_ideal_math(tmp_path, capsys):
+    import json
+
+    kb = _load_bench("kernels")
+    assert kb.ideal_speedup(4, 128, False) == pytest.approx(16 / 4.125)
+    assert kb.ideal_speedup(2, 128, True) == pytest.approx(16 / (2 + 16 / 128 + 2 / 128))
+    assert kb.group_for(576, 128) == 64 and kb.group_for(4096, 128) == 128 and kb.group_for(576, None) == 576
+    out = tmp_path / "k.json"
+    assert kb.main(["--dry-run", "--out", str(out), "--batches", "1", "16", "--bits", "3", "4"]) == 0
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("dry-run") and "torch" in data["versions"]
+    shapes = {r["shape"] for r in data["rows"]}
+    assert {"4096x4096", "4096x14336", "14336x4096", "576x576", "576x1536", "1536x576", "576x192"} == shapes
+    assert len(data["rows"]) == 7 * 2 * 2 and out.with_suffix(".png").stat().st_size > 0
+    row = {"M": 1, "bits": 4, "ideal_speedup": 3.9, "speedup": {"ours": 3.6, "humming": 3.7, "marlin": 3.5}}
+    assert kb.targets_for(row) == {"ideal>=90%": True, ">=humming": False, ">=marlin": True}
+    assert kb.main([]) == 2 or torch.cuda.is_available()  # clear refusal without a GPU
+    assert "needs a CUDA GPU" in capsys.readouterr().err or torch.cuda.is_available()
+
+
+def test_e2e_benchmark_dry_run_and_random_checkpoint(tmp_path):
+    import json
+
+    eb = _load_bench("e2e_decode")
+    out = tmp_path / "e.json"
+    assert eb.main(["--dry-run", "--out", str(out)]) == 0
+    res = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert res["w3ag128"]["bpp"] == pytest.approx(3 + 19 / 128, abs=0.02) and 4.1 < res["w4ag128"]["bpp"] < 4.2
+    # the quantized checkpoint the GPU run writes, at toy size, must pass the project's checkpoint reader
+    from vllm_slq.checkpoint import load_checkpoint
+
+    cfg = dict(eb.model_config(1), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, head_dim=16)
+    spec = eb.parse_spec("w3ag32")
+    eb.write_quantized_checkpoint(tmp_path / "ckpt", cfg, spec)
+    ck = load_checkpoint(tmp_path / "ckpt")
+    assert len(ck.quantized) == 7 and all(q.spec == spec for q in ck.quantized.values())
+    with pytest.raises(Exception, match="w4ag128"):
+        eb.parse_spec("w9x")
