@@ -1,0 +1,272 @@
+"""Per-layer multi-bit "database": every candidate quantization of a layer from one Hessian.
+
+SLQ's wide bit-width search and RCO's allocation (methods.md sections 2 and 4)
+choose, per layer, one of several quantized versions W^(k) (e.g. asymmetric GPTQ
+at 2..8 bits). Building them costs one GPTQ pass over the columns for all widths:
+
+    build_database(W, H, specs)   one factorisation chol(H^-1) shared by all specs,
+                                  one batched column loop over [S, N, K]
+                                  (gptq.gptq_quantize_many); each entry records
+                                  meta["rel_err"] = tr((W-Q) H (W-Q)^T) / tr(W H W^T),
+                                  the per-layer sensitivity the proxy-DP baseline and
+                                  RCO's initialisation read
+    LayerDatabase(dir)            the entries on disk, compact (codes int8, scales in
+                                  their storage dtype, zero points int8: no dense
+                                  float copies), one safetensors file per layer written
+                                  atomically, plus index.json (shapes, specs, meta);
+                                  get() reads only the tensors of one entry, lazily
+
+Layout of `dir`:
+    index.json                    {"format": "vllm-slq-layer-database", "version": 1,
+                                   "layers": {name: {"file", "shape": [N, K],
+                                   "entries": {spec.short(): {"bits", "group_size",
+                                   "symmetric", "meta"}}}}}
+    <layer-file>.safetensors      "<spec.short()>.codes" int8 [N, K],
+                                  "<spec.short()>.scale" [N, G],
+                                  "<spec.short()>.zero_point" int8 [N, G] (asymmetric)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .gptq import gptq_quantize_many
+from .spec import QuantizedWeight, QuantSpec
+
+__all__ = ["build_database", "LayerDatabase", "DatabaseError", "INDEX_NAME"]
+
+INDEX_NAME = "index.json"
+FORMAT_NAME = "vllm-slq-layer-database"
+FORMAT_VERSION = 1
+
+
+class DatabaseError(ValueError):
+    """A malformed database directory, or a request for a layer/spec it does not hold."""
+
+
+def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
+                   **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
+    """GPTQ of W for every spec from one factorisation of H and one pass over the columns.
+
+    Keyword options are those of gptq.gptq_quantize_many (percdamp, blocksize,
+    scale_search, shrink_grid, negative_scale, scale_dtype, factor, device).
+    Each entry equals, bit for bit, gptq_quantize(W, H, spec) with the same options,
+    is stored compactly (int8 codes/zeros, scale in scale_dtype, on the CPU) and
+    carries meta["rel_err"] and meta["bpp"].
+    """
+    out = gptq_quantize_many(W, H, specs, layer=layer, **gptq_kw)
+    k = W.shape[1]
+    for spec, qw in out.items():
+        qw.codes = qw.codes.cpu()
+        qw.scale = qw.scale.cpu()
+        if qw.zero_point is not None:
+            qw.zero_point = qw.zero_point.cpu()
+        qw.meta["bpp"] = spec.bpp(k)
+    return out
+
+
+def _spec_to_json(spec: QuantSpec) -> dict:
+    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+
+
+def _spec_from_json(d: dict, where: str) -> QuantSpec:
+    try:
+        return QuantSpec(bits=int(d["bits"]), group_size=None if d["group_size"] is None else int(d["group_size"]),
+                         symmetric=bool(d["symmetric"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatabaseError(f"{where}: bad spec entry {d!r}: {e}") from e
+
+
+def _jsonable(v):
+    """Meta values as JSON (floats that are not finite become strings, objects their repr)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return _jsonable(v.item())
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(a): _jsonable(b) for a, b in v.items()}
+    return repr(v)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """write(tmp_path) then os.replace into `path`: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class LayerDatabase:
+    """A directory of quantized layer variants: put() once per layer, get() lazily later.
+
+    Not safe for concurrent writers (one builder process per directory).
+    """
+
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        self.path = Path(path)
+        self._index_path = self.path / INDEX_NAME
+        if self._index_path.exists():
+            self._index = self._read_index()
+        elif create:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": {}}
+        else:
+            raise DatabaseError(f"{self.path}: no {INDEX_NAME}; not a layer database")
+
+    # ---- index -----------------------------------------------------------------
+    def _read_index(self) -> dict:
+        try:
+            idx = json.loads(self._index_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DatabaseError(f"{self._index_path}: unreadable index: {e}") from e
+        if not isinstance(idx, dict) or idx.get("format") != FORMAT_NAME:
+            raise DatabaseError(f"{self._index_path}: field 'format' must be {FORMAT_NAME!r}")
+        if idx.get("version") != FORMAT_VERSION:
+            raise DatabaseError(f"{self._index_path}: unsupported version {idx.get('version')!r} "
+                                f"(this code reads {FORMAT_VERSION})")
+        if not isinstance(idx.get("layers"), dict):
+            raise DatabaseError(f"{self._index_path}: field 'layers' must be an object")
+        return idx
+
+    def _write_index(self) -> None:
+        text = json.dumps(self._index, indent=1, sort_keys=True)
+        _atomic_write_bytes(self._index_path, lambda tmp: Path(tmp).write_text(text))
+
+    def _file_for(self, layer: str) -> str:
+        if layer in self._index["layers"]:
+            return self._index["layers"][layer]["file"]
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", layer)[:150] or "layer"
+        taken = {v["file"] for v in self._index["layers"].values()}
+        name = f"{stem}.safetensors"
+        if name in taken or name == INDEX_NAME:
+            name = f"{stem}.{hashlib.sha1(layer.encode()).hexdigest()[:10]}.safetensors"
+        return name
+
+    # ---- queries ---------------------------------------------------------------
+    def layers(self) -> list[str]:
+        return list(self._index["layers"])
+
+    def __contains__(self, layer: str) -> bool:
+        return layer in self._index["layers"]
+
+    def __len__(self) -> int:
+        return len(self._index["layers"])
+
+    def _layer_entry(self, layer: str) -> dict:
+        try:
+            return self._index["layers"][layer]
+        except KeyError:
+            known = self.layers()
+            raise DatabaseError(f"{self.path}: no layer {layer!r} (holds {len(known)} layers"
+                                f"{': ' + ', '.join(known[:5]) if known else ''}{', ...' if len(known) > 5 else ''})") from None
+
+    def specs(self, layer: str) -> list[QuantSpec]:
+        entries = self._layer_entry(layer)["entries"]
+        return [_spec_from_json(v, f"{self._index_path} layer {layer!r}") for v in entries.values()]
+
+    def shape(self, layer: str) -> tuple[int, int]:
+        return tuple(self._layer_entry(layer)["shape"])  # type: ignore[return-value]
+
+    def meta(self, layer: str, spec: QuantSpec) -> dict:
+        return dict(self._spec_entry(layer, spec)["meta"])
+
+    def errors(self, layer: str) -> dict[QuantSpec, float]:
+        """{spec: Hessian-weighted relative error} for one layer (proxy-DP / RCO init input)."""
+        return {s: float(self.meta(layer, s)["rel_err"]) for s in self.specs(layer)}
+
+    def _spec_entry(self, layer: str, spec: QuantSpec) -> dict:
+        entries = self._layer_entry(layer)["entries"]
+        key = spec.short()
+        if key not in entries:
+            raise DatabaseError(f"{self.path}: layer {layer!r} has no entry for {key} "
+                                f"(has {', '.join(entries) or 'none'})")
+        return entries[key]
+
+    def get(self, layer: str, spec: QuantSpec) -> QuantizedWeight:
+        """Read one entry (only its tensors are read from the layer's file)."""
+        entry = self._spec_entry(layer, spec)
+        file = self.path / self._layer_entry(layer)["file"]
+        key = spec.short()
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                codes = f.get_tensor(f"{key}.codes")
+                scale = f.get_tensor(f"{key}.scale")
+                zero = None if spec.symmetric else f.get_tensor(f"{key}.zero_point")
+        except (OSError, KeyError, RuntimeError) as e:
+            raise DatabaseError(f"{file}: cannot read entry {key} of layer {layer!r}: {e}") from e
+        n, k = self.shape(layer)
+        if tuple(codes.shape) != (n, k) or codes.dtype != torch.int8:
+            raise DatabaseError(f"{file}: {key}.codes is {codes.dtype} {tuple(codes.shape)}, expected int8 {(n, k)}")
+        return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, spec=spec, meta=dict(entry["meta"]))
+
+    def items(self, layer: str) -> Iterator[tuple[QuantSpec, QuantizedWeight]]:
+        for s in self.specs(layer):
+            yield s, self.get(layer, s)
+
+    # ---- writing ---------------------------------------------------------------
+    def put(self, layer: str, entries: dict[QuantSpec, QuantizedWeight], merge: bool = True) -> None:
+        """Store a layer's entries (one safetensors file, replaced atomically, then the index).
+
+        merge=True keeps this layer's stored entries for specs not in `entries`.
+        """
+        if not layer:
+            raise DatabaseError("put: layer name must be non-empty")
+        if not entries:
+            raise DatabaseError(f"put: layer {layer!r}: no entries")
+        shapes = {tuple(qw.codes.shape) for qw in entries.values()}
+        if len(shapes) != 1:
+            raise DatabaseError(f"put: layer {layer!r}: entries have different shapes {sorted(shapes)}")
+        shape = shapes.pop()
+        if layer in self and merge:
+            if self.shape(layer) != shape:
+                raise DatabaseError(f"put: layer {layer!r}: shape {shape} differs from stored {self.shape(layer)}")
+            old = {s: self.get(layer, s) for s in self.specs(layer) if s not in entries}
+            entries = {**old, **entries}
+        tensors: dict[str, torch.Tensor] = {}
+        index_entries: dict[str, dict] = {}
+        for spec, qw in entries.items():
+            if qw.spec != spec:
+                raise DatabaseError(f"put: layer {layer!r}: entry keyed {spec.short()} holds {qw.spec.short()}")
+            key = spec.short()
+            if qw.codes.dtype != torch.int8:
+                raise DatabaseError(f"put: layer {layer!r} {key}: codes must be int8, got {qw.codes.dtype}")
+            tensors[f"{key}.codes"] = qw.codes.detach().cpu().contiguous()
+            tensors[f"{key}.scale"] = qw.scale.detach().cpu().contiguous()
+            if not spec.symmetric:
+                if qw.zero_point is None or qw.zero_point.dtype != torch.int8:
+                    raise DatabaseError(f"put: layer {layer!r} {key}: asymmetric entry needs int8 zero points")
+                tensors[f"{key}.zero_point"] = qw.zero_point.detach().cpu().contiguous()
+            index_entries[key] = {**_spec_to_json(spec), "meta": _jsonable(qw.meta)}
+        file = self._file_for(layer)
+        _atomic_write_bytes(self.path / file, lambda tmp: save_file(tensors, tmp, metadata={"layer": layer}))
+        self._index["layers"][layer] = {"file": file, "shape": list(shape), "entries": index_entries}
+        self._write_index()
+
+    def build(self, layer: str, W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec],
+              **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
+        """build_database for one layer and stream it to disk; returns the entries too."""
+        entries = build_database(W, H, specs, layer=layer, **gptq_kw)
+        self.put(layer, entries)
+        return entries
+
+    def __repr__(self) -> str:
+        return f"LayerDatabase({str(self.path)!r}, layers={len(self)})"
