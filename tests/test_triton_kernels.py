@@ -21,16 +21,16 @@ detect a single wrong code.
 import os
 import sys
 
-_NATIVE_CUDA = os.environ.get("TRITON_INTERPRET") == "0"
+import torch  # does not import triton
+
+# Native CUDA when a GPU is present and the interpreter was not asked for; else the interpreter on CPU.
+_NATIVE_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+_TRITON_PREIMPORTED = False
 if not _NATIVE_CUDA:
     _TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
     os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["VLLM_SLQ_FORCE_TRITON"] = "1"
-else:
-    _TRITON_PREIMPORTED = False
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 if _TRITON_PREIMPORTED:
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment "
@@ -228,7 +228,9 @@ def test_leading_dims_strided_input_and_empty_batch():
 # ----------------------------------------------------------------------------- registry + custom op
 
 
-def test_registry_selects_triton_and_applies_with_bias():
+def test_registry_selects_triton_and_applies_with_bias(monkeypatch):
+    # forced only inside this test: other test modules must keep the registry's normal CPU choice
+    monkeypatch.setenv("VLLM_SLQ_FORCE_TRITON", "1")
     cfg = KernelConfig(bits=6, group_size=32, symmetric=False, in_features=96, out_features=48,
                        act_dtype=torch.bfloat16)
     kern = select_kernel(cfg, DEVICE, layer="model.layers.0.mlp.down_proj")
