@@ -130,7 +130,18 @@ def main(argv=None):
     ap.add_argument("--no-fallback", action="store_true", help="never fall back to the GPTQ init per block")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gsq.json"))
+    ap.add_argument("--from-logs", nargs="+", metavar="LOG",
+                    help="rebuild table/JSON/PNG from the per-run JSON lines of earlier runs' stdout "
+                         "(e.g. 2-bit and 3-bit run in parallel), without quantizing anything")
     args = ap.parse_args(argv)
+    if args.from_logs:
+        rows = []
+        for log in args.from_logs:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith('{"method"'):
+                    rows.append(json.loads(line))
+        rows.sort(key=lambda r: (r["bits"], ["rtn", "gptq", "gsq"].index(r["method"])))
+        return report(rows, args)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -168,7 +179,10 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
             del model, qws
+    report(rows, args)
 
+
+def report(rows, args):
     print(f"\nreference {args.model}, MLP linears, symmetric G={args.group_size}, eval {args.n_eval} x "
           f"{args.seq_len} held-out tokens; GSQ {args.epochs} epochs x {args.n_calib} seqs, batch {args.batch_size}")
     hdr = f"{'method':6} {'bits':>4} {'KL':>9} {'EAR':>7} {'top1':>6} {'PPL':>8} {'wall s':>7} {'peak MB':>8}"
@@ -176,7 +190,12 @@ def main(argv=None):
     for r in rows:
         print(f"{r['method']:6} {r['bits']:>4} {r['kl']:9.4f} {r['ear']:7.4f} {r['top1'] or 0:6.3f} "
               f"{r['ppl'] or 0:8.2f} {r['wall_s']:7.1f} {r['peak_rss_mb']:8.0f}")
-    for bits in args.bits:
+    for r in rows:
+        if r["method"] == "gsq" and "block_mse_init_mean" in r:
+            print(f"GSQ {r['bits']}-bit: mean block-output MSE {r['block_mse_init_mean']:.4g} (GPTQ init) -> "
+                  f"{r['block_mse_final_mean']:.4g}; {r['blocks_kept_init']} blocks kept the init; "
+                  f"GSQ state {r['gsq_state_mb_per_block']:.1f} MB/block, {r['gsq_seconds_per_block']:.1f} s/block")
+    for bits in sorted({r["bits"] for r in rows}):
         g = {r["method"]: r for r in rows if r["bits"] == bits}
         if "gsq" in g and "gptq" in g:
             print(f"{bits}-bit: KL(GSQ)/KL(GPTQ) = {g['gsq']['kl'] / g['gptq']['kl']:.3f}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.llmcompressor
+pytestmark = [pytest.mark.llmcompressor, pytest.mark.slow]  # ~6 oneshot runs of the tiny model
 
 MLP_SUFFIXES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

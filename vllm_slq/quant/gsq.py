@@ -33,7 +33,17 @@ Equations (docs/methods.md section 3) and where they live below:
   regulariser); scales: lr 1e-4, fp32, no decay.
 * End: hard argmax codes times the learned scale (:meth:`GSQWeight.to_quantized`).
 * The optimisation loop over calibration batches for a set of weights refined
-  jointly against one loss (the decoder block output MSE): :func:`refine`.
+  jointly against one loss (the decoder block output MSE): :func:`refine`. One
+  Gumbel draw per (step, weight) is shared by the step's items; gradients w.r.t.
+  the soft weights accumulate over the items and one custom backward maps them to
+  logits and scales.
+* Ternary initialisation: GPTQ with codes clamped to {-1, 0, 1} and a diag-H
+  weighted ternary scale search (:func:`gptq_ternary`, :func:`ternary_qparams`).
+
+Memory per refined weight (C candidates): logits, their gradient and the Lion
+moment, fp32 each (3 x 4 x C bytes per weight) plus int8 base/q0 codes; the soft
+weight and its gradient are [N, K] in the block's dtype. The noise and the soft
+one-hot exist only chunk by chunk inside forward/backward.
 
 Nothing here imports llmcompressor or vLLM; the modifier supplies the loss.
 """
