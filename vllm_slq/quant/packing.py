@@ -13,8 +13,8 @@ The layout (compressed-tensors >= 0.18, verified against the 0.19 sources):
 Equivalently, element i contributes  u_i << (p mod 32)  to word p // 32 and, when
 it straddles (p mod 32 + b > 32),  u_i >> (32 - p mod 32)  to word p // 32 + 1.
 Because the bit ranges are disjoint, summing the contributions equals OR-ing them,
-which is what makes a single vectorised ``index_add_`` correct. Unpacking reads the
-64-bit window (word, word+1) and shifts.
+which is what makes a single vectorised ``index_add_`` correct. Unpacking reads
+words (word, word+1) for every element and shifts them back.
 
 2-, 4- and 8-bit are identical to the pre-0.18 layout (b divides 32); 3/5/6/7-bit
 differ from it. This module is pure torch and does not import compressed-tensors,
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 _WORD_BITS = 32
-# Rows processed per chunk: bounds the int64 temporaries to ~chunk*K*8 bytes.
+# Rows processed per chunk: bounds the int32 temporaries to ~chunk*K*4 bytes each.
 _ROW_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -56,54 +56,55 @@ def packed_width(length: int, bits: int) -> int:
     return (length * bits + _WORD_BITS - 1) // _WORD_BITS
 
 
-def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) -> int32 with the same bit pattern (two's complement)."""
-    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
-
-
 def _row_chunks(rows: int, cols: int):
     step = max(1, _ROW_CHUNK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
+def _bit_positions(length: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    bit_pos = torch.arange(length, device=device, dtype=torch.int64) * bits
+    return bit_pos // _WORD_BITS, (bit_pos % _WORD_BITS).to(torch.int32)
+
+
 def _pack_rows(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack int64 [R, L] values in [0, 2^b) along dim 1 into int32 [R, ceil(L*b/32)]."""
+    """Pack int32 [R, L] values in [0, 2^b) along dim 1 into int32 [R, ceil(L*b/32)].
+
+    int32 arithmetic is exact here: torch's << on int32 keeps the low 32 bits (the
+    bit pattern we want), and the contributions to one word occupy disjoint bits, so
+    their sum never carries and never overflows the signed range.
+    """
     rows, length = unsigned.shape
     width = packed_width(length, bits)
     device = unsigned.device
-    bit_pos = torch.arange(length, device=device, dtype=torch.int64) * bits
-    word = bit_pos // _WORD_BITS
-    offset = bit_pos % _WORD_BITS
+    word, offset = _bit_positions(length, bits, device)
     out = torch.empty(rows, width, dtype=torch.int32, device=device)
     for r0, r1 in _row_chunks(rows, length):
         u = unsigned[r0:r1]
         # one spare word so straddling values can always spill into word+1
-        acc = torch.zeros(r1 - r0, width + 1, dtype=torch.int64, device=device)
-        low = (u << offset) & 0xFFFFFFFF
+        acc = torch.zeros(r1 - r0, width + 1, dtype=torch.int32, device=device)
+        acc.index_add_(1, word, u << offset)
         # u < 2^b, so u >> (32 - offset) is 0 unless the value straddles the boundary
-        high = u >> (_WORD_BITS - offset)
-        acc.index_add_(1, word, low)
-        acc.index_add_(1, word + 1, high)
-        out[r0:r1] = _to_int32_words(acc[:, :width])
+        # (a shift by 32 yields 0 for non-negative int32 in torch)
+        acc.index_add_(1, word + 1, u >> (_WORD_BITS - offset))
+        out[r0:r1] = acc[:, :width]
     return out
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of _pack_rows: int32 [R, W] -> int64 [R, length] values in [0, 2^b)."""
+    """Inverse of _pack_rows: int32 [R, W] -> int32 [R, length] values in [0, 2^b)."""
     rows, width = packed.shape
     device = packed.device
-    bit_pos = torch.arange(length, device=device, dtype=torch.int64) * bits
-    word = bit_pos // _WORD_BITS
-    offset = bit_pos % _WORD_BITS
+    word, offset = _bit_positions(length, bits, device)
+    # >> on int32 is arithmetic: keep only the 32 - offset bits that belong to this word
+    low_mask = (1 << torch.clamp(_WORD_BITS - offset, max=bits)) - 1
     mask = (1 << bits) - 1
-    out = torch.empty(rows, length, dtype=torch.int64, device=device)
+    out = torch.empty(rows, length, dtype=torch.int32, device=device)
     for r0, r1 in _row_chunks(rows, length):
-        words = packed[r0:r1].to(torch.int64) & 0xFFFFFFFF  # reinterpret as unsigned
-        words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)
-        lo = words[:, word] >> offset
-        hi = words[:, word + 1] << (_WORD_BITS - offset)
-        out[r0:r1] = (lo | hi) & mask
+        words = torch.cat([packed[r0:r1], torch.zeros_like(packed[r0:r1, :1])], dim=1)
+        low = (words[:, word] >> offset) & low_mask
+        high = (words[:, word + 1] << (_WORD_BITS - offset)) & mask  # << 32 gives 0
+        out[r0:r1] = low | high
     return out
 
 
@@ -140,7 +141,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed int8 codes [N, K] in [-2^(b-1), 2^(b-1)) -> int32 [N, ceil(K*b/32)]."""
     _check_bits(bits)
     _check_codes(codes, bits, "pack_codes")
-    unsigned = codes.to(torch.int64) + (1 << (bits - 1))
+    unsigned = codes.to(torch.int32) + (1 << (bits - 1))
     return _pack_rows(unsigned, bits)
 
 
@@ -155,7 +156,7 @@ def pack_zero_points(zero_points: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed int8 zero points [N, G] -> int32 [ceil(N*b/32), G] (packed down dim 0)."""
     _check_bits(bits)
     _check_codes(zero_points, bits, "pack_zero_points")
-    unsigned = zero_points.to(torch.int64).t() + (1 << (bits - 1))
+    unsigned = zero_points.to(torch.int32).t() + (1 << (bits - 1))
     return _pack_rows(unsigned, bits).t().contiguous()
 
 
