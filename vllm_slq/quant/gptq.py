@@ -48,7 +48,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .grid import check_weight, compute_qparams
-from .scale_search import DEFAULT_SHRINK_GRID, search_qparams
+from .scale_search import DEFAULT_SHRINK_GRID, search_qparams_stacked
 from .spec import QuantizedWeight, QuantSpec
 
 __all__ = [
@@ -170,15 +170,18 @@ def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, *, layer: str = "", 
                     f"(damping {damp:.3g}); check the calibration activations")
 
 
+def _relative_error(W64: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor, whw: float) -> float:
+    E = W64 - Q.to(device=W64.device, dtype=torch.float64)
+    num = float(((E @ H64) * E).sum())
+    return num / whw if whw > 0 else (0.0 if num == 0 else float("inf"))
+
+
 @torch.no_grad()
 def hessian_relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W-Q) H (W-Q)^T) / tr(W H W^T): the layer-output error the GPTQ objective measures."""
     W = W.to(torch.float64)
-    E = W - Q.to(device=W.device, dtype=torch.float64)
     H = H.to(device=W.device, dtype=torch.float64)
-    num = float(((E @ H) * E).sum())
-    den = float(((W @ H) * W).sum())
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+    return _relative_error(W, Q, H, float(((W @ H) * W).sum()))
 
 
 @torch.no_grad()
@@ -245,29 +248,41 @@ def gptq_quantize_many(
         for c in range(0, k, g):
             group_starts.setdefault(c, []).append(si)
 
-    def fix_group_params(si: int, col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> None:
-        """Scale/zero of spec si's group starting at column `col`, from its current columns."""
-        spec, g = specs[si], group[si]
-        i = col - i1
+    def current_group(si: int, col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
+        """Spec si's group starting at `col`, as it stands now (all earlier updates applied)."""
+        g, i = group[si], col - i1
         if col + g <= i2:
-            wgrp = W1[si, :, i:i + g]
-        else:  # the group runs past this block: add the block's pending updates to those columns
-            beyond = Wb[si, :, i2:col + g]
-            if i > 0:
-                beyond = beyond - Err1[si, :, :i] @ U[i1:col, i2:col + g]
-            wgrp = torch.cat([W1[si, :, i:], beyond], dim=1)
-        gspec = QuantSpec(spec.bits, g, spec.symmetric)
-        if scale_search == "minmax":
-            sc, zp = compute_qparams(wgrp, gspec, layer=layer, scale_dtype=scale_dtype)
-        else:
-            sc, zp = search_qparams(wgrp, gspec, grid=shrink_grid,
-                                    hessian_diag=None if hdiag is None else hdiag[col:col + g],
-                                    negative_scale=negative_scale, scale_dtype=scale_dtype, layer=layer)
-        scale_cur[si] = sc[:, 0]
-        scales[si][:, col // g] = sc[:, 0]
-        if zp is not None:
-            zero_cur[si] = zp[:, 0].to(torch.float32)
-            zeros[si][:, col // g] = zp[:, 0]
+            return W1[si, :, i:i + g]
+        # the group runs past this block: add the block's pending updates to those columns
+        beyond = Wb[si, :, i2:col + g]
+        if i > 0:
+            beyond = beyond - Err1[si, :, :i] @ U[i1:col, i2:col + g]
+        return torch.cat([W1[si, :, i:], beyond], dim=1)
+
+    def fix_group_params(sis: list[int], col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> None:
+        """Scale/zero of the groups starting at `col` for specs `sis`, from their current columns."""
+        # specs that differ in bits only are searched in one stacked call
+        batches: dict[tuple[int, bool], list[int]] = {}
+        for si in sis:
+            batches.setdefault((group[si], specs[si].symmetric), []).append(si)
+        for (g, sym), members in batches.items():
+            gspecs = [QuantSpec(specs[si].bits, g, sym) for si in members]
+            wgrp = torch.stack([current_group(si, col, i1, i2, W1, Err1) for si in members])
+            if scale_search == "minmax":
+                pairs = [compute_qparams(wgrp[b], gs, layer=layer, scale_dtype=scale_dtype)
+                         for b, gs in enumerate(gspecs)]
+                sc = torch.stack([p[0] for p in pairs])
+                zp = None if sym else torch.stack([p[1] for p in pairs])
+            else:
+                sc, zp = search_qparams_stacked(
+                    wgrp, gspecs, grid=shrink_grid, hessian_diag=None if hdiag is None else hdiag[col:col + g],
+                    negative_scale=negative_scale, scale_dtype=scale_dtype, layer=layer, _checked=True)
+            for b, si in enumerate(members):
+                scale_cur[si] = sc[b, :, 0]
+                scales[si][:, col // g] = sc[b, :, 0]
+                if zp is not None:
+                    zero_cur[si] = zp[b, :, 0].to(torch.float32)
+                    zeros[si][:, col // g] = zp[b, :, 0]
 
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
@@ -276,8 +291,8 @@ def gptq_quantize_many(
         Err1 = torch.empty(S, n, cnt, device=dev)
         U1 = U[i1:i2, i1:i2]
         for i in range(cnt):
-            for si in group_starts.get(i1 + i, ()):
-                fix_group_params(si, i1 + i, i1, i2, W1, Err1)
+            if i1 + i in group_starts:
+                fix_group_params(group_starts[i1 + i], i1 + i, i1, i2, W1, Err1)
             w = W1[:, :, i]
             d = U1[i, i]
             q = torch.clamp(torch.round(w / scale_cur + zero_cur), qmin, qmax)
@@ -285,7 +300,8 @@ def gptq_quantize_many(
             dq = (q - zero_cur) * scale_cur  # = QuantizedWeight.dequantize() of this column
             err = (w - dq) / d
             losses += (err * err).sum(dim=1, dtype=torch.float64) / 2.0  # paper: (w - q)^2 / [H^-1]_jj / 2
-            W1[:, :, i:] -= err.unsqueeze(-1) * U1[i, i:]
+            # W1[:, :, i:] -= err (x) U1[i, i:], fused in place (no [S, N, cnt] temporary)
+            W1[:, :, i:].addcmul_(err.unsqueeze(-1), U1[i, i:], value=-1.0)
             Err1[:, :, i] = err
         if i2 < k:
             U12 = U[i1:i2, i2:]
@@ -293,14 +309,16 @@ def gptq_quantize_many(
                 Wb[si, :, i2:] -= Err1[si] @ U12
 
     out: dict[QuantSpec, QuantizedWeight] = {}
-    Hdev = H.to(device=dev)
+    Hdev = H.to(device=dev, dtype=torch.float64)
+    W64 = W0.to(torch.float64)
+    whw = float(((W64 @ Hdev) * W64).sum())  # tr(W H W^T), shared by every spec
     for s, spec in enumerate(specs):
         qw = QuantizedWeight(codes=codes[s].clone(), scale=scales[s].to(scale_dtype), zero_point=zeros[s],
                              spec=spec, meta={})
         qw.meta.update({
             "method": "gptq",
             "layer": layer,
-            "rel_err": hessian_relative_error(W0, qw.dequantize(torch.float32), Hdev),
+            "rel_err": _relative_error(W64, qw.dequantize(torch.float32), Hdev, whw),
             "gptq_loss": float(losses[s]),
             "percdamp": factor.percdamp,
             "dead_columns": int(dead.sum()),

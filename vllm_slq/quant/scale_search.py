@@ -27,6 +27,7 @@ Functions:
     minmax_qparams    plain min/max (shrink p) parameters, the RTN baseline
                       (= grid.compute_qparams; codes/dequant via grid.quantize_with)
     search_qparams    the per-group search described above
+    search_qparams_stacked  the same for B weights that differ in bits only (GPTQ database)
     group_error       per-group (weighted) squared error
     search_gain       relative error reduction of the search vs min/max for a layer
 """
@@ -106,77 +107,118 @@ def search_qparams(w: torch.Tensor, spec: QuantSpec, *, grid: Sequence[float] = 
     only for symmetric specs with negative_scale=True) and zero int8 [N, G] or None.
     """
     check_weight(w, spec, layer)
-    n, k = w.shape
+    s, z = search_qparams_stacked(w.unsqueeze(0), [spec], grid=grid, hessian_diag=hessian_diag,
+                                  negative_scale=negative_scale, scale_dtype=scale_dtype, layer=layer,
+                                  _checked=True)
+    return s[0], (None if z is None else z[0])
+
+
+def search_qparams_stacked(ws: torch.Tensor, specs: Sequence[QuantSpec], *,
+                           grid: Sequence[float] = DEFAULT_SHRINK_GRID,
+                           hessian_diag: Optional[torch.Tensor] = None, negative_scale: bool = True,
+                           scale_dtype: torch.dtype = torch.float16, layer: str = "", _checked: bool = False
+                           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """search_qparams for B weights at once: ws [B, N, K], specs[b] for ws[b].
+
+    The specs may differ in bits only (same group size and symmetry): GPTQ's
+    multi-bit database searches all widths of a group in one call. Each slice's
+    result equals search_qparams(ws[b], specs[b]) exactly (the same elementwise
+    arithmetic, broadcast over b). Returns scale [B, N, G] and zero [B, N, G] | None.
+    """
+    where = f"layer {layer!r}: " if layer else ""
+    if ws.dim() != 3 or ws.shape[0] != len(specs) or not specs:
+        raise ValueError(f"{where}search_qparams_stacked: ws must be [B, N, K] with B = len(specs) > 0, "
+                         f"got {tuple(ws.shape)} and {len(specs)} specs")
+    k = ws.shape[-1]
+    g = specs[0].effective_group(k)
+    sym = specs[0].symmetric
+    if any(sp.effective_group(k) != g or sp.symmetric != sym for sp in specs):
+        raise ValueError(f"{where}search_qparams_stacked: specs must share group size and symmetry, "
+                         f"got {[sp.short() for sp in specs]}")
+    if not _checked:
+        for b, sp in enumerate(specs):
+            check_weight(ws[b], sp, layer)
     if len(grid) == 0:
         raise ValueError("search_qparams: empty shrink grid")
     grid = [float(p) for p in grid]
     if any(not (0.0 < p <= 1.0) for p in grid):
         raise ValueError(f"search_qparams: shrink factors must lie in (0, 1], got {grid}")
-    wg = _grouped(w, spec)
+    B, n, _ = ws.shape
+    wg = ws.to(torch.float32).reshape(B, n, k // g, g)
     hg = None
     if hessian_diag is not None:
-        h = hessian_diag.reshape(-1).to(device=w.device, dtype=torch.float32)
+        h = hessian_diag.reshape(-1).to(device=ws.device, dtype=torch.float32)
         if h.numel() != k or not torch.isfinite(h).all() or (h < 0).any():
-            where = f"layer {layer!r}: " if layer else ""
             raise ValueError(f"{where}hessian_diag must hold {k} finite non-negative values, "
                              f"got shape {tuple(hessian_diag.shape)}")
-        hg = _grouped(h.reshape(1, k), spec)
+        hg = h.reshape(k // g, g)
+
+    def col(values) -> torch.Tensor:  # per-spec constants, broadcast as [B, 1, 1]
+        return torch.tensor([float(v) for v in values], device=ws.device, dtype=torch.float32).view(B, 1, 1)
+
+    qmin = col(sp.qmin for sp in specs)
+    qmax = col(sp.qmax for sp in specs)
+    qmin_list = [float(sp.qmin) for sp in specs]
+    qmax_list = [float(sp.qmax) for sp in specs]
+    levels = col((1 << sp.bits) - 1 for sp in specs)
 
     def err_of(s: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
         # w - (q - z) s = (x - q) s with x = w / s + z, so the group error is
         # s^2 * sum_j h_j (x_j - q_j)^2: fewer passes over the group than
         # dequantising (this loop is the hot spot of GPTQ with a search)
-        s3 = s.unsqueeze(-1)
-        x = wg / s3
+        s4 = s.unsqueeze(-1)
+        x = wg / s4
         if z is not None:
-            x += z.to(torch.float32).unsqueeze(-1)
-        q = torch.round(x).clamp_(spec.qmin, spec.qmax)
+            x += z.unsqueeze(-1)
+        q = torch.round(x)
+        for b in range(B):  # scalar bounds per slice: much faster than broadcast tensor bounds
+            q[b].clamp_(qmin_list[b], qmax_list[b])
         x -= q
         x.square_()
         e = (x * hg).sum(-1) if hg is not None else x.sum(-1)
         return e * (s * s)
 
-    # Candidates for every p at once, stacked [C, N, G]. The min/max one (p = 1,
-    # exactly grid.compute_qparams) comes first and wins ties, so the search can
-    # only improve on RTN's parameters under the measured error. The other p use
-    # grid.compute_qparams' formulas on the precomputed group range.
-    p = torch.tensor([x for x in grid if x != 1.0], device=w.device, dtype=torch.float32).view(-1, 1, 1)
-    s1, z1 = compute_qparams(w, spec, 1.0, layer=layer, scale_dtype=scale_dtype)
-    lo = wg.amin(-1).clamp(max=0.0) * p
-    hi = wg.amax(-1).clamp(min=0.0) * p
-    if spec.symmetric:
-        half_levels = ((1 << spec.bits) - 1) / 2.0
+    # Candidates. p = 1 with the min/max formula (bit-identical to grid.compute_qparams)
+    # is evaluated first and wins ties, so the search can only improve on RTN's
+    # parameters under the measured error.
+    lo0 = wg.amin(-1).clamp(max=0.0)
+    hi0 = wg.amax(-1).clamp(min=0.0)
+    shrinks = [1.0] + [p for p in grid if p != 1.0]
+    if sym:
+        half_levels = levels / 2.0
         amax, arg = wg.abs().max(-1)
         extreme = torch.gather(wg, -1, arg.unsqueeze(-1)).squeeze(-1)
         if negative_scale:
             # s = -sign(w*) a / |qmin|: w* lands exactly on qmin, the level the
             # standard formula leaves (almost) unused
-            signed_div = torch.where(extreme > 0, float(spec.qmin), float(-spec.qmin))
+            signed_div = torch.where(extreme > 0, qmin, -qmin)
         else:
             # positive scales only: w* on qmin when it is negative, else on qmax
-            signed_div = torch.where(extreme > 0, float(spec.qmax), float(-spec.qmin))
-        all_p = torch.cat([torch.ones_like(p[:1]), p])
-        scales = torch.cat([s1.unsqueeze(0),
-                            _round_scale(torch.maximum(-lo, hi) / half_levels, scale_dtype),
-                            _round_scale(amax * all_p / signed_div, scale_dtype)])
-        zeros = None
-    else:
-        sc = _round_scale((hi - lo) / float((1 << spec.bits) - 1), scale_dtype)
-        scales = torch.cat([s1.unsqueeze(0), sc])
-        zeros = torch.cat([z1.to(torch.float32).unsqueeze(0),
-                           torch.round(torch.clamp(spec.qmin - lo / sc, spec.qmin, spec.qmax))])
+            signed_div = torch.where(extreme > 0, qmax, -qmin)
 
-    best_s, best_z = s1, z1
-    best_e = err_of(s1, z1)
-    for c in range(1, scales.shape[0]):
-        z = None if zeros is None else zeros[c]
-        e = err_of(scales[c], z)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, scales[c], best_s)
-        if z is not None:
-            best_z = torch.where(better, z.to(torch.int8), best_z)
-    return best_s, best_z
+        def candidates(p: float):
+            lo, hi = lo0 * p, hi0 * p
+            yield _round_scale(torch.maximum(lo.abs(), hi.abs()) / half_levels, scale_dtype), None
+            yield _round_scale(amax * p / signed_div, scale_dtype), None
+    else:
+        def candidates(p: float):
+            lo, hi = lo0 * p, hi0 * p
+            sc = _round_scale((hi - lo) / levels, scale_dtype)
+            yield sc, torch.round(torch.clamp(qmin - lo / sc, qmin, qmax))
+
+    best_s = best_z = best_e = None
+    for p in shrinks:
+        for s, z in candidates(p):
+            e = err_of(s, z)
+            if best_e is None:
+                best_s, best_z, best_e = s, z, e
+                continue
+            better = e < best_e
+            best_e = torch.where(better, e, best_e)
+            best_s = torch.where(better, s, best_s)
+            if z is not None:
+                best_z = torch.where(better, z, best_z)
+    return best_s, (None if best_z is None else best_z.to(torch.int8))
 
 
 def search_gain(w: torch.Tensor, spec: QuantSpec, *, hessian_diag: Optional[torch.Tensor] = None,
