@@ -1,0 +1,271 @@
+"""The true model objective: KL(p_fp || p_model) with a differentiable per-group mix.
+
+For each quantized linear m in group i (methods.md s.4):
+
+    W_m(P) = W_m,ref + sum_k P_ik (W_m^(k) - W_m,ref)          (MixedWeight)
+    L(P)   = mean over calibration positions of
+             sum_v p_fp(v) (log p_fp(v) - log p_P(v))            (full vocabulary, fp32)
+
+P is RCO's straight-through assignment (one-hot in value), so the forward costs
+one dense forward of the candidate model; the backward gives dL/dP_ik =
+<dL/dW_m, W^(k) - W_ref> summed over the group's members.
+
+Candidates come from a per-layer database: one QuantizedWeight per option
+(GPTQ variants sharing one Hessian factorisation, vllm_slq.quant.gptq, or RTN;
+build_candidates below).
+
+Memory plan
+  * deltas D_k = W^(k) - W_ref are stored per module in fp16 on CPU
+    ([K_opt, N, K] each); the mixed weight is materialised one layer at a time
+    inside MixedWeight (fp32), and its backward re-reads D_k instead of saving
+    fp32 copies.  SmolLM2-135M, 7 options: 106M quantized params * 7 * 2 B
+    ~= 1.5 GB; the fp32 model 0.54 GB.
+  * reference log-probs: cached in fp16 ([blocks, L, V]) when that fits
+    `cache_bytes` (default 1 GiB; 8 x 256 tokens x 49152 vocab = 0.2 GB),
+    otherwise recomputed under no_grad each time (one extra forward).
+  * 8B on one 80 GB GPU: 7B quantized params * 7 options * 2 B = 98 GB of
+    deltas does not fit; keep deltas in pinned CPU memory (or int8 codes +
+    scales and dequantize on the fly: ~7 * 7 GB at 8 bits) and stream them
+    per layer, model in bf16 (16 GB), activations with gradient checkpointing
+    per decoder block, reference log-probs recomputed (128k vocab makes a
+    cache 0.5 MB per token) -- roughly 30-40 GB of GPU memory for 8 x 512 tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
+
+from .problem import AllocationProblem
+
+
+class MixedWeight(torch.autograd.Function):
+    """W_ref + sum_k p_k D_k with D stored in low precision; skips p_k == 0 in the forward."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, w_ref: torch.Tensor, deltas: torch.Tensor):
+        ctx.save_for_backward(deltas)
+        w = w_ref.clone()
+        for k in torch.nonzero(p).flatten().tolist():
+            w.add_(deltas[k].to(w.dtype), alpha=float(p[k]))
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor):
+        (deltas,) = ctx.saved_tensors
+        g = grad_w.to(torch.float32)
+        grad_p = torch.stack([(deltas[k].to(torch.float32) * g).sum() for k in range(deltas.shape[0])])
+        return grad_p, None, None
+
+
+def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_ref || softmax(logits)), full vocabulary, fp32."""
+    ref_logp = ref_logp.to(torch.float32)
+    logq = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logq)).sum(-1).mean()
+
+
+def fidelity_metrics(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
+    """KL(p||q), EAR = sum_v min(p, q), top-1 agreement, per position then averaged (fp32, T=1)."""
+    logp = torch.log_softmax(ref_logits.to(torch.float32), -1)
+    logq = torch.log_softmax(logits.to(torch.float32), -1)
+    p, q = logp.exp(), logq.exp()
+    kl = (p * (logp - logq)).sum(-1)
+    ear = torch.minimum(p, q).sum(-1)
+    top1 = (logp.argmax(-1) == logq.argmax(-1)).float()
+    return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
+            "ear_p5": float(torch.quantile(ear.flatten(), 0.05)), "positions": int(kl.numel())}
+
+
+@torch.no_grad()
+def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], tokens: torch.Tensor,
+                     batch: int = 4) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T of each named linear's input over the calibration tokens (FP model)."""
+    mods = dict(model.named_modules())
+    H = {}
+    counts = {}
+    hooks = []
+
+    def make_hook(name):
+        def hook(_m, inp, _out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).to(torch.float32)
+            H[name] = H.get(name, 0) + 2.0 * x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for n in module_names:
+        hooks.append(mods[n].register_forward_hook(make_hook(n)))
+    try:
+        for s in range(0, tokens.shape[0], batch):
+            model(input_ids=tokens[s:s + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: H[n] / counts[n] for n in module_names}
+
+
+def build_candidates(model: torch.nn.Module, problem: AllocationProblem,
+                     hessians: Optional[dict[str, torch.Tensor]] = None, method: str = "gptq",
+                     progress: bool = True) -> dict[str, dict[QuantSpec, QuantizedWeight]]:
+    """Per-module database {spec: QuantizedWeight} for every available option.
+
+    method "gptq" (needs hessians; one factorisation per layer for all specs) or "rtn".
+    """
+    mods = dict(model.named_modules())
+    it = [(i, m) for i, g in enumerate(problem.groups) for m in g.modules]
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"{method} database", leave=False)
+    out = {}
+    for i, m in it:
+        W = mods[m.name].weight.detach().to(torch.float32)
+        specs = [s for k, s in enumerate(problem.options) if problem.available[i, k]]
+        if method == "gptq":
+            if hessians is None or m.name not in hessians:
+                raise ValueError(f"gptq database needs a Hessian for {m.name!r}")
+            from vllm_slq.quant.gptq import gptq_quantize_many
+            out[m.name] = gptq_quantize_many(W, hessians[m.name], specs, layer=m.name)
+        elif method == "rtn":
+            from vllm_slq.quant.grid import rtn
+            out[m.name] = {s: rtn(W, s, layer=m.name) for s in specs}
+        else:
+            raise ValueError(f"unknown database method {method!r} (use 'gptq' or 'rtn')")
+    return out
+
+
+def proxy_errors(model: torch.nn.Module, problem: AllocationProblem,
+                 candidates: dict[str, dict[QuantSpec, QuantizedWeight]],
+                 hessians: Optional[dict[str, torch.Tensor]] = None) -> np.ndarray:
+    """e[i,k] = sum over the group's modules of the relative output error
+    tr(E H E^T) / tr(W H W^T) (relative weight MSE without Hessians)."""
+    mods = dict(model.named_modules())
+    e = np.zeros((problem.n_groups, problem.n_options))
+    for i, g in enumerate(problem.groups):
+        for m in g.modules:
+            W = mods[m.name].weight.detach().to(torch.float64)
+            H = None if hessians is None else hessians[m.name].to(torch.float64)
+            den = float(((W @ H) * W).sum()) if H is not None else float((W * W).sum())
+            for k, spec in enumerate(problem.options):
+                if not problem.available[i, k]:
+                    continue
+                E = W - candidates[m.name][spec].dequantize(torch.float64)
+                num = float(((E @ H) * E).sum()) if H is not None else float((E * E).sum())
+                e[i, k] += num / max(den, 1e-30)
+    return e
+
+
+class ModelKLObjective:
+    """KL of the FP model's next-token distributions to the mixed model's, on calibration blocks.
+
+    model: HF causal LM (kept; its own weights are the references W_ref).
+    tokens: LongTensor [n_blocks, L] of calibration text.
+    batch_blocks: blocks per RCO sample (one forward+backward each).
+    """
+
+    def __init__(self, model: torch.nn.Module, problem: AllocationProblem,
+                 candidates: dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
+                 batch_blocks: int = 2, delta_dtype: torch.dtype = torch.float16,
+                 cache_bytes: int = 1 << 30, compute_dtype: torch.dtype = torch.float32):
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
+        self.model = model.to(compute_dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.problem = problem
+        self.tokens = tokens
+        self.batch_blocks = max(1, min(batch_blocks, tokens.shape[0]))
+        mods = dict(self.model.named_modules())
+        self.w_ref: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        for i, g in enumerate(problem.groups):
+            for m in g.modules:
+                if m.name not in mods:
+                    raise ValueError(f"module {m.name!r} of group {g.name!r} is not in the model")
+                W = mods[m.name].weight.detach()
+                if tuple(W.shape) != (m.out_features, m.in_features):
+                    raise ValueError(f"module {m.name!r}: weight shape {tuple(W.shape)} != problem's "
+                                     f"{(m.out_features, m.in_features)}")
+                D = torch.zeros((problem.n_options, *W.shape), dtype=delta_dtype)
+                for k, spec in enumerate(problem.options):
+                    if problem.available[i, k]:
+                        if m.name not in candidates or spec not in candidates[m.name]:
+                            raise ValueError(f"database lacks {spec.short()} for module {m.name!r}")
+                        D[k] = (candidates[m.name][spec].dequantize(torch.float32) - W.float()).to(delta_dtype)
+                self.w_ref[m.name] = W
+                self.deltas[m.name] = D
+        vocab = self.model.config.vocab_size
+        need = tokens.numel() * vocab * 2
+        self._ref_logp = None
+        if need <= cache_bytes:
+            with torch.no_grad():
+                self._ref_logp = torch.cat([
+                    torch.log_softmax(self.model(input_ids=tokens[s:s + 1]).logits.float(), -1).to(torch.float16)
+                    for s in range(tokens.shape[0])])
+
+    # ------------------------------------------------------------------ internals
+    def _ref(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._ref_logp is not None:
+            return self._ref_logp[idx]
+        with torch.no_grad():
+            return torch.log_softmax(self.model(input_ids=self.tokens[idx]).logits.float(), -1)
+
+    def _weights(self, P: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, g in enumerate(self.problem.groups):
+            for m in g.modules:
+                out[f"{m.name}.weight"] = MixedWeight.apply(P[i], self.w_ref[m.name], self.deltas[m.name])
+        return out
+
+    def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.model, self._weights(P), args=(), kwargs={"input_ids": self.tokens[idx]}).logits
+        return kl_full_vocab(self._ref(idx), logits)
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        n, b = self.tokens.shape[0], self.batch_blocks
+        start = (step * b) % n
+        return torch.arange(start, start + b) % n
+
+    # ---------------------------------------------------------------- public API
+    def __call__(self, P: torch.Tensor, step: int) -> torch.Tensor:
+        """RCO objective: KL on the step's mini-batch of calibration blocks (differentiable in P)."""
+        if P.shape != (self.problem.n_groups, self.problem.n_options):
+            raise ValueError(f"P shape {tuple(P.shape)} != (groups, options)")
+        return self._kl(P, self.batch_indices(step))
+
+    @torch.no_grad()
+    def evaluate(self, choice: np.ndarray, n_blocks: Optional[int] = None) -> float:
+        """Mean KL of a hard allocation on the first n_blocks calibration blocks (no grad)."""
+        P = self.problem.one_hot(choice)
+        n = self.tokens.shape[0] if n_blocks is None else min(n_blocks, self.tokens.shape[0])
+        tot = 0.0
+        for s in range(n):
+            tot += float(self._kl(P, torch.tensor([s])))
+        return tot / n
+
+    @torch.no_grad()
+    def weights_for(self, choice: np.ndarray) -> dict[str, torch.Tensor]:
+        return self._weights(self.problem.one_hot(choice))
+
+    @torch.no_grad()
+    def heldout_metrics(self, choice: np.ndarray, tokens: torch.Tensor) -> dict:
+        """KL / EAR / top-1 on held-out blocks (teacher-forced, fp32 softmax, T=1)."""
+        weights = self.weights_for(choice)
+        kl, ear, top1 = [], [], []
+        for s in range(tokens.shape[0]):
+            ids = tokens[s:s + 1]
+            logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
+            logq = torch.log_softmax(
+                functional_call(self.model, weights, args=(), kwargs={"input_ids": ids}).logits.float(), -1)
+            p, q = logp.exp(), logq.exp()
+            kl.append((p * (logp - logq)).sum(-1).flatten())
+            ear.append(torch.minimum(p, q).sum(-1).flatten())
+            top1.append((logp.argmax(-1) == logq.argmax(-1)).float().flatten())
+        kl, ear, top1 = torch.cat(kl), torch.cat(ear), torch.cat(top1)
+        return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
+                "ear_p5": float(torch.quantile(ear, 0.05)), "ear_p50": float(torch.quantile(ear, 0.5)),
+                "positions": int(kl.numel())}
