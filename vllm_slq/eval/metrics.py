@@ -173,13 +173,14 @@ def logsumexp_and_argmax(src: LogitSource, vocab_chunk: int = DEFAULT_VOCAB_CHUN
         v, i = x.max(dim=-1)
         i = i + s
         c_max = v.double()
+        # exp in fp32 relative to the chunk's own max (terms in (0, 1]), summed in fp64
+        c_sum = torch.exp(x - v[:, None]).sum(-1, dtype=torch.float64)
         if run_max is None:
-            run_max = c_max
-            run_sum = torch.exp(x.double() - c_max[:, None]).sum(-1)
+            run_max, run_sum = c_max, c_sum
             best_val, best_idx = v, i
         else:
             new_max = torch.maximum(run_max, c_max)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(x.double() - new_max[:, None]).sum(-1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + c_sum * torch.exp(c_max - new_max)
             run_max = new_max
             # strict '>' keeps the first maximum, the same tie rule as torch.argmax
             take = v > best_val
@@ -219,6 +220,8 @@ def position_metrics(reference, candidate, targets: Optional[torch.Tensor] = Non
     lse_q, arg_q = logsumexp_and_argmax(q_src, vocab_chunk)
 
     lse_diff = (lse_p.double() - lse_q.double()).float()
+    # a row-constant fp32 rounding of lse (~1e-6 relative) rescales p by 1 +- 1e-6
+    lse_p32, lse_q32 = lse_p.float(), lse_q.float()
     abs_diff = torch.zeros(T, dtype=torch.float64)
     kl = torch.zeros(T, dtype=torch.float64)
     lp_t = torch.zeros(T, dtype=torch.float32)
@@ -226,8 +229,8 @@ def position_metrics(reference, candidate, targets: Optional[torch.Tensor] = Non
     rows = torch.arange(T)
     for s, e in _vocab_ranges(p_src.vocab_size, vocab_chunk):
         x, y = p_src.chunk(s, e), q_src.chunk(s, e)
-        logp = (x.double() - lse_p[:, None]).float()
-        logq = (y.double() - lse_q[:, None]).float()
+        logp = x - lse_p32[:, None]
+        logq = y - lse_q32[:, None]
         p, q = logp.exp(), logq.exp()
         abs_diff += (p - q).abs().sum(-1, dtype=torch.float64)
         # log p - log q as (x - y) - (lse_p - lse_q): the logit difference is
@@ -293,7 +296,7 @@ def topk_ear_bounds(reference, cand_ids: torch.Tensor, cand_logprobs: torch.Tens
         inside = keep & (safe_ids >= s) & (safe_ids < e)
         if not inside.any():
             continue
-        logp = p_src.chunk(s, e) - lse_p[:, None]
+        logp = p_src.chunk(s, e) - lse_p.float()[:, None]
         local = torch.where(inside, safe_ids - s, torch.zeros_like(safe_ids))
         p = torch.where(inside, logp.gather(1, local).exp(), p)
     lower = torch.minimum(p, q).sum(-1, dtype=torch.float64)
