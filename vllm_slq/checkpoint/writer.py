@@ -40,6 +40,14 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/inf entries. Fast path: a float32 sum is finite iff every entry is (barring
+    overflow of huge finite values, which the exact check below then clears)."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def _validate_quantized(name: str, qw: QuantizedWeight, module: torch.nn.Module, dtype: torch.dtype) -> None:
     def bad(msg: str) -> InvalidQuantizedWeightError:
         return InvalidQuantizedWeightError(f"layer {name!r}: {msg}")
@@ -57,7 +65,7 @@ def _validate_quantized(name: str, qw: QuantizedWeight, module: torch.nn.Module,
         groups = spec.groups(k, name)
     except QuantSpecError as e:
         raise InvalidQuantizedWeightError(str(e)) from None
-    cmin, cmax = int(codes.min()), int(codes.max())
+    cmin, cmax = (int(v) for v in torch.aminmax(codes))
     if cmin < spec.qmin or cmax > spec.qmax:
         raise bad(f"codes span [{cmin}, {cmax}], outside the {spec.bits}-bit range [{spec.qmin}, {spec.qmax}]")
     scale = qw.scale
@@ -66,8 +74,8 @@ def _validate_quantized(name: str, qw: QuantizedWeight, module: torch.nn.Module,
     if not scale.dtype.is_floating_point:
         raise bad(f"scale must be floating point, got {scale.dtype}")
     stored = scale.detach().to(dtype)
-    if not bool(torch.isfinite(stored).all()):
-        n_bad = int((~torch.isfinite(stored)).sum())
+    n_bad = _count_nonfinite(stored)
+    if n_bad:
         raise bad(f"{n_bad} scale(s) are NaN/inf (after casting to {dtype})")
     zp = qw.zero_point
     if spec.symmetric:
@@ -78,7 +86,7 @@ def _validate_quantized(name: str, qw: QuantizedWeight, module: torch.nn.Module,
             raise bad(f"spec {spec.short()} is asymmetric but no zero point was given")
         if zp.dtype != torch.int8 or tuple(zp.shape) != (n, groups):
             raise bad(f"zero point must be int8 {(n, groups)}, got {zp.dtype} {tuple(zp.shape)}")
-        zmin, zmax = int(zp.min()), int(zp.max())
+        zmin, zmax = (int(v) for v in torch.aminmax(zp))
         if zmin < spec.qmin or zmax > spec.qmax:
             raise bad(f"zero points span [{zmin}, {zmax}], outside [{spec.qmin}, {spec.qmax}]")
 
@@ -98,9 +106,10 @@ def _dense_state(model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight
             continue
         seen[ident] = key
         if t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"tensor {key!r}: {int((~torch.isfinite(t)).sum())} NaN/inf values")
             t = t.detach().to(dtype)
+            n_bad = _count_nonfinite(t)  # after the cast: fp32 values beyond fp16's range become inf
+            if n_bad:
+                raise CheckpointError(f"tensor {key!r}: {n_bad} NaN/inf values (in {dtype})")
         dense[key] = t.detach().cpu().contiguous().clone()
     # a quantized weight tied to a dense tensor (e.g. lm_head <-> embed_tokens) cannot be split
     for name in quantized:
