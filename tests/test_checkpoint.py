@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from vllm_slq.checkpoint import (
@@ -173,6 +175,48 @@ def test_bad_quant_args_rejected_naming_the_field(field, value, match):
     qc["config_groups"]["group_0"]["weights"][field] = value
     with pytest.raises(QuantConfigError, match=match):
         parse_quant_config(qc)
+
+
+def random_quantized(n, k, spec, seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = spec.groups(k)
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, groups, generator=g) * 0.1 + 1e-3).to(torch.float16)
+    zp = None if spec.symmetric else torch.randint(spec.qmin, spec.qmax + 1, (n, groups), generator=g,
+                                                   dtype=torch.int8)
+    return QuantizedWeight(codes, scale, zp, spec)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 40), n_groups=st.integers(1, 4),
+       group=st.sampled_from([8, 16, 32, None]), k_channel=st.integers(1, 70), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_layer_layout_agrees_with_compressed_tensors(bits, n, n_groups, group, k_channel, symmetric, seed):
+    """Per layer: our tensors decode back exactly, have the documented shapes, and are exactly what
+    compressed-tensors' PackedQuantizationCompressor writes (compress) and reads (decompress)."""
+    ctq = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor as PQC
+
+    spec = QuantSpec(bits, group, symmetric)
+    k = k_channel if group is None else group * n_groups
+    qw = random_quantized(n, k, spec, seed)
+    ours = layout.encode_weight(qw, module="m")
+    assert {s: tuple(t.shape) for s, t in ours.items()} == expected_shapes(n, k, spec)
+    back = layout.decode_weight("m", ours, spec)
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale)
+    assert (back.zero_point is None) if symmetric else torch.equal(back.zero_point, qw.zero_point)
+
+    scheme = ctq.QuantizationScheme(targets=["m"], weights=ctq.QuantizationArgs(**layout.quant_args(spec)),
+                                    format="pack-quantized")
+    theirs = PQC.decompress(dict(ours), scheme)
+    assert torch.equal(theirs["weight"], qw.dequantize(torch.float16))
+    state = {"weight": qw.dequantize(torch.float32), "weight_scale": qw.scale}
+    if not symmetric:
+        state["weight_zero_point"] = qw.zero_point
+    compressed = PQC.compress(state, scheme)
+    assert set(compressed) == set(ours)
+    for suffix, t in ours.items():
+        assert torch.equal(compressed[suffix].to(t.dtype), t), suffix
 
 
 # ---------------------------------------------------------------- round trip
