@@ -168,7 +168,8 @@ def run_model(args):
                 r = proxy_dp_allocate(pb, B, errors)
             elif method == "rco":
                 r = rco_allocate(pb, B, obj, init_logits=init,
-                                 config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples))
+                                 config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples),
+                                 select=lambda ch: obj.evaluate(ch))
                 save_allocation(allocation_from_choice(pb, r.choice, "rco", B), RESULTS / f"allocation_rco_{B}.json")
             else:
                 start = proxy_dp_allocate(pb, B, errors).choice
@@ -215,14 +216,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--instances", type=int, default=5)
     ap.add_argument("--budgets", type=float, nargs="+", default=[3.5, 4.5, 6.0])
-    ap.add_argument("--database", default="gptq", choices=("gptq", "rtn"))
+    ap.add_argument("--database", default="rtn", choices=("gptq", "rtn"))
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--calib-blocks", type=int, default=4)
     ap.add_argument("--eval-blocks", type=int, default=4)
-    ap.add_argument("--rco-steps", type=int, default=24)
+    ap.add_argument("--rco-steps", type=int, default=16)
     ap.add_argument("--rco-samples", type=int, default=2)
-    ap.add_argument("--evo-generations", type=int, default=6)
-    ap.add_argument("--evo-offspring", type=int, default=16)
+    ap.add_argument("--evo-generations", type=int, default=8)
+    ap.add_argument("--evo-offspring", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS / "allocation.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

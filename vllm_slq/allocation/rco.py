@@ -115,8 +115,12 @@ def round_logits(problem: AllocationProblem, alpha: torch.Tensor, budget_bpp: fl
 
 def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objective,
                  init_logits: Optional[torch.Tensor] = None, config: RCOConfig = RCOConfig(),
-                 callback: Optional[Callable[[int, dict], None]] = None) -> AllocationResult:
-    """Run RCO and return an allocation whose true bpp does not exceed budget_bpp."""
+                 callback: Optional[Callable[[int, dict], None]] = None,
+                 select: Optional[Callable[[np.ndarray], float]] = None) -> AllocationResult:
+    """Run RCO and return an allocation whose true bpp does not exceed budget_bpp.
+
+    select(choice) -> loss, optional: scores the final rounding candidates (see the end).
+    """
     problem.check_budget(budget_bpp)
     t0 = time.perf_counter()
     costs, weights, mask = problem.torch_costs()
@@ -136,6 +140,7 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
                          f"{(problem.n_groups, problem.n_options)}")
     alpha = retract(alpha, costs, weights, budget_bpp, mask)
     capacity = problem.budget_bits(budget_bpp)
+    shift_total = 0.0  # sum of retraction scalars t: alpha = (gradient part) + shift_total * c
     m = torch.zeros_like(alpha)
     v = torch.zeros_like(alpha)
     b1, b2 = config.betas
@@ -167,7 +172,9 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
             v = b2 * v + (1 - b2) * g * g
         mhat = m / (1 - b1 ** (step + 1))
         vhat = v / (1 - b2 ** (step + 1))
-        alpha = retract(alpha - config.lr * mhat / (vhat.sqrt() + config.eps), costs, weights, budget_bpp, mask)
+        stepped = alpha - config.lr * mhat / (vhat.sqrt() + config.eps)
+        alpha = retract(stepped, costs, weights, budget_bpp, mask)
+        shift_total += float(((alpha - stepped) * costs).sum() / (costs * costs).sum())
         m = project_tangent(m, budget_normal(alpha, costs, weights, mask))  # vector transport
         rec = {"step": step, "tau": tau, "loss": float(np.mean(losses)),
                "relaxed_bpp": float(budget_value(alpha, costs, weights, mask)),
@@ -175,6 +182,20 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         history.append(rec)
         if callback is not None:
             callback(step, rec)
+    # End: exact-budget DP rounding of log p. The retractions' accumulated shift
+    # shift_total*c acts as a cost penalty inside log p that can leave budget unused,
+    # so the rounding of the de-shifted logits is a second candidate; with `select`
+    # (a no-grad loss of a hard allocation, e.g. calibration KL) the better one is kept.
     choice = round_logits(problem, alpha, budget_bpp, config.final_max_units)
+    candidates = {"logp": choice}
+    if select is not None:
+        candidates["deshifted"] = round_logits(problem, alpha - shift_total * costs, budget_bpp,
+                                               config.final_max_units)
+        scores = {k: float(select(c)) for k, c in candidates.items()}
+        best = min(scores, key=scores.get)
+        choice = candidates[best]
+    else:
+        scores, best = {}, "logp"
     return AllocationResult("rco", choice, problem.achieved_bpp(choice), budget_bpp,
-                            time.perf_counter() - t0, history=history, logits=alpha)
+                            time.perf_counter() - t0, history=history, logits=alpha,
+                            extra={"rounding": best, "rounding_scores": scores, "shift_total": shift_total})
