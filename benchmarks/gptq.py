@@ -15,11 +15,15 @@ Hessian-weighted relative error tr((W-Q)H(W-Q)^T)/tr(WHW^T).
 Part 2 (extended by the modifiers side): `compare_layer_errors` takes, per layer,
 W, H and a dequantized weight produced elsewhere (e.g. llmcompressor's
 GPTQModifier on the real reference model) and reports both relative errors on
-the same H. Nothing here imports llmcompressor.
+the same H. `llmcompressor_gptq` runs llmcompressor's GPTQ kernel on one layer
+(imported lazily; the package itself never imports llmcompressor), and
+`--vs-llmcompressor` does the comparison on the synthetic layers.
 
     python benchmarks/gptq.py [--device cpu|cuda] [--threads 1] [--repeats 1] [--quick]
+    python benchmarks/gptq.py --vs-llmcompressor   # Part 2 on synthetic layers
 
-Writes benchmarks/results/gptq_database.json and .png, prints a table.
+Writes benchmarks/results/gptq_database.json and .png (or
+gptq_vs_llmcompressor_synthetic.json), prints a table.
 """
 from __future__ import annotations
 
@@ -125,6 +129,59 @@ def compare_layer_errors(layers: Mapping[str, tuple[torch.Tensor, torch.Tensor, 
     return rows
 
 
+def llmcompressor_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """llmcompressor's own GPTQ kernel (the one GPTQModifier runs) on one layer.
+
+    Group parameters come from min/max of the original weight, as GPTQModifier's
+    observer computes them (compressed-tensors' formula = grid.compute_qparams).
+    Returns the dequantized weight [N, K].
+    """
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from vllm_slq.quant.grid import compute_qparams
+
+    args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric,
+                            strategy="channel" if spec.group_size is None else "group",
+                            group_size=spec.group_size)
+    scale, zero = compute_qparams(W, spec)
+    zero = torch.zeros_like(scale, dtype=torch.int8) if zero is None else zero
+    Q, _, _ = quantize_weight(W.float().unsqueeze(0).clone(), H.float().unsqueeze(0).clone(),
+                              scale.to(torch.float16).unsqueeze(0), zero.unsqueeze(0), None, args)
+    return Q[0]
+
+
+def bench_vs_llmcompressor_synthetic(shapes: Mapping[str, tuple[int, int]] = SHAPES,
+                                     specs: Sequence[QuantSpec] = (QuantSpec(2, 64), QuantSpec(3, 64),
+                                                                   QuantSpec(4, 64), QuantSpec(4, 64, True),
+                                                                   QuantSpec(8, 64))) -> list[dict]:
+    """compare_layer_errors on synthetic layers, against llmcompressor's GPTQ kernel.
+
+    Also runs ours with static min/max groups (llmcompressor's choice of parameters):
+    that variant should reproduce llmcompressor's error, isolating what the
+    current-weight groups + Hessian-weighted scale search add.
+    """
+    rows = []
+    for name, (n, k) in shapes.items():
+        H, W = synthetic_hessian(k), synthetic_weight(n, k)
+        for spec in specs:
+            Q = llmcompressor_gptq(W, H, spec)
+            r = compare_layer_errors({name: (W, H, Q)}, spec, label="llmcompressor")[0]
+            r["ours_static_minmax"] = gptq_quantize(W, H, spec, static_groups=True,
+                                                    scale_search="minmax").meta["rel_err"]
+            rows.append(r)
+    return rows
+
+
+def print_compare(rows: list[dict], label: str = "llmcompressor") -> None:
+    head = f"{'layer':<24}{'spec':<8}{'RTN':>10}{label:>15}{'ours':>10}{'ours/' + label[:5]:>11}{'ours static mm':>16}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['layer']:<24}{r['spec']:<8}{r['rtn']:>10.3e}{r[label]:>15.3e}{r['ours']:>10.3e}"
+              f"{r[f'ours_over_{label}']:>11.3f}{r.get('ours_static_minmax', float('nan')):>16.3e}")
+
+
 def print_table(rows: list[dict]) -> None:
     head = f"{'layer':<24}{'search':<9}{'1x w4':>9}{'7 singles':>11}{'database':>10}{'vs singles':>11}{'db/1x':>7}  bit-exact"
     print(head)
@@ -179,8 +236,21 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="best of this many runs")
     ap.add_argument("--quick", action="store_true", help="576x576 only, hessian search only")
     ap.add_argument("--out", default=str(RESULTS / "gptq_database.json"))
+    ap.add_argument("--vs-llmcompressor", action="store_true",
+                    help="instead: per-layer error of ours vs llmcompressor's GPTQ kernel on synthetic layers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.vs_llmcompressor:
+        rows = bench_vs_llmcompressor_synthetic()
+        print_compare(rows)
+        out = RESULTS / "gptq_vs_llmcompressor_synthetic.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"note": "synthetic correlated Hessian; rel err = tr(EHE^T)/tr(WHW^T)",
+                                   "rows": rows}, indent=1))
+        tmp.replace(out)
+        print(f"\nwrote {out}")
+        return
     shapes = {"q_proj/o_proj 576x576": SHAPES["q_proj/o_proj 576x576"]} if args.quick else SHAPES
     modes = ("hessian",) if args.quick else ("hessian", "minmax")
     rows = bench_database(shapes, device=args.device, repeats=args.repeats, modes=modes)

@@ -314,3 +314,44 @@ def test_property_gptq_invariants(n, group, ngroups, bits, sym, per_channel, blo
         assert torch.equal(quantize_with(q, qw.scale.float(), qw.zero_point, spec), qw.codes)
         one = gptq_quantize(w, H, spec, blocksize=blocksize, shrink_grid=(1.0, 0.9, 0.75, 0.5))
         assert torch.equal(one.codes, qw.codes) and torch.equal(one.scale, qw.scale)
+
+
+@pytest.mark.llmcompressor
+@pytest.mark.slow  # importing llmcompressor takes several seconds
+def test_static_minmax_reproduces_llmcompressor_gptq_kernel(layer192):
+    """With llmcompressor's choice of group parameters (min/max of the original weight),
+    our column loop reproduces its GPTQ kernel's error; our defaults beat it."""
+    pytest.importorskip("llmcompressor")
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    w, gp, _ = layer192
+    for spec in (QuantSpec(2, 64, False), QuantSpec(4, 64, True), QuantSpec(4, None, False)):
+        args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric,
+                                strategy="channel" if spec.group_size is None else "group",
+                                group_size=spec.group_size)
+        s, z = compute_qparams(w, spec)
+        z = torch.zeros_like(s, dtype=torch.int8) if z is None else z
+        theirs, _, _ = quantize_weight(w.unsqueeze(0).clone(), gp.H.unsqueeze(0).clone(),
+                                       s.half().unsqueeze(0), z.unsqueeze(0), None, args)
+        err_theirs = hessian_relative_error(w, theirs[0], gp.H)
+        static = gptq_quantize(w, gp.H, spec, static_groups=True, scale_search="minmax")
+        assert static.meta["rel_err"] == pytest.approx(err_theirs, rel=0.01), spec
+        # same codes almost everywhere (their dequant arithmetic differs from ours by ~1 ulp,
+        # a different code differs by a whole step)
+        step = static.scale.float().abs().repeat_interleave(spec.effective_group(w.shape[1]), dim=1)
+        flips = (static.dequantize() - theirs[0]).abs() > 0.25 * step
+        assert float(flips.float().mean()) < 0.01, spec
+        assert gptq_quantize(w, gp.H, spec).meta["rel_err"] < err_theirs, spec
+
+
+def test_static_groups_take_params_from_original_weight(layer192):
+    w, gp, _ = layer192
+    spec = QuantSpec(3, 64, False)
+    static = gptq_quantize(w, gp.H, spec, static_groups=True, scale_search="minmax")
+    s, z = compute_qparams(w, spec)
+    assert torch.equal(static.scale.float(), s) and torch.equal(static.zero_point, z)
+    assert static.meta["static_groups"] is True
+    dynamic = gptq_quantize(w, gp.H, spec, scale_search="minmax")
+    assert not torch.equal(dynamic.scale.float(), s)  # groups after the first see updated weights
+    assert torch.equal(dynamic.scale[:, 0].float(), s[:, 0])  # the first group sees the original

@@ -199,6 +199,7 @@ def gptq_quantize_many(
     scale_dtype: torch.dtype = torch.float16,
     factor: Optional[HessianFactor] = None,
     device: Optional[torch.device | str] = None,
+    static_groups: bool = False,
 ) -> dict[QuantSpec, QuantizedWeight]:
     """GPTQ for every spec in `specs` in one pass over the columns (shared factorisation).
 
@@ -207,6 +208,9 @@ def gptq_quantize_many(
     unweighted) or "hessian" (the search weighted by diag H). negative_scale lets the
     symmetric search use negative scales (set False for consumers that assume s > 0).
     factor: reuse a factor_hessian() result (it must come from this H and percdamp).
+    static_groups: take every group's parameters from the original W before the loop
+    (llmcompressor's GPTQModifier does this with its observer) instead of from the
+    error-updated columns when the group starts (the paper's default, ours).
     Returns {spec: QuantizedWeight} with meta rel_err / gptq_loss / percdamp / ...
     """
     specs = list(dict.fromkeys(specs))  # de-duplicate, keep order
@@ -232,6 +236,7 @@ def gptq_quantize_many(
     W0 = W.to(device=dev, dtype=torch.float32)
     Wb = W0.unsqueeze(0).repeat(S, 1, 1)  # [S, N, K] working copies, updated in place
     Wb[:, :, dead] = 0.0
+    W0z = Wb[0].clone() if static_groups else None  # original weight, dead columns zeroed
     group = [spec.effective_group(k) for spec in specs]
     qmin = torch.tensor([float(s.qmin) for s in specs], device=dev).view(S, 1)
     qmax = torch.tensor([float(s.qmax) for s in specs], device=dev).view(S, 1)
@@ -267,7 +272,10 @@ def gptq_quantize_many(
             batches.setdefault((group[si], specs[si].symmetric), []).append(si)
         for (g, sym), members in batches.items():
             gspecs = [QuantSpec(specs[si].bits, g, sym) for si in members]
-            wgrp = torch.stack([current_group(si, col, i1, i2, W1, Err1) for si in members])
+            if static_groups:  # from the original weight, as llmcompressor's observer does
+                wgrp = W0z[:, col:col + g].unsqueeze(0).expand(len(members), -1, -1)
+            else:
+                wgrp = torch.stack([current_group(si, col, i1, i2, W1, Err1) for si in members])
             if scale_search == "minmax":
                 pairs = [compute_qparams(wgrp[b], gs, layer=layer, scale_dtype=scale_dtype)
                          for b, gs in enumerate(gspecs)]
@@ -324,6 +332,7 @@ def gptq_quantize_many(
             "dead_columns": int(dead.sum()),
             "scale_search": scale_search,
             "blocksize": blocksize,
+            "static_groups": static_groups,
         })
         out[spec] = qw
     return out
