@@ -83,7 +83,7 @@ def tiny_tokenizer(tmp_path_factory):
 def tiny_ckpt(tiny, tiny_tokenizer, tmp_path_factory):
     model, specs, quantized = tiny
     out = tmp_path_factory.mktemp("ckpt") / "tiny-mixed"
-    extra = {"method": "rtn", "bpp": {n: s.bpp(64) for n, s in specs.items()}}
+    extra = {"method": "rtn"}
     save_checkpoint(model, quantized, out, tokenizer=tiny_tokenizer, extra=extra)
     return out
 
@@ -234,7 +234,11 @@ def test_mixed_precision_round_trip(tiny, tiny_ckpt):
     assert qc["ignore"] == ["lm_head"] and len(qc["config_groups"]) == len(set(specs.values()))
 
     ckpt = load_checkpoint(tiny_ckpt)
-    assert ckpt.extra["bpp"]["model.layers.0.mlp.down_proj"] == pytest.approx(DOWN[0].bpp(64))
+    assert ckpt.extra["layer_bpp"]["model.layers.0.mlp.down_proj"] == pytest.approx(DOWN[0].bpp(128))
+    assert ckpt.extra["layer_spec"]["model.layers.1.self_attn.q_proj"] == "w5sg64"
+    want = sum(s.bpp(model.get_submodule(n).in_features) * model.get_submodule(n).weight.numel()
+               for n, s in specs.items()) / sum(model.get_submodule(n).weight.numel() for n in specs)
+    assert ckpt.extra["bpp"] == pytest.approx(want)
     assert set(ckpt.quantized) == set(quantized)
     for name, qw in quantized.items():
         got = ckpt.quantized[name]

@@ -121,6 +121,18 @@ def _dense_state(model: torch.nn.Module, quantized: Mapping[str, QuantizedWeight
     return dense
 
 
+def _bpp_summary(quantized: Mapping[str, QuantizedWeight]) -> dict:
+    """Bits per parameter (incl. scales/zero points) per layer and parameter-weighted overall."""
+    layer_bpp = {name: qw.spec.bpp(qw.codes.shape[1]) for name, qw in sorted(quantized.items())}
+    params = {name: qw.codes.numel() for name, qw in quantized.items()}
+    total = sum(params.values())
+    return {
+        "bpp": sum(layer_bpp[n] * params[n] for n in params) / total,
+        "layer_bpp": layer_bpp,
+        "layer_spec": {name: qw.spec.short() for name, qw in sorted(quantized.items())},
+    }
+
+
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -186,7 +198,9 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` with the modules in ``quantized`` stored pack-quantized; return the path.
 
-    extra: JSON-serialisable metadata stored under config.json's top-level "vllm_slq" key.
+    extra: JSON-serialisable metadata stored under config.json's top-level "vllm_slq" key,
+      after a computed summary ("bpp" weighted over quantized layers, "layer_bpp",
+      "layer_spec"); keys in ``extra`` win.
     overwrite: replace an existing ``out_dir`` (the old one is removed only after the new
       one is in place). allow_mixed_fused: write q/k/v or gate/up shards with different specs.
     """
@@ -230,7 +244,7 @@ def save_checkpoint(
         config = _config_dict(model, tmp, dtype)
         config["quantization_config"] = quant_config
         if extra is not None:
-            config[EXTRA_KEY] = extra
+            config[EXTRA_KEY] = {**_bpp_summary(quantized), **extra}
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
