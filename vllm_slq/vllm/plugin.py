@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger(__name__)
+# under the "vllm" logger namespace so vLLM's own handler prints it
+logger = logging.getLogger("vllm.plugins.vllm_slq")
 
 QUANT_NAME = "compressed-tensors"
 
