@@ -75,6 +75,19 @@ def parse_target(text: str, group_size: Optional[int] = 64, symmetric: bool = Fa
     return Target(kind, value)
 
 
+def check_tasks(tasks) -> None:
+    """Unknown lm-eval task names fail here, before any quantization work."""
+    from lm_eval.tasks import TaskManager
+
+    from vllm_slq.eval.lmeval import LOCAL_TASKS, prepare_local_tasks
+
+    names = set(TaskManager(include_path=[str(prepare_local_tasks())]).all_tasks) | set(LOCAL_TASKS)
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise TargetError(f"--tasks: unknown lm-eval task(s) {unknown}; the bundled offline tasks are "
+                          f"{list(LOCAL_TASKS)}")
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
                    help="alias (smollm2-135m), local directory or HF id")
@@ -94,6 +107,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity report")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("slq search (defaults: recipes/slq_*.yaml)")
+    g.add_argument("--rco-steps", type=int, default=None)
+    g.add_argument("--objective-blocks", type=int, default=None, help="calibration blocks for the RCO objective")
+    g.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks per EAR probe")
+    g.add_argument("--probe-seq-len", type=int, default=None, help="sequence length of RCO/EAR blocks")
 
 
 def _group(args) -> Optional[int]:
@@ -121,6 +139,13 @@ def build_modifier(args, target: Target):
         from vllm_slq.modifiers.slq import SLQModifier
 
         kw = dict(common)
+        for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
+                           ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
+                           ("probe_seq_len", "eval_seq_len")):
+            if getattr(args, arg, None) is not None:
+                kw[field] = getattr(args, arg)
+        kw["dataset"] = args.dataset
+        kw["seed"] = args.seed
         if target.kind == "bpp":
             kw["target_bpp"] = target.value
         elif target.kind == "ear":
@@ -152,6 +177,8 @@ def run_quantize(args) -> int:
     import torch
 
     target = parse_target(args.target, _group(args), args.symmetric)  # fail before any work
+    if target.kind == "task-lossless" and args.tasks:
+        check_tasks(args.tasks)
     out = Path(args.output) if args.output else _default_output(args, target)
     out = out.absolute()
     if out.exists() and not args.overwrite:

@@ -21,9 +21,26 @@ def tiny_llama(seed: int = 0, vocab: int = 512, hidden: int = 64, layers: int = 
     return model
 
 
-def save_tiny_llama(path, **kw) -> Path:
-    """Save a tiny Llama (fp16 safetensors) that HF and vLLM can load from `path`."""
+def save_tiny_llama(path, with_tokenizer: bool = False, **kw) -> Path:
+    """Save a tiny Llama (fp16 safetensors) that HF and vLLM can load from `path`.
+
+    with_tokenizer: also save the reference model's tokenizer (and size the
+    vocabulary to it), for flows that tokenize text (oneshot, the main job).
+    """
     path = Path(path)
+    tok = None
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+
+        from vllm_slq.data import resolve_model
+
+        tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
+        kw.setdefault("vocab", len(tok))
     model = tiny_llama(**kw).to(torch.float16)
+    if tok is not None:
+        model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(path)
     return path

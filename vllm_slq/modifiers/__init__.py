@@ -36,3 +36,10 @@ def register_modifiers(*classes) -> None:
 
 
 register_modifiers()
+
+# SLQ needs the allocation and eval packages; registered here so YAML recipes resolve it.
+from .gsq import GSQModifier  # noqa: E402
+from .slq import SLQModifier  # noqa: E402
+
+register_modifiers(SLQModifier, GSQModifier)
+__all__ += ["SLQModifier", "GSQModifier"]

@@ -1,0 +1,111 @@
+"""SLQ: target checks before any work, the modifier's modes, and the main job end to end."""
+import json
+import time
+
+import pytest
+import torch
+
+from vllm_slq.cli import main
+from vllm_slq.pipeline import TargetError, parse_target
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("ear=1.5", r"must lie in \(0, 1\]"),
+    ("ear=0", r"must lie in \(0, 1\]"),
+    ("bpp=1.0", r"outside the feasible range \[2.281, 8.375\]"),
+    ("bpp=12", "outside the feasible range"),
+    ("acc=0.5", "expected ear="),
+])
+def test_bad_targets_are_rejected(bad, msg):
+    with pytest.raises(TargetError, match=msg):
+        parse_target(bad)
+
+
+def test_bad_target_fails_before_any_work(tmp_path, capsys):
+    t0 = time.time()
+    rc = main(["quantize", "no-such-model", "--target", "ear=2", "--output", str(tmp_path / "o")])
+    assert rc == 2 and time.time() - t0 < 5
+    assert "ear=2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_modifier_needs_exactly_one_target():
+    from vllm_slq.modifiers import SLQModifier
+
+    with pytest.raises(ValueError, match="exactly one of"):
+        SLQModifier()
+    with pytest.raises(ValueError, match="exactly one of"):
+        SLQModifier(target_bpp=4.0, target_ear=0.99)
+    with pytest.raises(ValueError, match="bits_options"):
+        SLQModifier(target_bpp=4.0, bits_options=[1, 4])
+    assert SLQModifier(target_bpp=4.0).bits == 8  # the database propagates its widest entry
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, reference_model_dir):
+    from vllm_slq.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_tok"), with_tokenizer=True,
+                           hidden=128, intermediate=256, layers=2)
+
+
+def _quantize(path, out, *extra):
+    return main(["quantize", str(path), "--calib-samples", "4", "--seq-len", "64",
+                 "--eval-tokens", "256", "--rco-steps", "4", "--objective-blocks", "2",
+                 "--eval-blocks", "4", "--probe-seq-len", "64", "--output", str(out), *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.llmcompressor
+def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_tokenizer, tmp_path):
+    from vllm_slq.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    assert _quantize(tiny_with_tokenizer, out, "--target", "bpp=4.0") == 0
+    report = json.loads((out / "slq_report.json").read_text())
+    assert report["bpp"] <= 4.0 + 1e-9 and report["bpp"] > 2.28
+    fid = report["fidelity"]
+    assert 0.0 < fid["ear"] <= 1.0 and fid["ear_ci95"][0] <= fid["ear"] <= fid["ear_ci95"][1]
+    ck = load_checkpoint(out)
+    specs = {n: q.spec for n, q in ck.quantized.items()}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        assert len({specs[p + f"self_attn.{x}_proj"] for x in "qkv"}) == 1  # tied for vLLM's fused qkv
+        assert specs[p + "mlp.gate_proj"] == specs[p + "mlp.up_proj"]
+    bits = sum(q.bits_total() for q in ck.quantized.values()) / sum(q.codes.numel() for q in ck.quantized.values())
+    assert abs(bits - report["bpp"]) < 1e-9
+    assert not list(tmp_path.glob(".ckpt*"))  # no staging directory left behind
+
+
+@pytest.mark.slow
+@pytest.mark.llmcompressor
+def test_ear_mode_searches_the_fewest_bits(tiny_with_tokenizer):
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_slq.data import calibration_dataset
+    from vllm_slq.modifiers import SLQModifier, quantized_weights
+
+    tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float16)
+    mod = SLQModifier(target_ear=0.95, objective_blocks=2, objective_seq_len=64, eval_blocks=4,
+                      eval_seq_len=64, rco_steps=3, search_steps=3)
+    model = oneshot(model=model, tokenizer=tok, recipe=[mod], dataset=calibration_dataset(tok, "brown", 4, 64),
+                    num_calibration_samples=4, max_seq_length=64, pipeline="sequential")
+    log = mod.search_log
+    assert log and all("ear_ci95" in e for e in log)
+    assert log[0]["accepted"]  # the richest allocation of a random tiny model is near-lossless
+    accepted = [e for e in log if e["accepted"]]
+    final_bpp = min(e["bpp"] for e in accepted)
+    q = quantized_weights(model)
+    got = sum(w.bits_total() for w in q.values()) / sum(w.codes.numel() for w in q.values())
+    assert abs(got - final_bpp) < 1e-9
+    assert all(e["ear_ci95"][0] >= 0.95 for e in accepted)
+    assert all(e["ear_ci95"][0] < 0.95 for e in log if not e["accepted"])
+
+
+def test_unknown_task_is_rejected_before_work(tmp_path, capsys):
+    rc = main(["quantize", "smollm2-135m", "--target", "task-lossless", "--tasks", "no_such_task_xyz",
+               "--output", str(tmp_path / "o")])
+    assert rc == 2 and "no_such_task_xyz" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,281 @@
+"""SLQModifier: statistically-lossless quantization (methods.md section 2).
+
+    database   for every target Linear, asymmetric group-wise GPTQ at every width
+               b in bits_options from ONE Hessian factorisation
+               (vllm_slq.quant.database.build_database); the sequential pipeline
+               propagates the widest entry, so later layers calibrate on inputs
+               that are already (near-losslessly) quantized
+    allocate   per-layer widths by RCO (vllm_slq.allocation.rco) minimising the
+               true model KL(p_fp || p_q) under an exact bpp budget; q/k/v and
+               gate/up are tied so vLLM's fused layers can serve the result
+    modes      target_bpp:   one RCO run at that budget
+               target_ear:   the fewest bpp whose held-out EAR lower 95% bound
+                             reaches the target: bisect the budget, running RCO
+                             at each probe (distribution-lossless)
+               task_lossless: the fewest bpp whose lm-eval accuracies all stay
+                             within the sampling interval of the original's
+    write      the chosen database entry becomes module.weight and
+               module.slq_quantized, exactly what RCO evaluated
+
+symmetric=True gives the gamma-squared ablation (the same search on a symmetric grid).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from llmcompressor.core import Event, State
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+
+from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
+
+from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
+
+__all__ = ["SLQModifier"]
+
+
+class SLQModifier(LayerwiseQuantModifier):
+    requires_calibration_data: bool = True
+    needs_hessian: ClassVar[bool] = True
+
+    bits: int = MAX_BITS  # the width propagated while the database is built
+    group_size: Optional[int] = 64
+    symmetric: bool = False
+    bits_options: list[int] = Field(default_factory=lambda: list(range(MIN_BITS, MAX_BITS + 1)))
+    target_bpp: Optional[float] = None
+    target_ear: Optional[float] = None
+    task_lossless: bool = False
+    tasks: Optional[list[str]] = None
+    tie_fused: bool = True
+    dampening_frac: float = 0.01
+    # range-shrink factors tried per group (Hessian-weighted): 11 points from 1.0 to 0.5,
+    # a seventh of the default 81-point search's cost across the 7-width database
+    shrink_grid: list[float] = Field(default_factory=lambda: [round(1.0 - 0.05 * i, 2) for i in range(11)])
+    # the allocation objective and the EAR probes read their own token blocks
+    dataset: str = "brown"
+    objective_blocks: int = 8
+    objective_seq_len: int = 256
+    eval_blocks: int = 16
+    eval_seq_len: int = 256
+    rco_steps: int = 60
+    rco_samples: int = 2
+    rco_lr: float = 0.1
+    search_steps: int = 6
+    search_tolerance_bpp: float = 0.05
+    allocation_path: Optional[str] = None
+    seed: int = 0
+
+    _db: dict[str, dict[QuantSpec, QuantizedWeight]] = PrivateAttr(default_factory=dict)
+    _w_ref: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _search_log: list[dict] = PrivateAttr(default_factory=list)
+    _allocation: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        n = sum([self.target_bpp is not None, self.target_ear is not None, bool(self.task_lossless)])
+        if n != 1:
+            raise ValueError("SLQModifier needs exactly one of target_bpp, target_ear, task_lossless")
+        if self.target_ear is not None and not (0.0 < self.target_ear <= 1.0):
+            raise ValueError(f"SLQModifier.target_ear={self.target_ear}: must lie in (0, 1]")
+        bad = [b for b in self.bits_options if not (MIN_BITS <= b <= MAX_BITS)]
+        if bad or not self.bits_options:
+            raise ValueError(f"SLQModifier.bits_options {self.bits_options}: widths must be in {MIN_BITS}..{MAX_BITS}")
+        self.bits = max(self.bits_options)
+        return self
+
+    @property
+    def options(self) -> list[QuantSpec]:
+        return [QuantSpec(b, self.group_size, self.symmetric) for b in sorted(set(self.bits_options))]
+
+    @property
+    def search_log(self) -> list[dict]:
+        return list(self._search_log)
+
+    @property
+    def allocation(self):
+        return self._allocation
+
+    # ---- database -----------------------------------------------------------------
+    def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
+                        spec: QuantSpec) -> QuantizedWeight:
+        from vllm_slq.quant.database import build_database
+
+        W = module.weight.data.to(torch.float32)
+        self._w_ref[name] = module.weight.data.detach().to("cpu", copy=True)
+        specs = [s for s in self.options if W.shape[1] % s.effective_group(W.shape[1]) == 0]
+        db = build_database(W, H, specs, layer=name, percdamp=self.dampening_frac,
+                            scale_dtype=self.scale_dtype_for(module), negative_scale=False,
+                            shrink_grid=self.shrink_grid)
+        self._db[name] = {s: QuantizedWeight(q.codes.cpu(), q.scale.cpu(),
+                                             None if q.zero_point is None else q.zero_point.cpu(),
+                                             q.spec, dict(q.meta)) for s, q in db.items()}
+        return db[spec]
+
+    # ---- allocation -----------------------------------------------------------------
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        # Allocation needs full-vocabulary logits; inside llmcompressor's calibration
+        # context the lm_head is disabled (it returns meta tensors), so it runs here,
+        # after the pipeline has left that context.
+        if not self.ended_:
+            self.on_end(state, None)
+        if self._db and len(self._db) == len(self._names):
+            self._allocate(state.model)
+        return super().on_finalize(state, **kwargs)
+
+    def _tokens(self, model, split: str, n_blocks: int, seq_len: int) -> torch.Tensor:
+        from transformers import AutoTokenizer
+
+        from vllm_slq.data import load_text, token_blocks
+
+        tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        text = load_text(self.dataset)
+        return token_blocks(tok, getattr(text, split), seq_len, n_blocks)
+
+    def _allocate(self, model: torch.nn.Module) -> None:
+        from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
+        from vllm_slq.allocation.objective import ModelKLObjective
+        from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
+        from vllm_slq.allocation.rco import sensitivity_logits
+
+        mods = dict(model.named_modules())
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():  # RCO mixes around the FP weights: put them back
+            for name, w in self._w_ref.items():
+                mods[name].weight.data.copy_(w.to(mods[name].weight.device))
+        shapes = [LinearShape(n, *self._w_ref[n].shape) for n in self._names.values()]
+        problem = AllocationProblem(group_linears(shapes, tie_fused=self.tie_fused), self.options)
+        errors = np.zeros((problem.n_groups, problem.n_options))
+        for i, g in enumerate(problem.groups):
+            for m in g.modules:
+                for k, s in enumerate(problem.options):
+                    if problem.available[i, k]:
+                        errors[i, k] += float(self._db[m.name][s].meta.get("rel_err", 0.0))
+        init = sensitivity_logits(errors, problem.available)
+        t0 = time.time()
+        objective = ModelKLObjective(model, problem, self._db,
+                                     self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len),
+                                     batch_blocks=2)
+        lo, hi = problem.feasible_range()
+        if self.target_bpp is not None:
+            problem.check_budget(self.target_bpp)
+            choice = self._rco(problem, objective, self.target_bpp, init)
+            self._search_log.append({"budget": self.target_bpp, "bpp": problem.achieved_bpp(choice),
+                                     "calib_kl": objective.evaluate(choice)})
+        else:
+            accept = self._ear_accepts(model, objective) if self.target_ear is not None \
+                else self._tasks_accept(model, objective)
+            choice = self._search(problem, objective, init, accept, lo, hi)
+        model.to(dtype)
+        specs = problem.module_specs(choice)
+        with torch.no_grad():
+            for name, spec in specs.items():
+                qw = self._db[name][spec]
+                module = mods[name]
+                module.weight.data.copy_(qw.dequantize(module.weight.dtype).to(module.weight.device))
+                qw = QuantizedWeight(qw.codes, qw.scale, qw.zero_point, qw.spec,
+                                     {**qw.meta, "layer": name, "method": "SLQModifier"})
+                setattr(module, QUANTIZED_ATTR, qw)
+                self._quantized[name] = qw
+                if self.attach_compressed_tensors:
+                    attach_compressed_tensors_params(module, qw, name)
+        budget = self.target_bpp if self.target_bpp is not None else problem.achieved_bpp(choice)
+        self._allocation = allocation_from_choice(
+            problem, choice, "slq-rco", budget,
+            extra={"search": self._search_log, "seconds": time.time() - t0,
+                   "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless}})
+        if self.allocation_path:
+            save_allocation(self._allocation, self.allocation_path)
+        self._db.clear()
+        self._w_ref.clear()
+        logger.info(f"SLQModifier: allocated {problem.achieved_bpp(choice):.3f} bpp in {time.time() - t0:.0f} s")
+
+    def _rco(self, problem, objective, budget: float, init) -> np.ndarray:
+        from vllm_slq.allocation.rco import RCOConfig, rco_allocate
+
+        cfg = RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr, seed=self.seed)
+        return np.asarray(rco_allocate(problem, budget, objective, init_logits=init, config=cfg).choice)
+
+    def _search(self, problem, objective, init, accept, lo: float, hi: float) -> np.ndarray:
+        """Fewest bpp in [lo, hi] that `accept`s; bisection on the budget (monotone in practice)."""
+        best = self._rco(problem, objective, hi, init)
+        ok, info = accept(best)
+        self._search_log.append({"budget": hi, "bpp": problem.achieved_bpp(best), "accepted": ok, **info})
+        if not ok:
+            logger.warning(f"SLQModifier: even the richest allocation ({hi:.3f} bpp) misses the target: {info}")
+            return best
+        a, b = lo, hi
+        for _ in range(self.search_steps):
+            if b - a <= self.search_tolerance_bpp:
+                break
+            mid = 0.5 * (a + b)
+            choice = self._rco(problem, objective, mid, init)
+            ok, info = accept(choice)
+            self._search_log.append({"budget": mid, "bpp": problem.achieved_bpp(choice), "accepted": ok, **info})
+            if ok:
+                best, b = choice, mid
+            else:
+                a = mid
+        return best
+
+    def _ear_accepts(self, model, objective):
+        from vllm_slq.eval.metrics import position_metrics, summarize
+
+        tokens = self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len)
+        with torch.no_grad():
+            ref_logits = [model(input_ids=tokens[s:s + 1]).logits[0].float() for s in range(tokens.shape[0])]
+
+        def accept(choice):
+            from torch.func import functional_call
+
+            weights = objective.weights_for(choice)
+            seqs = []
+            with torch.no_grad():
+                for s in range(tokens.shape[0]):
+                    q = functional_call(model, weights, args=(), kwargs={"input_ids": tokens[s:s + 1]}).logits[0].float()
+                    seqs.append(position_metrics(ref_logits[s], q))
+            summ = summarize(seqs, seed=self.seed)
+            lower = summ["ear_ci95"][0]
+            return lower >= self.target_ear, {"ear": summ["ear"], "ear_ci95": summ["ear_ci95"],
+                                              "kl": summ.get("kl"), "positions": summ["n_positions"]}
+
+        return accept
+
+    def _tasks_accept(self, model, objective):
+        """lm-eval (HF backend, this in-memory model) on the original once, then on each probe."""
+        from transformers import AutoTokenizer
+
+        from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
+
+        tasks = list(self.tasks or LOCAL_TASKS)
+        tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        mods = dict(model.named_modules())
+
+        def run():
+            return run_lm_eval("in-memory", tasks, backend="hf", batch_size=4,
+                               model_args={"pretrained": model, "tokenizer": tok})
+
+        reference = run()
+
+        def accept(choice):
+            weights = objective.weights_for(choice)
+            saved = {}
+            with torch.no_grad():
+                for key, w in weights.items():
+                    name = key.rsplit(".", 1)[0]
+                    saved[name] = mods[name].weight.data.clone()
+                    mods[name].weight.data.copy_(w)
+            try:
+                verdict = compare(reference, run())
+            finally:
+                with torch.no_grad():
+                    for name, w in saved.items():
+                        mods[name].weight.data.copy_(w)
+            ok = all(r["within_ci"] for r in verdict.values())
+            return ok, {"tasks": {t: {k: r[k] for k in ("acc_reference", "acc_candidate", "tolerance",
+                                                         "within_ci")} for t, r in verdict.items()}}
+
+        return accept
