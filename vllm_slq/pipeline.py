@@ -196,7 +196,9 @@ def run_quantize(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float16)
+    # CPUs have no fast fp16 GEMM: calibrate in fp32 there (the checkpoint is still fp16)
+    work_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=work_dtype)
     dataset = calibration_dataset(tok, args.dataset, args.calib_samples, args.seq_len)
     print(f"[vllm-slq] {args.method} on {model_path} target {target.describe()}: "
           f"{args.calib_samples} x {args.seq_len} calibration tokens from {args.dataset}", file=sys.stderr)

@@ -123,7 +123,9 @@ class SLQModifier(LayerwiseQuantModifier):
         if not self.ended_:
             self.on_end(state, None)
         if self._db and len(self._db) == len(self._names):
-            self._allocate(state.model)
+            # oneshot runs modifiers under no_grad; RCO differentiates through the model
+            with torch.inference_mode(False), torch.enable_grad():
+                self._allocate(state.model)
         return super().on_finalize(state, **kwargs)
 
     def _tokens(self, model, split: str, n_blocks: int, seq_len: int) -> torch.Tensor:
@@ -141,6 +143,11 @@ class SLQModifier(LayerwiseQuantModifier):
         from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
         from vllm_slq.allocation.rco import sensitivity_logits
 
+        from compressed_tensors.offload import remove_dispatch
+
+        # llmcompressor's pipeline leaves parameters in offload caches that copy an
+        # assigned tensor into the parameter, which would cut functional_call's graph
+        remove_dispatch(model, onload_tensors=True)
         mods = dict(model.named_modules())
         dtype = next(model.parameters()).dtype
         with torch.no_grad():  # RCO mixes around the FP weights: put them back
