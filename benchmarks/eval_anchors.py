@@ -11,7 +11,8 @@ EAR ~0.74; 2-bit EAR < 0.05.
     python benchmarks/eval_anchors.py [--n-tokens 16384] [--seq-len 512]
 
 Prints a table and writes benchmarks/results/eval_anchors.json (atomically,
-after every configuration, so a partial run still leaves its numbers).
+after every configuration, so a partial run still leaves its numbers), then
+the EAR/KL-vs-bpp plot and table in benchmarks/results/eval_anchors/.
 """
 from __future__ import annotations
 
@@ -97,7 +98,10 @@ def main(argv=None) -> int:
         _write(Path(args.out), out)
         rows.append(r)
         print(format_table(rows), flush=True)
-    print(f"\nwrote {args.out}; total {out['total_runtime_s']} s", file=sys.stderr)
+    from vllm_slq.eval.report import gather
+
+    rep = gather([args.out], Path(args.out).with_suffix(""))
+    print(f"\nwrote {args.out} and {rep['png']}; total {out['total_runtime_s']} s", file=sys.stderr)
     return 0
 
 
