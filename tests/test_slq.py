@@ -64,7 +64,7 @@ def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_token
     assert _quantize(tiny_with_tokenizer, out, "--target", "bpp=4.0") == 0
     report = json.loads((out / "slq_report.json").read_text())
     assert report["bpp"] <= 4.0 + 1e-9 and report["bpp"] > 2.28
-    fid = report["fidelity"]
+    fid = report["fidelity"]["teacher_forced"]
     assert 0.0 < fid["ear"] <= 1.0 and fid["ear_ci95"][0] <= fid["ear"] <= fid["ear_ci95"][1]
     ck = load_checkpoint(out)
     specs = {n: q.spec for n, q in ck.quantized.items()}
@@ -75,6 +75,7 @@ def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_token
     bits = sum(q.bits_total() for q in ck.quantized.values()) / sum(q.codes.numel() for q in ck.quantized.values())
     assert abs(bits - report["bpp"]) < 1e-9
     assert not list(tmp_path.glob(".ckpt*"))  # no staging directory left behind
+    assert "teacher_forced EAR" in (out / "slq_report.md").read_text()
 
 
 @pytest.mark.slow

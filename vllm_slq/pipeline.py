@@ -254,16 +254,17 @@ def render_report(report: dict) -> str:
              f"- quantization wall-clock: {report['quantize_seconds']:.0f} s"]
     fid = report.get("fidelity")
     if fid:
-        def g(*keys):
-            for k in keys:
-                if k in fid:
-                    return fid[k]
-            return None
-        ear, ci = g("ear"), g("ear_ci95")
-        lines.append(f"- EAR: {ear:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
-        for key in ("kl", "top1", "ppl_reference", "ppl_candidate", "n_tokens", "backend"):
-            if key in fid:
-                lines.append(f"- {key}: {fid[key]}")
+        lines.append(f"- evaluation: {fid.get('backend')} backend; {fid.get('protocol')}")
+        for proto in ("teacher_forced", "sampled"):
+            m = fid.get(proto)
+            if not m:
+                continue
+            ci = m.get("ear_ci95")
+            lines.append(f"- {proto} EAR: {m['ear']:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+                         + f", {m.get('n_positions')} positions")
+            for key in sorted(k for k in m if k in ("kl", "top1", "ear_p5", "ear_p50", "ear_pow100")
+                              or k.startswith("ppl")):
+                lines.append(f"  - {key}: {m[key]:.6g}" if isinstance(m[key], float) else f"  - {key}: {m[key]}")
     counts: dict[str, int] = {}
     for s in report["layers"].values():
         counts[s] = counts.get(s, 0) + 1
