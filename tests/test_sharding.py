@@ -129,7 +129,8 @@ def _load_rank(scheme_args, out_sizes_full, k, tp_rank, tp_size, shard_tensors, 
                                   num_heads=1) if kind == "qkv" else \
                     p.load_merged_column_weight(t, shard_id=idx, shard_offset=off, shard_size=out_part[idx])
     scheme.process_weights_after_loading(layer)
-    return layer.slq_weight.data
+    # W itself, read back through the kernel: x = I gives y = I @ W^T exactly in fp32
+    return scheme.apply_weights(layer, torch.eye(k_part), None).t()
 
 
 @pytest.mark.parametrize("kind,bits,group,sym", [
