@@ -98,6 +98,9 @@ def _vllm_cpu_gemm(weight: torch.Tensor):
     except Exception:
         return None
     gemm = getattr(holder, "cpu_linear", None)
-    if gemm is None or gemm is torch.nn.functional.linear:
+    # Only the prepacked paths (oneDNN, sgl, zentorch) drop the weight; when vLLM
+    # falls back to torch linear it keeps the weight and expects it passed at call
+    # time, which is what our own fallback does already.
+    if gemm is None or holder.weight.numel() != 0:
         return None
     return gemm
