@@ -15,7 +15,11 @@ Algorithm (one function each, see manifold.py for the geometry):
   step      Adam (m, v) with the projected gradient; alpha <- retract(alpha - lr*mhat/(sqrt(vhat)+eps))
   transport m <- project(m) onto the tangent plane at the new alpha
   schedule  tau_t = tau0 * (tau1/tau0)^(t/(T-1)), exponential 1.0 -> 0.01
-  end       exact-budget DP rounding of log p (dp.solve_mckp with values -log p)
+  end       exact-budget DP rounding, best of three candidates scored by the loss
+            of the hard allocation: log p; log p without the retractions' cost
+            shift; and the first-order model of L at p = softmax(alpha)
+            (linearized_rounding: DP on dL/dP, a Frank-Wolfe linear-minimisation
+            step, exact when L is linear in P)
 
 Objective contract: objective(P, step) -> scalar tensor differentiable in
 P [G, K] (float32, rows one-hot in value). Synthetic objectives ignore `step`;
@@ -113,13 +117,30 @@ def round_logits(problem: AllocationProblem, alpha: torch.Tensor, budget_bpp: fl
     return solve_budget(problem, values, budget_bpp, max_units=max_units).choice
 
 
+def linearized_rounding(problem: AllocationProblem, objective: Objective, alpha: torch.Tensor,
+                        budget_bpp: float, step: int, max_units: int = 1 << 20) -> np.ndarray:
+    """Exact-budget DP on the first-order model of the loss at p = softmax(alpha).
+
+    L(onehot(k)) ~ L(p) + sum_i dL/dP_{i,k_i} - const, so the allocation minimising
+    sum_i dL/dP_{i,k_i} under the budget minimises the linear model: the DP is the
+    linear-minimisation oracle of Frank-Wolfe over the budget-feasible vertices.
+    """
+    _, _, mask = problem.torch_costs()
+    P = masked_softmax(alpha.detach(), mask).to(torch.float32).requires_grad_(True)
+    objective(P, step).backward()
+    values = np.where(problem.available, P.grad.detach().to(torch.float64).numpy(), 0.0)
+    return solve_budget(problem, np.nan_to_num(values, posinf=1e30, neginf=-1e30), budget_bpp,
+                        max_units=max_units).choice
+
+
 def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objective,
                  init_logits: Optional[torch.Tensor] = None, config: RCOConfig = RCOConfig(),
                  callback: Optional[Callable[[int, dict], None]] = None,
                  select: Optional[Callable[[np.ndarray], float]] = None) -> AllocationResult:
     """Run RCO and return an allocation whose true bpp does not exceed budget_bpp.
 
-    select(choice) -> loss, optional: scores the final rounding candidates (see the end).
+    select(choice) -> loss, optional: scores the final rounding candidates (see the end);
+    by default the objective itself on the hard allocation, at step `config.steps`.
     """
     problem.check_budget(budget_bpp)
     t0 = time.perf_counter()
@@ -182,20 +203,24 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         history.append(rec)
         if callback is not None:
             callback(step, rec)
-    # End: exact-budget DP rounding of log p. The retractions' accumulated shift
-    # shift_total*c acts as a cost penalty inside log p that can leave budget unused,
-    # so the rounding of the de-shifted logits is a second candidate; with `select`
-    # (a no-grad loss of a hard allocation, e.g. calibration KL) the better one is kept.
-    choice = round_logits(problem, alpha, budget_bpp, config.final_max_units)
-    candidates = {"logp": choice}
-    if select is not None:
-        candidates["deshifted"] = round_logits(problem, alpha - shift_total * costs, budget_bpp,
-                                               config.final_max_units)
-        scores = {k: float(select(c)) for k, c in candidates.items()}
-        best = min(scores, key=scores.get)
-        choice = candidates[best]
-    else:
-        scores, best = {}, "logp"
+    # End: exact-budget DP rounding. The retractions' accumulated shift shift_total*c
+    # acts as a cost penalty inside log p that can leave budget unused, so the rounding
+    # of the de-shifted logits is a second candidate; rounding log p ignores how much
+    # the loss differs between options, which the linearized rounding (third) uses.
+    # Each candidate's hard loss decides (ties keep the earlier one).
+    if select is None:
+        def select(ch: np.ndarray) -> float:
+            with torch.no_grad():
+                return float(objective(problem.one_hot(ch, dtype=torch.float32), config.steps))
+    candidates = {
+        "logp": round_logits(problem, alpha, budget_bpp, config.final_max_units),
+        "deshifted": round_logits(problem, alpha - shift_total * costs, budget_bpp, config.final_max_units),
+        "linearized": linearized_rounding(problem, objective, alpha, budget_bpp, config.steps,
+                                          config.final_max_units),
+    }
+    scores = {k: float(select(c)) for k, c in candidates.items()}
+    best = min(scores, key=scores.get)
+    choice = candidates[best]
     return AllocationResult("rco", choice, problem.achieved_bpp(choice), budget_bpp,
                             time.perf_counter() - t0, history=history, logits=alpha,
                             extra={"rounding": best, "rounding_scores": scores, "shift_total": shift_total})
