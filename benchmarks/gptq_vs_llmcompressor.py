@@ -66,7 +66,8 @@ def make_llmc_gptq(bits: int, group: int, actorder, dampening: float, block: int
     )
 
 
-def make_ours(bits: int, group: int, dampening: float, block: int, scale_search: str, targets, database_bits=None):
+def make_ours(bits: int, group: int, dampening: float, block: int, scale_search: str, targets, database_bits=None,
+              act_order: bool = False):
     from vllm_slq.modifiers import SLQGPTQModifier
     from vllm_slq.quant.database import build_database
     from vllm_slq.quant.gptq import gptq_quantize  # noqa: F401  (the single-width path)
@@ -82,7 +83,8 @@ def make_ours(bits: int, group: int, dampening: float, block: int, scale_search:
                 specs = [QuantSpec(b, spec.group_size, spec.symmetric) for b in database_bits]
                 db = build_database(module.weight.data, H, specs, layer=name, percdamp=self.dampening_frac,
                                     blocksize=self.block_size, scale_search=self.scale_search,
-                                    scale_dtype=self.scale_dtype_for(module), negative_scale=False)
+                                    scale_dtype=self.scale_dtype_for(module), negative_scale=False,
+                                    act_order=self.act_order)
                 qw = db[spec]
             else:
                 qw = super().quantize_module(name, module, H, spec)
@@ -90,7 +92,8 @@ def make_ours(bits: int, group: int, dampening: float, block: int, scale_search:
             return qw
 
     return TimedSLQGPTQ(bits=bits, group_size=group, symmetric=False, dampening_frac=dampening,
-                        block_size=block, scale_search=scale_search, attach_compressed_tensors=False,
+                        block_size=block, scale_search=scale_search, act_order=act_order,
+                        attach_compressed_tensors=False,
                         targets=targets)
 
 
@@ -195,6 +198,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--scale-search", default="hessian", choices=["minmax", "mse", "hessian"])
     ap.add_argument("--llmc-actorder", default="static", choices=["static", "group", "weight", "none"])
+    ap.add_argument("--ours-act-order", default="on", choices=["on", "off"],
+                    help="our GPTQ visits columns in descending diag(H) order (static groups)")
     ap.add_argument("--database-bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     ap.add_argument("--database-writeback", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -259,7 +264,8 @@ def main():
             if method == "llmcompressor":
                 recipe = make_llmc_gptq(bits, args.group_size, actorder, args.dampening, args.block_size, targets)
             else:
-                recipe = make_ours(bits, args.group_size, args.dampening, args.block_size, args.scale_search, targets)
+                recipe = make_ours(bits, args.group_size, args.dampening, args.block_size, args.scale_search, targets,
+                                   act_order=args.ours_act_order == "on")
             model, wall = run_oneshot(path, tok, ds, recipe, args.samples, args.seq_len)
             record(key, method, bits, model, wall,
                    (LLMC_TIMER if method == "llmcompressor" else OURS_TIMER)["quantize_s"])
@@ -268,7 +274,7 @@ def main():
     # our multi-bit database in the same oneshot flow (writes back --database-writeback bits)
     OURS_TIMER["quantize_s"] = 0.0
     recipe = make_ours(args.database_writeback, args.group_size, args.dampening, args.block_size, args.scale_search,
-                       targets, database_bits=args.database_bits)
+                       targets, database_bits=args.database_bits, act_order=args.ours_act_order == "on")
     model, db_wall = run_oneshot(path, tok, ds, recipe, args.samples, args.seq_len)
     db_quant = OURS_TIMER["quantize_s"]
     if args.database_writeback in args.bits:
@@ -328,7 +334,7 @@ def main():
         "grid": {"type": "int", "symmetric": False, "group_size": args.group_size, "observer": "memoryless_minmax"},
         "llmcompressor": {"actorder": args.llmc_actorder, "dampening_frac": args.dampening,
                           "block_size": args.block_size},
-        "ours": {"scale_search": args.scale_search, "dampening_frac": args.dampening, "block_size": args.block_size},
+        "ours": {"scale_search": args.scale_search, "act_order": args.ours_act_order, "dampening_frac": args.dampening, "block_size": args.block_size},
         "error_metric": "||XW^T - XQ^T||^2 / ||XW^T||^2 on the FP model's calibration inputs",
         "fp_eval_ppl": ppl_fp,
         "runs": runs, "comparisons": comparisons, "timing": timing,

@@ -355,3 +355,46 @@ def test_static_groups_take_params_from_original_weight(layer192):
     dynamic = gptq_quantize(w, gp.H, spec, scale_search="minmax")
     assert not torch.equal(dynamic.scale.float(), s)  # groups after the first see updated weights
     assert torch.equal(dynamic.scale[:, 0].float(), s[:, 0])  # the first group sees the original
+
+
+@pytest.mark.slow  # importing llmcompressor takes several seconds
+def test_act_order_minmax_reproduces_llmcompressor_static_actorder(layer192):
+    """act_order=True with min/max groups is llmcompressor's default ("static") GPTQ:
+    columns in descending diag(H) order, group parameters from the original weight."""
+    pytest.importorskip("llmcompressor")
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    w, gp, _ = layer192
+    for spec in (QuantSpec(3, 64, False), QuantSpec(4, 64, True), QuantSpec(4, None, False)):
+        args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric,
+                                strategy="channel" if spec.group_size is None else "group",
+                                group_size=spec.group_size, actorder="static" if spec.group_size else None)
+        if spec.group_size is None:  # per-channel: llmcompressor permutes whenever actorder is set
+            args = args.model_copy(update={"actorder": "static"})
+        s, z = compute_qparams(w, spec)
+        z = torch.zeros_like(s, dtype=torch.int8) if z is None else z
+        theirs, _, _ = quantize_weight(w.unsqueeze(0).clone(), gp.H.unsqueeze(0).clone(),
+                                       s.half().unsqueeze(0), z.unsqueeze(0), None, args)
+        err_theirs = hessian_relative_error(w, theirs[0], gp.H)
+        ours = gptq_quantize(w, gp.H, spec, act_order=True, scale_search="minmax")
+        assert ours.meta["act_order"] is True and ours.meta["static_groups"] is True
+        assert torch.equal(ours.scale.float(), s)
+        assert ours.meta["rel_err"] == pytest.approx(err_theirs, rel=0.01), spec
+        assert ours.meta["rel_err"] < gptq_quantize(w, gp.H, spec, scale_search="minmax",
+                                                    static_groups=True).meta["rel_err"], spec
+
+
+def test_act_order_database_equals_separate_runs_and_helps(layer192):
+    w, gp, _ = layer192
+    specs = [QuantSpec(b, 64, False) for b in (2, 3, 4, 8)] + [QuantSpec(4, 48, True), QuantSpec(3, None, False)]
+    db = build_database(w, gp.H, specs, layer="blk.0.mlp.down", act_order=True)
+    for spec in specs:
+        one = gptq_quantize(w, gp.H, spec, layer="blk.0.mlp.down", act_order=True)
+        assert torch.equal(db[spec].codes, one.codes), spec
+        assert torch.equal(db[spec].scale, one.scale), spec
+        assert db[spec].meta["rel_err"] == one.meta["rel_err"]
+        # what the error feedback saw is what dequantize() gives (codes unpermuted correctly)
+        assert one.meta["rel_err"] == pytest.approx(hessian_relative_error(w, one.dequantize(), gp.H), rel=1e-9)
+    with pytest.raises(GPTQError, match="act_order"):
+        gptq_quantize(w, gp.H, specs[0], act_order=True, factor=factor_hessian(gp.H))

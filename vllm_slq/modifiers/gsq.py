@@ -82,7 +82,7 @@ class GSQModifier(LayerwiseQuantModifier):
 
     Grid: bits (2..8), group_size, ternary (codes {-1,0,1} on the 2-bit grid).
     Targets: MLP gate/up/down by default; include_attention adds q/k/v/o.
-    GPTQ init: block_size, dampening_frac, scale_search (as SLQGPTQModifier).
+    GPTQ init: block_size, dampening_frac, scale_search, act_order (as SLQGPTQModifier).
     GSQ: epochs, batch_size (cached calibration batches per optimiser step),
       tau_start/tau_end, kappa_start/kappa_end (linear per step), logit_lr +
       logit_weight_decay and scale_lr (Lion, betas), final_lr_fraction (cosine),
@@ -106,6 +106,7 @@ class GSQModifier(LayerwiseQuantModifier):
     block_size: int = 128
     dampening_frac: float = 0.01
     scale_search: Literal["minmax", "mse", "hessian"] = "hessian"
+    act_order: bool = False
 
     epochs: int = GSQConfig.epochs
     batch_size: int = GSQConfig.batch_size
@@ -237,6 +238,7 @@ class GSQModifier(LayerwiseQuantModifier):
                                 percdamp=self.dampening_frac, blocksize=self.block_size, scale_dtype=sdt)
         return gptq_quantize(module.weight.data, H, spec, layer=name, percdamp=self.dampening_frac,
                              blocksize=self.block_size, scale_search=self.scale_search, scale_dtype=sdt,
+                             act_order=self.act_order,
                              negative_scale=False)
 
     def _refine_block(self, block_name: str) -> None:

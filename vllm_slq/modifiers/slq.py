@@ -52,6 +52,7 @@ class SLQModifier(LayerwiseQuantModifier):
     tasks: Optional[list[str]] = None
     tie_fused: bool = True
     dampening_frac: float = 0.01
+    act_order: bool = False  # GPTQ column order for the database (see SLQGPTQModifier)
     # range-shrink factors tried per group (Hessian-weighted): 11 points from 1.0 to 0.5,
     # a seventh of the default 81-point search's cost across the 7-width database
     shrink_grid: list[float] = Field(default_factory=lambda: [round(1.0 - 0.05 * i, 2) for i in range(11)])
@@ -109,7 +110,7 @@ class SLQModifier(LayerwiseQuantModifier):
         specs = [s for s in self.options if W.shape[1] % s.effective_group(W.shape[1]) == 0]
         db = build_database(W, H, specs, layer=name, percdamp=self.dampening_frac,
                             scale_dtype=self.scale_dtype_for(module), negative_scale=False,
-                            shrink_grid=self.shrink_grid)
+                            shrink_grid=self.shrink_grid, act_order=self.act_order)
         self._db[name] = {s: QuantizedWeight(q.codes.cpu(), q.scale.cpu(),
                                              None if q.zero_point is None else q.zero_point.cpu(),
                                              q.spec, dict(q.meta)) for s, q in db.items()}

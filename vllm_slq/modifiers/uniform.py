@@ -51,6 +51,8 @@ class SLQGPTQModifier(LayerwiseQuantModifier):
     block_size / dampening_frac: as in llmcompressor's GPTQModifier.
     scale_search: "minmax" (RTN's grid), "mse" (range-shrink search) or "hessian"
     (the search weighted by diag H; default, the most accurate).
+    act_order: visit columns in descending diag(H) order with group parameters fixed
+    up front (llmcompressor's default "static" act-order; no g_idx in the checkpoint).
     """
 
     requires_calibration_data: bool = True
@@ -59,11 +61,12 @@ class SLQGPTQModifier(LayerwiseQuantModifier):
     block_size: int = 128
     dampening_frac: float = 0.01
     scale_search: Literal["minmax", "mse", "hessian"] = "hessian"
+    act_order: bool = False
 
     def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
                         spec: QuantSpec) -> QuantizedWeight:
         return gptq_quantize(module.weight.data, H, spec, layer=name, percdamp=self.dampening_frac,
                              blocksize=self.block_size, scale_search=self.scale_search,
-                             scale_dtype=self.scale_dtype_for(module),
+                             scale_dtype=self.scale_dtype_for(module), act_order=self.act_order,
                              # compressed-tensors/vLLM kernels assume positive scales
                              negative_scale=False)

@@ -200,6 +200,7 @@ def gptq_quantize_many(
     factor: Optional[HessianFactor] = None,
     device: Optional[torch.device | str] = None,
     static_groups: bool = False,
+    act_order: bool = False,
 ) -> dict[QuantSpec, QuantizedWeight]:
     """GPTQ for every spec in `specs` in one pass over the columns (shared factorisation).
 
@@ -211,6 +212,11 @@ def gptq_quantize_many(
     static_groups: take every group's parameters from the original W before the loop
     (llmcompressor's GPTQModifier does this with its observer) instead of from the
     error-updated columns when the group starts (the paper's default, ours).
+    act_order: visit columns in descending diag(H) order (the paper's "act-order"
+    heuristic; llmcompressor's default "static" ordering). Groups stay contiguous in
+    the original column order, so no g_idx is needed in the checkpoint; their
+    parameters therefore cannot wait for a group's first column and are fixed up
+    front from the original W, i.e. act_order implies static_groups.
     Returns {spec: QuantizedWeight} with meta rel_err / gptq_loss / percdamp / ...
     """
     specs = list(dict.fromkeys(specs))  # de-duplicate, keep order
@@ -226,9 +232,24 @@ def gptq_quantize_many(
     if tuple(H.shape) != (k, k):
         raise GPTQError(f"{_where(layer)}Hessian shape {tuple(H.shape)} does not match in_features {k}")
     dev = torch.device(device) if device is not None else W.device
-    if factor is None:
+    perm = None
+    if act_order:
+        static_groups = True
+        if factor is not None:
+            raise GPTQError(f"{_where(layer)}act_order permutes H; pass H, not a precomputed factor")
+        Hd = torch.diagonal(H).to(dev)
+        perm = torch.argsort(Hd, descending=True, stable=True)
+        Hp = H.to(dev)[perm][:, perm]
+        factor_p = factor_hessian(Hp, percdamp, layer=layer, device=dev)
+        inv = torch.argsort(perm)
+        # the column loop runs in permuted order; scale search and outputs use the original one
+        factor = HessianFactor(hinv_upper=factor_p.hinv_upper, dead=factor_p.dead[inv], diag=factor_p.diag[inv],
+                               percdamp=factor_p.percdamp, damp=factor_p.damp)
+        U = factor_p.hinv_upper.to(dev)
+    elif factor is None:
         factor = factor_hessian(H, percdamp, layer=layer, device=dev)
-    U = factor.hinv_upper.to(dev)
+    if perm is None:
+        U = factor.hinv_upper.to(dev)
     dead = factor.dead.to(dev)
     hdiag = factor.diag.to(dev) if scale_search == "hessian" else None
 
@@ -292,6 +313,18 @@ def gptq_quantize_many(
                     zero_cur[si] = zp[b, :, 0].to(torch.float32)
                     zeros[si][:, col // g] = zp[b, :, 0]
 
+    col_scale = col_zero = None
+    if perm is not None:
+        # every group's parameters from the original W, then per-column lookups in visit order
+        for col, sis in sorted(group_starts.items()):
+            fix_group_params(sis, col, 0, k, Wb[:, :, :0], Wb[:, :, :0])
+        col_scale = torch.stack([scales[si].repeat_interleave(g, dim=1) for si, g in enumerate(group)])[:, :, perm]
+        col_zero = torch.stack([torch.zeros(n, k, device=dev) if zeros[si] is None
+                                else zeros[si].to(torch.float32).repeat_interleave(g, dim=1)
+                                for si, g in enumerate(group)])[:, :, perm]
+        Wb = Wb[:, :, perm].contiguous()
+        group_starts = {}
+
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         cnt = i2 - i1
@@ -301,6 +334,8 @@ def gptq_quantize_many(
         for i in range(cnt):
             if i1 + i in group_starts:
                 fix_group_params(group_starts[i1 + i], i1 + i, i1, i2, W1, Err1)
+            if col_scale is not None:
+                scale_cur, zero_cur = col_scale[:, :, i1 + i], col_zero[:, :, i1 + i]
             w = W1[:, :, i]
             d = U1[i, i]
             q = torch.clamp(torch.round(w / scale_cur + zero_cur), qmin, qmax)
@@ -316,6 +351,8 @@ def gptq_quantize_many(
             for si in range(S):  # same 2-D matmul as a single-spec run (bit-identical results)
                 Wb[si, :, i2:] -= Err1[si] @ U12
 
+    if perm is not None:
+        codes = codes[:, :, torch.argsort(perm)]
     out: dict[QuantSpec, QuantizedWeight] = {}
     Hdev = H.to(device=dev, dtype=torch.float64)
     W64 = W0.to(torch.float64)
@@ -333,6 +370,7 @@ def gptq_quantize_many(
             "scale_search": scale_search,
             "blocksize": blocksize,
             "static_groups": static_groups,
+            "act_order": act_order,
         })
         out[spec] = qw
     return out
