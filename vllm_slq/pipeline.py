@@ -192,6 +192,12 @@ def run_quantize(args) -> int:
     from vllm_slq.modifiers import quantized_weights
 
     modifier = build_modifier(args, target)
+    if args.method == "slq":
+        target_text = target.describe()
+    elif args.bits is not None:
+        target_text = f"uniform {modifier.bits}-bit (--bits)"
+    else:
+        target_text = f"uniform {modifier.bits}-bit, the widest within {target.describe()}"
     model_path = resolve_model(args.model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +206,7 @@ def run_quantize(args) -> int:
     work_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=work_dtype)
     dataset = calibration_dataset(tok, args.dataset, args.calib_samples, args.seq_len)
-    print(f"[vllm-slq] {args.method} on {model_path} target {target.describe()}: "
+    print(f"[vllm-slq] {args.method} on {model_path} target {target_text}: "
           f"{args.calib_samples} x {args.seq_len} calibration tokens from {args.dataset}", file=sys.stderr)
     t0 = time.time()
     model = oneshot(model=model, tokenizer=tok, recipe=[modifier], dataset=dataset,
@@ -214,7 +220,7 @@ def run_quantize(args) -> int:
     n_params = sum(qw.codes.numel() for qw in quantized.values())
     bpp = sum(qw.bits_total() for qw in quantized.values()) / n_params
     bit_map = {name: qw.spec.short() for name, qw in sorted(quantized.items())}
-    extra = {"method": args.method, "target": target.describe(), "bpp": bpp,
+    extra = {"method": args.method, "target": target_text, "bpp": bpp,
              "model": str(args.model), "calibration": {"dataset": args.dataset,
              "samples": args.calib_samples, "seq_len": args.seq_len}, "layers": bit_map}
     search = getattr(modifier, "search_log", None)
@@ -224,7 +230,7 @@ def run_quantize(args) -> int:
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
         save_checkpoint(model, quantized, staging, tokenizer=tok, extra=extra)
-        report = {"model": str(args.model), "method": args.method, "target": target.describe(),
+        report = {"model": str(args.model), "method": args.method, "target": target_text,
                   "bpp": bpp, "quantize_seconds": quant_seconds, "layers": bit_map}
         if search:
             report["search"] = search
@@ -243,7 +249,9 @@ def run_quantize(args) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(render_report(report))
-    print(f"checkpoint: {out}\nserve it:   vllm serve {out}")
+    from vllm_slq.serve import serve_command
+
+    print(f"checkpoint: {out}\nserve it:   {serve_command(str(out))}")
     return 0
 
 

