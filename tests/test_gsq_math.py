@@ -221,3 +221,23 @@ def test_refine_lowers_output_error_on_a_linear_layer(mode):
     assert res.final_hard_loss < 0.9 * res.init_hard_loss, (res.init_hard_loss, res.final_hard_loss)
     codes = gw["w"].hard_codes()
     assert int(codes.min()) >= init.spec.qmin and int(codes.max()) <= init.spec.qmax
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_saved_and_replayed_backward_agree(bits):
+    """Keeping y*(d-e) from the forward and replaying the noise in the backward give the same gradients."""
+    _, _, gw = _weight((bits, False), n=12, k=16, group=8, chunk_elems=100)  # several row chunks
+    with torch.no_grad():  # spread the logits so the softmax is not saturated and edge codes appear
+        gw.logits.add_(0.02 * torch.randn(gw.logits.shape, generator=torch.Generator().manual_seed(1)))
+    grad_out = torch.randn(gw.q0.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for save_elems in (0, 1 << 20):
+        gw.save_elems = save_elems
+        soft = gw.soft_weight(0.8, 120.0, seed=5)
+        (soft * grad_out).sum().backward()
+        grads.append((soft.detach(), gw.logits.grad.clone(), gw.scale.grad.clone()))
+        gw.logits.grad = None
+        gw.scale.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7 * max(1.0, a.abs().max().item()))
+    assert grads[0][1].abs().sum() > 0

@@ -186,19 +186,25 @@ def _chunk_noise(shape, seed: int, chunk_index: int, device, kind: str) -> torch
     gen.manual_seed((int(seed) * 1_000_003 + chunk_index) % _SEED_MOD)
     u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32).clamp_(_EPS, 1.0 - _EPS)
     if kind == "gumbel":
-        return -torch.log(-torch.log(u))
+        return u.log_().neg_().log_().neg_()  # -log(-log u), in place
     if kind == "logistic":
         return torch.log(u) - torch.log1p(-u)
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
 def sample_noise(shape: Sequence[int], seed: int, chunk_elems: int, device="cpu", kind: str = "gumbel") -> torch.Tensor:
-    """The full noise tensor the soft-weight kernels draw for (shape, seed).
+    """The full noise tensor [N, K, C] the soft-weight kernels draw for (shape, seed).
 
     For reference implementations and tests; the kernels regenerate it chunk by chunk.
+    Gumbel noise is drawn candidate-major ([C, rows, K] per row chunk, see
+    :class:`GumbelSoftWeight`) and returned here permuted to [N, K, C].
     """
     n, k, c = shape
     rows = _chunk_rows(n, k, c, chunk_elems)
+    if kind == "gumbel":
+        parts = [_chunk_noise((c, min(rows, n - r0), k), seed, i, device, kind)
+                 for i, r0 in enumerate(range(0, n, rows))]
+        return torch.cat(parts, dim=1).permute(1, 2, 0)
     parts = [
         _chunk_noise((min(rows, n - r0), k, c), seed, i, device, kind)
         for i, r0 in enumerate(range(0, n, rows))
@@ -208,8 +214,8 @@ def sample_noise(shape: Sequence[int], seed: int, chunk_elems: int, device="cpu"
 
 def _expand_groups(x: torch.Tensor, k: int) -> torch.Tensor:
     """[n, groups] -> [n, K] by repeating each group's value over its G columns."""
-    groups = x.shape[1]
-    return x.repeat_interleave(k // groups, dim=1)
+    n, groups = x.shape
+    return x.unsqueeze(-1).expand(n, groups, k // groups).reshape(n, k)
 
 
 def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -222,33 +228,52 @@ def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 
 class GumbelSoftWeight(torch.autograd.Function):
-    """W_soft = (base + sum_k softmax((alpha*kappa + g)/tau)_k d_k) * s, g replayed from seed.
+    """W_soft = (base + sum_k softmax((alpha*kappa + g)/tau)_k d_k) * s.
 
-    Inputs: logits [N,K,C] fp32, scale [N,groups] fp32, base int8 [N,K], offsets [C],
-    valid bool-able mask built on the fly from (base, offsets, qmin, qmax).
+    Inputs: logits [N,K,C] fp32, scale [N,groups] fp32, base int8 [N,K], offsets [C];
+    candidates outside [qmin, qmax] are masked from (base, offsets) on the fly.
+    save_elems: if logits.numel() <= save_elems, forward keeps y*(d - e) ([N,K,C]
+    fp32, as much memory as the logits) for the backward; otherwise the backward
+    replays g from the seed and recomputes y chunk by chunk (no [N,K,C] state
+    between forward and backward). Same math either way.
+
+    Work is candidate-major: per row chunk, noise and z are [C, rows, K], so the
+    softmax over candidates and e = sum_k y_k d_k are reductions over contiguous
+    planes (a softmax over a last dim of 4-5 is ~15x slower on CPU).
     """
 
     @staticmethod
-    def forward(ctx, logits, scale, base, offsets, tau, kappa, seed, qmin, qmax, chunk_elems, out_dtype):
+    def forward(ctx, logits, scale, base, offsets, tau, kappa, seed, qmin, qmax, chunk_elems, out_dtype,
+                save_elems=None):
         n, k, c = logits.shape
         rows = _chunk_rows(n, k, c, chunk_elems)
         out = torch.empty((n, k), dtype=out_dtype, device=logits.device)
-        offs = offsets.to(device=logits.device, dtype=torch.float32)
+        offs = offsets.to(device=logits.device, dtype=logits.dtype)
+        save = save_elems is not None and logits.numel() <= save_elems
+        saved_a, saved_be = [], []
         with torch.no_grad():
             for i, r0 in enumerate(range(0, n, rows)):
                 r1 = min(n, r0 + rows)
                 y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
-                e = (y * offs).sum(-1)
-                s = _expand_groups(scale[r0:r1], k)
-                out[r0:r1] = ((base[r0:r1].to(torch.float32) + e) * s).to(out_dtype)
+                e = torch.tensordot(offs, y, dims=([0], [0]))  # [rows, K]
+                be = base[r0:r1].to(logits.dtype) + e
+                out[r0:r1] = (be * _expand_groups(scale[r0:r1], k)).to(out_dtype)
+                if save:
+                    # y_k (d_k - e), the per-candidate factor of dL/dalpha (zero where masked)
+                    saved_a.append(y.mul_((offs.view(c, 1, 1) - e)))
+                    saved_be.append(be)
         ctx.save_for_backward(logits, scale, base, offs)
+        ctx.saved_chunks = (saved_a, saved_be) if save else None
         ctx.cfg = (tau, kappa, seed, qmin, qmax, chunk_elems)
+        ctx.n_inputs = 11 if save_elems is None else 12
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, scale, base, offs = ctx.saved_tensors
         tau, kappa, seed, qmin, qmax, chunk_elems = ctx.cfg
+        saved = ctx.saved_chunks
+        ctx.saved_chunks = None
         n, k, c = logits.shape
         rows = _chunk_rows(n, k, c, chunk_elems)
         need_logits, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -257,23 +282,35 @@ class GumbelSoftWeight(torch.autograd.Function):
         groups = scale.shape[1]
         for i, r0 in enumerate(range(0, n, rows)):
             r1 = min(n, r0 + rows)
-            y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
-            e = (y * offs).sum(-1)
-            g = grad_out[r0:r1].to(torch.float32)
+            if saved is not None:
+                a, be = saved[0][i], saved[1][i]
+            else:
+                y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
+                e = torch.tensordot(offs, y, dims=([0], [0]))
+                be = base[r0:r1].to(logits.dtype) + e
+                a = y.mul_(offs.view(c, 1, 1) - e)  # y*(d - e) is zero for masked candidates (y = 0)
+            g = grad_out[r0:r1].to(logits.dtype)
             if need_scale:
-                g_scale[r0:r1] = _sum_groups(g * (base[r0:r1].to(torch.float32) + e), groups)
+                g_scale[r0:r1] = _sum_groups(g * be, groups)
             if need_logits:
                 gs = g * _expand_groups(scale[r0:r1], k) * (kappa / tau)
-                # y*(d - e) is zero for masked candidates (y = 0 there)
-                g_logits[r0:r1] = gs.unsqueeze(-1) * y * (offs - e.unsqueeze(-1))
-        return g_logits, g_scale, None, None, None, None, None, None, None, None, None
+                g_logits[r0:r1].permute(2, 0, 1).copy_(a.mul_(gs))
+        return (g_logits, g_scale) + (None,) * (ctx.n_inputs - 2)
 
 
 def _soft_assign(logits, base, offs, tau, kappa, seed, chunk_index, qmin, qmax):
-    noise = _chunk_noise(logits.shape, seed, chunk_index, logits.device, "gumbel")
-    z = (logits * kappa + noise) / tau
-    z = z.masked_fill(~_valid_mask(base, offs, qmin, qmax), float("-inf"))
-    return torch.softmax(z, dim=-1)
+    """y = softmax over candidates of (alpha*kappa + g)/tau, candidate-major [C, rows, K]."""
+    rows, k, c = logits.shape
+    z = _chunk_noise((c, rows, k), seed, chunk_index, logits.device, "gumbel").to(logits.dtype)
+    z.add_(logits.permute(2, 0, 1), alpha=kappa).mul_(1.0 / tau)
+    # mask candidates off the grid: base + d_k < qmin or > qmax (never the case at 2 bits, base 0)
+    bmin, bmax = int(base.min()), int(base.max())
+    for j, d in enumerate(offs.tolist()):
+        if bmin + d < qmin:
+            z[j].masked_fill_(base < qmin - d, float("-inf"))
+        if bmax + d > qmax:
+            z[j].masked_fill_(base > qmax - d, float("-inf"))
+    return torch.softmax(z, dim=0)
 
 
 # --------------------------------------------------------------------------- #
@@ -367,7 +404,12 @@ class GSQWeight:
         chunk_elems: int = 1 << 21,
         fp_weight: Optional[torch.Tensor] = None,
         name: str = "",
+        save_elems: int = 1 << 26,
     ):
+        """save_elems: keep the soft assignment between forward and backward when the
+        logits have at most this many elements (saves regenerating the noise and the
+        softmax in every backward, for as much memory as the logits); larger weights
+        replay the noise from its seed instead."""
         spec = init.spec
         where = f"layer {name!r}: " if name else ""
         if not spec.symmetric or init.zero_point is not None:
@@ -383,6 +425,7 @@ class GSQWeight:
         self.spec = spec
         self.ternary = ternary
         self.chunk_elems = chunk_elems
+        self.save_elems = int(save_elems)
         device = q0.device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed) % _SEED_MOD)
@@ -415,7 +458,8 @@ class GSQWeight:
             return TernarySoftWeight.apply(self.logits, self.scale, float(tau), float(kappa), int(seed),
                                            self.chunk_elems, dtype)
         return GumbelSoftWeight.apply(self.logits, self.scale, self.base, self.offsets, float(tau), float(kappa),
-                                      int(seed), self.spec.qmin, self.spec.qmax, self.chunk_elems, dtype)
+                                      int(seed), self.spec.qmin, self.spec.qmax, self.chunk_elems, dtype,
+                                      self.save_elems)
 
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
@@ -499,9 +543,10 @@ class Lion(torch.optim.Optimizer):
                 m = state["exp_avg"]
                 if wd:
                     p.mul_(1 - lr * wd)
-                update = m.mul(b1).add_(p.grad, alpha=1 - b1).sign_()
+                # lerp: b1 m + (1 - b1) g and b2 m + (1 - b2) g in one pass each
+                update = torch.lerp(p.grad, m, b1).sign_()
                 p.add_(update, alpha=-lr)
-                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+                m.lerp_(p.grad, 1 - b2)
         return loss
 
 
