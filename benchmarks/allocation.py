@@ -41,6 +41,7 @@ from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ASYM = [QuantSpec(b, 64, False) for b in range(2, 9)]
+SLQ_SHRINK_GRID = [round(1.0 - 0.05 * i, 2) for i in range(11)]  # SLQModifier's database search
 
 
 # ------------------------------------------------------------------------------ (a)
@@ -125,9 +126,9 @@ def run_synthetic(n_instances=5, steps=200):
 
 # ------------------------------------------------------------------------------ (b)
 def run_model(args):
-    from vllm_slq.allocation.objective import (ModelKLObjective, build_candidates, collect_hessians,
-                                               proxy_errors)
-    from vllm_slq.data import load_model, load_text, token_blocks
+    from vllm_slq.allocation.objective import (ModelKLObjective, build_candidates, cached_candidates,
+                                               collect_hessians, database_errors, proxy_errors)
+    from vllm_slq.data import cache_dir, load_model, load_text, token_blocks
 
     t_all = time.perf_counter()
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
@@ -136,19 +137,23 @@ def run_model(args):
     held = token_blocks(tok, text.evaluation, args.seq_len, args.eval_blocks)
     pb = AllocationProblem(group_linears(linear_shapes(model)), ASYM)
     t = time.perf_counter()
-    H = collect_hessians(model, pb.module_names(), calib)
-    try:
-        cands = build_candidates(model, pb, H, args.database)
-        db = args.database
-    except (ImportError, ModuleNotFoundError) as e:  # database module not ready: RTN fallback
-        print(f"  {args.database} database unavailable ({e}); using RTN")
+    db = args.database
+    if db == "gptq":
+        # the same on-disk database as benchmarks/slq.py when tokens and GPTQ options match
+        cands, info = cached_candidates(model, pb, calib, args.cache_dir or (cache_dir() / "databases"),
+                                        key_extra={"model": "smollm2-135m"}, shrink_grid=SLQ_SHRINK_GRID,
+                                        act_order=args.act_order)
+        errors = database_errors(pb, cands)
+        print(f"  gptq database: {info['built_layers']} layers built, {info['loaded_layers']} loaded "
+              f"from {info['path']}", flush=True)
+    else:
+        H = collect_hessians(model, pb.module_names(), calib)
         cands = build_candidates(model, pb, None, "rtn")
-        db = "rtn"
+        errors = proxy_errors(model, pb, cands, H)
     t_db = time.perf_counter() - t
-    errors = proxy_errors(model, pb, cands, H)
     obj = ModelKLObjective(model, pb, cands, calib, batch_blocks=1)
     init = sensitivity_logits(errors, pb.available)
-    settings = {"model": "smollm2-135m", "database": db, "options": [o.short() for o in ASYM],
+    settings = {"model": "smollm2-135m", "database": db, "act_order": args.act_order, "options": [o.short() for o in ASYM],
                 "groups": pb.n_groups, "tied": "q/k/v and gate/up per block", "seq_len": args.seq_len,
                 "calib_blocks": args.calib_blocks, "eval_blocks": args.eval_blocks,
                 "rco": {"steps": args.rco_steps, "samples": args.rco_samples, "blocks_per_sample": 1,
@@ -216,10 +221,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--instances", type=int, default=5)
     ap.add_argument("--budgets", type=float, nargs="+", default=[3.5, 4.5, 6.0])
-    ap.add_argument("--database", default="rtn", choices=("gptq", "rtn"))
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--calib-blocks", type=int, default=4)
-    ap.add_argument("--eval-blocks", type=int, default=4)
+    ap.add_argument("--database", default="gptq", choices=("gptq", "rtn"))
+    ap.add_argument("--act-order", action="store_true", help="GPTQ database with act-order (static groups)")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="GPTQ database cache (default: the data cache)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-blocks", type=int, default=8)
+    ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--rco-steps", type=int, default=16)
     ap.add_argument("--rco-samples", type=int, default=2)
     ap.add_argument("--evo-generations", type=int, default=8)

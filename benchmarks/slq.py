@@ -271,6 +271,7 @@ def main():
     ap.add_argument("--bisect-steps", type=int, default=3,
                     help="distribution-lossless budget bisection steps per EAR target on slq_asym (0: off)")
     ap.add_argument("--bisect-tolerance", type=float, default=0.05, help="stop bisecting below this bpp bracket")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ databases with act-order (static groups)")
     ap.add_argument("--skip-sym", action="store_true", help="no symmetric database / curves")
     ap.add_argument("--max-layers", type=int, default=None, help="quantize only decoder layers < N (smoke runs)")
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -307,7 +308,7 @@ def main():
     evaluator = HeldoutEvaluator(model, held, args.n_boot, args.seed)
     stages["load_s"] = time.perf_counter() - t
     db_root = args.cache_dir or (cache_dir() / "databases")
-    gptq_kw = {"shrink_grid": SLQ_SHRINK_GRID}
+    gptq_kw = {"shrink_grid": SLQ_SHRINK_GRID, "act_order": args.act_order}
 
     settings = {
         "model": "smollm2-135m", "dtype": "float32", "text": "brown (calibration / evaluation splits)",
@@ -318,6 +319,7 @@ def main():
         "feasible_bpp": {k: list(p.feasible_range()) for k, p in problems.items()},
         "gptq": {"hessians": "collect_hessians on the FP model, calibration blocks (same tokens for both databases)",
                  "scale_search": "hessian", "shrink_grid": SLQ_SHRINK_GRID, "percdamp": 0.01,
+                 "act_order": args.act_order,
                  "blocksize": 128, "cache_dir": str(db_root)},
         "rco": {"steps": args.rco_steps, "samples": args.rco_samples, "blocks_per_sample": 1, "lr": 0.1,
                 "tau": "1.0->0.01 exponential", "init": "sensitivity_logits(GPTQ Hessian relative errors)",
