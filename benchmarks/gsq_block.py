@@ -1,0 +1,215 @@
+"""GSQ on single decoder blocks of the reference model: GPTQ init vs refined, per block.
+
+The tuning/profiling companion of benchmarks/gsq.py. For each chosen decoder layer
+of SmolLM2-135M-Instruct it caches the layer's inputs (FP model, calibration Brown
+text) and FP outputs, builds the MLP linears' Hessians from those inputs, runs our
+GPTQ (symmetric, hessian scale search: the GSQ init, as GSQModifier does), then
+refines gate/up/down jointly with vllm_slq.quant.gsq.refine against the block-output
+MSE -- the same loss, block call and soft-weight plumbing as GSQModifier, without
+llmcompressor's pipeline (so every block sees FP inputs, not quantized-propagated
+ones). Reports, per block: hard (argmax) block-output MSE of the GPTQ init and of
+the refined weights on the calibration items and on held-out sequences, steps and
+seconds (refinement only, one thread by default).
+
+    python benchmarks/gsq_block.py --bits 2 --layers 0 2 10 20
+    python benchmarks/gsq_block.py --bits 3 --layers 2 --profile   # cProfile of one block
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layers(model, tokens: torch.Tensor, layers, batch: int = 1):
+    """Per layer: [(args, kwargs, fp_out)] per sequence and the three MLP Hessians (2/n sum x x^T)."""
+    from vllm_slq.quant.gptq import GPTQ
+
+    blocks = model.model.layers
+    items = {i: [] for i in layers}
+    hess = {i: {n: GPTQ(getattr(blocks[i].mlp, n).in_features) for n in MLP_NAMES} for i in layers}
+    hooks = []
+    pending = {}
+
+    for i in layers:
+        def pre(_m, args, kwargs, i=i):
+            pending[i] = (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args),
+                          {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()
+                           if k not in ("past_key_values", "past_key_value", "use_cache")})
+
+        def post(_m, _args, out, i=i):
+            a, kw = pending.pop(i)
+            items[i].append((a, kw, _first(out).detach().clone()))
+
+        hooks.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(blocks[i].register_forward_hook(post))
+        for n in MLP_NAMES:
+            hooks.append(getattr(blocks[i].mlp, n).register_forward_hook(
+                lambda _m, inp, _o, acc=hess[i][n]: acc.add_batch(inp[0])))
+    try:
+        for s in range(0, tokens.shape[0], batch):
+            model(input_ids=tokens[s:s + batch], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return items, {i: {n: hess[i][n].H for n in MLP_NAMES} for i in layers}
+
+
+def refine_block(block, items, heldout, H, bits, group, cfg, ternary=False, threads=1, profile=None):
+    import functools
+
+    from vllm_slq.quant.gptq import gptq_quantize
+    from vllm_slq.quant.gsq import GSQWeight, _hard_loss, refine
+    from vllm_slq.quant.spec import QuantSpec
+
+    spec = QuantSpec(bits, group, symmetric=True)
+    mods = {n: getattr(block.mlp, n) for n in MLP_NAMES}
+    t0 = time.perf_counter()
+    gsq = {}
+    for i, n in enumerate(MLP_NAMES):
+        init = gptq_quantize(mods[n].weight.data, H[n], spec, layer=n, scale_search="hessian",
+                             scale_dtype=torch.float16, negative_scale=False)
+        gsq[n] = GSQWeight(init, init_std=cfg.init_std, init_strength=cfg.init_strength, seed=cfg.seed * 101 + i,
+                           fp_weight=mods[n].weight.data, name=n)
+    t_init = time.perf_counter() - t0
+    current = {}
+
+    def block_loss(weights, item):
+        args, kwargs, target = item
+        current.update(weights)
+        out = _first(block(*args, **kwargs))
+        return torch.nn.functional.mse_loss(out.float(), target.float())
+
+    saved = {}
+    for n, m in mods.items():
+        saved[n] = m.__dict__.get("forward")
+        m.forward = functools.partial(lambda mod, cur, name, x: torch.nn.functional.linear(x, cur[name], mod.bias),
+                                      m, current, n)
+    try:
+        init_codes = {n: w.q0.clone() for n, w in gsq.items()}
+        held_init = _hard_loss(gsq, heldout, block_loss, torch.float32, codes=init_codes) if heldout else float("nan")
+        t1 = time.perf_counter()
+        with torch.enable_grad():
+            if profile:
+                prof = cProfile.Profile()
+                prof.enable()
+            res = refine(gsq, items, block_loss, cfg, keep_init_if_worse=False)
+            if profile:
+                prof.disable()
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        t_refine = time.perf_counter() - t1
+        held_final = _hard_loss(gsq, heldout, block_loss, torch.float32) if heldout else float("nan")
+    finally:
+        for n, m in mods.items():
+            if saved[n] is None:
+                del m.forward
+            else:
+                m.forward = saved[n]
+    changed = sum(int((w.hard_codes() != w.q0).sum()) for w in gsq.values())
+    total = sum(w.q0.numel() for w in gsq.values())
+    return {
+        "init_mse": res.init_hard_loss, "final_mse": res.final_hard_loss,
+        "heldout_init_mse": held_init, "heldout_final_mse": held_final,
+        "ratio": res.final_hard_loss / res.init_hard_loss,
+        "heldout_ratio": held_final / held_init if heldout else float("nan"),
+        "steps": res.steps, "gptq_init_s": t_init, "refine_s": t_refine,
+        "codes_changed_frac": changed / total,
+        "first_loss": res.losses[0], "last_loss": res.losses[-1],
+    }
+
+
+def main(argv=None):
+    from vllm_slq.quant.gsq import GSQConfig
+
+    d = GSQConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 2, 10, 20])
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--n-heldout", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--logit-lr", type=float, default=d.logit_lr)
+    ap.add_argument("--scale-lr", type=float, default=d.scale_lr)
+    ap.add_argument("--weight-decay", type=float, default=d.logit_weight_decay)
+    ap.add_argument("--tau", type=float, nargs=2, default=[d.tau_start, d.tau_end])
+    ap.add_argument("--kappa", type=float, nargs=2, default=[d.kappa_start, d.kappa_end])
+    ap.add_argument("--init-strength", type=float, default=d.init_strength)
+    ap.add_argument("--init-std", type=float, default=d.init_std)
+    ap.add_argument("--final-lr-fraction", type=float, default=d.final_lr_fraction)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cache", default="/tmp/gsq_block_cache", help="folder for cached layer inputs")
+    ap.add_argument("--out", default=None, help="JSON output (default: print only)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from vllm_slq.data import load_model, load_text, token_blocks
+
+    model, tok = load_model(args.model, dtype=torch.float32)
+    model.eval()
+    key = f"{args.model}_n{args.n_calib}_h{args.n_heldout}_L{args.seq_len}_" + "-".join(map(str, args.layers))
+    cache = Path(args.cache) / f"{key}.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        text = load_text()
+        calib = token_blocks(tok, text.calibration, args.seq_len, args.n_calib)
+        held = token_blocks(tok, text.evaluation, args.seq_len, args.n_heldout)
+        items, H = capture_layers(model, calib, args.layers)
+        held_items, _ = capture_layers(model, held, args.layers)
+        data = {"items": items, "H": H, "held": held_items}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, cache)
+
+    cfg = GSQConfig(tau_start=args.tau[0], tau_end=args.tau[1], kappa_start=args.kappa[0], kappa_end=args.kappa[1],
+                    logit_lr=args.logit_lr, logit_weight_decay=args.weight_decay, scale_lr=args.scale_lr,
+                    final_lr_fraction=args.final_lr_fraction, init_std=args.init_std,
+                    init_strength=args.init_strength, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    rows = {}
+    print(f"{'layer':>5} {'init':>9} {'final':>9} {'ratio':>6} {'held init':>9} {'held fin':>9} {'ratio':>6} "
+          f"{'steps':>5} {'refine s':>8} {'changed':>7}")
+    for i in args.layers:
+        r = refine_block(model.model.layers[i], data["items"][i], data["held"][i], data["H"][i], args.bits,
+                         args.group_size, cfg, threads=args.threads, profile=args.profile)
+        rows[i] = r
+        print(f"{i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} {r['heldout_init_mse']:9.4g} "
+              f"{r['heldout_final_mse']:9.4g} {r['heldout_ratio']:6.3f} {r['steps']:>5} {r['refine_s']:8.1f} "
+              f"{r['codes_changed_frac']:7.3f}", flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"settings": vars(args), "config": {k: v for k, v in vars(cfg).items()}, "blocks": rows}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
