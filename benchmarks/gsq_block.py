@@ -136,6 +136,35 @@ def refine_block(block, items, heldout, H, bits, group, cfg, ternary=False, thre
     }
 
 
+def plot(payload, path):
+    """Bars per block: GPTQ init and GSQ hard block-output MSE, calibration and held-out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = payload["blocks"]
+    layers = list(blocks)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (a, b, title) in zip(axes, [("init_mse", "final_mse", "calibration"),
+                                        ("heldout_init_mse", "heldout_final_mse", "held-out")]):
+        xs = range(len(layers))
+        ax.bar([x - 0.2 for x in xs], [blocks[l][a] for l in layers], 0.4, label="GPTQ init")
+        ax.bar([x + 0.2 for x in xs], [blocks[l][b] for l in layers], 0.4, label="GSQ (hard)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([f"layer {l}" for l in layers])
+        ax.set_yscale("log")
+        ax.set_title(f"block-output MSE, {title}")
+    axes[0].legend()
+    st = payload["settings"]
+    fig.suptitle(f"SmolLM2-135M MLP, {st['bits']}-bit G{st['group_size']}: {payload['blocks'][layers[0]]['steps']} "
+                 f"steps/block, logit lr {st['logit_lr']:g}, scale lr {st['scale_lr']:g}, strength {st['init_strength']:g}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     from vllm_slq.quant.gsq import GSQConfig
 
@@ -163,7 +192,13 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cache", default="/tmp/gsq_block_cache", help="folder for cached layer inputs")
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        src = Path(args.plot_only)
+        plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"wrote {src.with_suffix('.png')}")
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -208,7 +243,8 @@ def main(argv=None):
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, out)
-        print(f"wrote {out}")
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
