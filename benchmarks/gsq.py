@@ -14,8 +14,8 @@ quantization wall-clock and peak RSS of the process during that run.
 
 Scaled down for CPU (the paper: 10 epochs x batch 64 sequences on GPU, hundreds
 of steps per block): defaults 64 x 256-token calibration sequences, 1 epoch, 2
-sequences per step = 32 optimiser steps per block (~10-15 s per block on one
-core), logit lr 1e-3, scale lr 3e-4, init strength 10 (paper: 2e-4, 1e-4, 6);
+sequences per step = 32 optimiser steps per block (15-20 s per block with its
+GPTQ init on one shared core), logit lr 1e-3, scale lr 3e-4, init strength 10 (paper: 2e-4, 1e-4, 6);
 tau 2 -> 0.05 and kappa 100 -> 500 per step as in the paper. Why these values:
 benchmarks/gsq_block.py sweeps on single blocks (layers 0/2/10/20, results in
 benchmarks/results/gsq_block_{2,3}bit.json). With the paper's init strength 6
