@@ -18,10 +18,12 @@ Equations (docs/methods.md section 3) and where they live below:
 * Soft weight (:class:`GumbelSoftWeight`, :class:`TernarySoftWeight`):
     y = softmax((alpha * kappa + g) / tau),   g ~ Gumbel(0, 1)
     W_soft = (base + sum_k y_k d_k) * s
-  The backward pass **replays** g from a seed instead of saving y, so the only
-  per-weight state is alpha (+ its gradient and Lion moment): no soft one-hot
-  [N, K, C] tensor lives between forward and backward. Work is done in row
-  chunks so transient buffers stay small.
+  For weights up to ``save_elems`` logits (default 64M) the forward keeps
+  y_k (d_k - e) for the backward (as much memory as the logits); larger weights
+  **replay** g from a seed in the backward instead, so no soft one-hot [N, K, C]
+  tensor lives between forward and backward. Work is done in row chunks,
+  candidate-major ([C, rows, K]: a softmax over a contiguous last dim of 4-5 is
+  an order of magnitude slower on CPU), so transient buffers stay small.
   Gradients (y_k = softmax output, e = E_y[d]):
     dL/dalpha_k = (kappa / tau) * (dL/dW * s) * y_k * (d_k - e)
     dL/ds_group = sum_{group} dL/dW * (base + e)
@@ -42,8 +44,10 @@ Equations (docs/methods.md section 3) and where they live below:
 
 Memory per refined weight (C candidates): logits, their gradient and the Lion
 moment, fp32 each (3 x 4 x C bytes per weight) plus int8 base/q0 codes; the soft
-weight and its gradient are [N, K] in the block's dtype. The noise and the soft
-one-hot exist only chunk by chunk inside forward/backward.
+weight and its gradient are [N, K] in the block's dtype. Between a step's forward
+and backward, y (d - e) adds another 4 x C bytes per weight when it is saved
+(save_elems); with replay the noise and the soft one-hot exist only chunk by
+chunk inside forward/backward.
 
 Nothing here imports llmcompressor or vLLM; the modifier supplies the loss.
 """
