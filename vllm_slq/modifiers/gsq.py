@@ -290,7 +290,9 @@ class GSQModifier(LayerwiseQuantModifier):
                 else:
                     modules[n].forward = saved[n]
             current.clear()
-        state_bytes = sum(w.state_bytes() for w in gsq.values()) + sum(2 * w.logits.numel() * 4 for w in gsq.values())
+        # + logit gradient and Lion moment, + y*(d-e) kept between a step's forward and backward when saved
+        state_bytes = sum(w.state_bytes() + (2 + (w.logits.numel() <= w.save_elems)) * w.logits.numel() * 4
+                          for w in gsq.values())
         for n, w in gsq.items():
             qw = w.to_quantized()
             sdt = self.scale_dtype_for(modules[n])
@@ -307,7 +309,7 @@ class GSQModifier(LayerwiseQuantModifier):
             "steps": res.steps,
             "items": len(items),
             "seconds": time.perf_counter() - t0,
-            # logits + Lion moment + logit gradient (fp32 each) + base/q0 codes + scales
+            # logits + Lion moment + logit gradient (+ saved y*(d-e)), fp32 each, + base/q0 codes + scales
             "gsq_state_bytes": state_bytes,
             "first_loss": res.losses[0] if res.losses else math.nan,
             "last_loss": res.losses[-1] if res.losses else math.nan,
