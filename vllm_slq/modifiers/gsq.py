@@ -291,7 +291,7 @@ class GSQModifier(LayerwiseQuantModifier):
                     modules[n].forward = saved[n]
             current.clear()
         # + logit gradient and Lion moment, + y*(d-e) kept between a step's forward and backward when saved
-        state_bytes = sum(w.state_bytes() + (2 + (w.logits.numel() <= w.save_elems)) * w.logits.numel() * 4
+        state_bytes = sum(w.state_bytes() + (2 + (not w.ternary and w.logits.numel() <= w.save_elems)) * w.logits.numel() * 4
                           for w in gsq.values())
         for n, w in gsq.items():
             qw = w.to_quantized()
