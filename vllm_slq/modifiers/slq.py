@@ -52,7 +52,7 @@ class SLQModifier(LayerwiseQuantModifier):
     tasks: Optional[list[str]] = None
     tie_fused: bool = True
     dampening_frac: float = 0.01
-    act_order: bool = False  # GPTQ column order for the database (see SLQGPTQModifier)
+    act_order: bool = True  # GPTQ column order for the database (see SLQGPTQModifier)
     # range-shrink factors tried per group (Hessian-weighted): 11 points from 1.0 to 0.5,
     # a seventh of the default 81-point search's cost across the 7-width database
     shrink_grid: list[float] = Field(default_factory=lambda: [round(1.0 - 0.05 * i, 2) for i in range(11)])
