@@ -201,7 +201,8 @@ def main():
     ap.add_argument("--ours-act-order", default="on", choices=["on", "off"],
                     help="our GPTQ visits columns in descending diag(H) order (static groups)")
     ap.add_argument("--database-bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
-    ap.add_argument("--database-writeback", type=int, default=4)
+    ap.add_argument("--database-writeback", type=int, default=4,
+                    help="width the database run writes back; 0 = no database run (single widths only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-layer", type=int, default=None,
                     help="quantize only decoder layers < this (both methods); default all")
@@ -258,7 +259,7 @@ def main():
     for bits in args.bits:
         key = f"w{bits}a_g{args.group_size}"
         for method in ("llmcompressor", "ours"):
-            if method == "ours" and bits == args.database_writeback:
+            if method == "ours" and bits == args.database_writeback and args.database_writeback:
                 continue  # the database run below writes back exactly this (bit-identical entries)
             LLMC_TIMER["quantize_s"] = OURS_TIMER["quantize_s"] = 0.0
             if method == "llmcompressor":
@@ -271,20 +272,23 @@ def main():
                    (LLMC_TIMER if method == "llmcompressor" else OURS_TIMER)["quantize_s"])
             del model
 
-    # our multi-bit database in the same oneshot flow (writes back --database-writeback bits)
-    OURS_TIMER["quantize_s"] = 0.0
-    recipe = make_ours(args.database_writeback, args.group_size, args.dampening, args.block_size, args.scale_search,
-                       targets, database_bits=args.database_bits, act_order=args.ours_act_order == "on")
-    model, db_wall = run_oneshot(path, tok, ds, recipe, args.samples, args.seq_len)
-    db_quant = OURS_TIMER["quantize_s"]
-    if args.database_writeback in args.bits:
-        record(f"w{args.database_writeback}a_g{args.group_size}", "ours", args.database_writeback, model, db_wall,
-               db_quant)
-        runs[-1]["from_database"] = True
-        runs[-1]["note"] = (f"from the database run (wall/quantize times are the database's,  bits {args.database_bits}); its entry equals single-width "
-                            "gptq_quantize bit for bit")
-    del model
-    print(f"database bits {args.database_bits}: wall {db_wall:.1f}s, quantize {db_quant:.1f}s", flush=True)
+    db_wall = db_quant = None
+    if args.database_writeback:
+        # our multi-bit database in the same oneshot flow (writes back --database-writeback bits)
+        OURS_TIMER["quantize_s"] = 0.0
+        recipe = make_ours(args.database_writeback, args.group_size, args.dampening, args.block_size, args.scale_search,
+                           targets, database_bits=args.database_bits, act_order=args.ours_act_order == "on")
+        model, db_wall = run_oneshot(path, tok, ds, recipe, args.samples, args.seq_len)
+        db_quant = OURS_TIMER["quantize_s"]
+        if args.database_writeback in args.bits:
+            record(f"w{args.database_writeback}a_g{args.group_size}", "ours", args.database_writeback, model, db_wall,
+                   db_quant)
+            runs[-1]["from_database"] = True
+            runs[-1]["note"] = (f"from the database run (wall/quantize times are the database's,  bits {args.database_bits}); its entry equals single-width "
+                                "gptq_quantize(scale_search=hessian) bit for bit; single-width runs also try min/max groups")
+        del model
+        print(f"database bits {args.database_bits}: wall {db_wall:.1f}s, quantize {db_quant:.1f}s", flush=True)
+
 
     comparisons = []
     for key, d in per_layer.items():
@@ -300,14 +304,17 @@ def main():
     llmc_one = [r for r in runs if r["method"] == "llmcompressor" and r["bits"] == args.database_writeback] or \
                [r for r in runs if r["method"] == "llmcompressor"]
     ref = llmc_one[0]
-    timing = {"database_bits": args.database_bits, "database_wall_s": db_wall, "database_quantize_s": db_quant,
-              "llmc_single_width_bits": ref["bits"], "llmc_single_width_wall_s": ref["wall_s"],
-              "llmc_single_width_quantize_s": ref["quantize_s"],
-              "ours_single_width": [{"bits": r["bits"], "wall_s": r["wall_s"], "quantize_s": r["quantize_s"]}
-                                    for r in runs if r["method"] == "ours" and not r.get("from_database")],
-              "wall_ratio_database_over_llmc": db_wall / ref["wall_s"],
-              "quantize_ratio_database_over_llmc": db_quant / max(ref["quantize_s"], 1e-9),
-              "target_met": db_wall <= 2 * ref["wall_s"]}
+    if db_wall is None:
+        timing = {"database": "not run (--database-writeback 0)"}
+    else:
+        timing = {"database_bits": args.database_bits, "database_wall_s": db_wall, "database_quantize_s": db_quant,
+                  "llmc_single_width_bits": ref["bits"], "llmc_single_width_wall_s": ref["wall_s"],
+                  "llmc_single_width_quantize_s": ref["quantize_s"],
+                  "ours_single_width": [{"bits": r["bits"], "wall_s": r["wall_s"], "quantize_s": r["quantize_s"]}
+                                        for r in runs if r["method"] == "ours" and not r.get("from_database")],
+                  "wall_ratio_database_over_llmc": db_wall / ref["wall_s"],
+                  "quantize_ratio_database_over_llmc": db_quant / max(ref["quantize_s"], 1e-9),
+                  "target_met": db_wall <= 2 * ref["wall_s"]}
 
     print()
     print(f"{'setting':12s} {'method':14s} {'mean err':>10s} {'median err':>10s} {'ppl':>8s} {'wall s':>8s} {'quant s':>8s}")
@@ -321,9 +328,10 @@ def main():
     for c in comparisons:
         print(f"{c['setting']}: ours <= llmcompressor on {c['layers_ours_le_llmc']}/{c['layers']} layers; "
               f"mean-error ratio {c['mean_err_ratio_ours_over_llmc']:.3f}; target met: {c['target_met']}")
-    print(f"database ({len(args.database_bits)} widths) wall {db_wall:.1f}s vs llmcompressor {ref['bits']}-bit "
-          f"{ref['wall_s']:.1f}s -> x{timing['wall_ratio_database_over_llmc']:.2f} (quantize step "
-          f"{db_quant:.1f}s vs {ref['quantize_s']:.1f}s); target (<= 2x) met: {timing['target_met']}")
+    if db_wall is not None:
+        print(f"database ({len(args.database_bits)} widths) wall {db_wall:.1f}s vs llmcompressor {ref['bits']}-bit "
+              f"{ref['wall_s']:.1f}s -> x{timing['wall_ratio_database_over_llmc']:.2f} (quantize step "
+              f"{db_quant:.1f}s vs {ref['quantize_s']:.1f}s); target (<= 2x) met: {timing['target_met']}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

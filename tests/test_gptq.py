@@ -13,6 +13,7 @@ from vllm_slq.quant.gptq import (
     GPTQError,
     factor_hessian,
     gptq_quantize,
+    gptq_quantize_best,
     gptq_quantize_many,
     hessian_relative_error,
 )
@@ -398,3 +399,13 @@ def test_act_order_database_equals_separate_runs_and_helps(layer192):
         assert one.meta["rel_err"] == pytest.approx(hessian_relative_error(w, one.dequantize(), gp.H), rel=1e-9)
     with pytest.raises(GPTQError, match="act_order"):
         gptq_quantize(w, gp.H, specs[0], act_order=True, factor=factor_hessian(gp.H))
+
+
+def test_best_of_scale_searches_keeps_the_lower_layer_error(layer192):
+    w, gp, _ = layer192
+    for spec in (QuantSpec(4, 64, False), QuantSpec(3, 64, True)):
+        runs = {m: gptq_quantize(w, gp.H, spec, scale_search=m, act_order=True) for m in ("hessian", "minmax")}
+        best = gptq_quantize_best(w, gp.H, spec, scale_searches=("hessian", "minmax"), act_order=True)
+        want = min(runs.values(), key=lambda q: q.meta["rel_err"])
+        assert torch.equal(best.codes, want.codes) and torch.equal(best.scale, want.scale)
+        assert best.meta["scale_search_tried"] == {m: q.meta["rel_err"] for m, q in runs.items()}

@@ -25,7 +25,7 @@ from typing import ClassVar, Literal, Optional
 import torch
 
 from vllm_slq.quant.grid import rtn
-from vllm_slq.quant.gptq import gptq_quantize
+from vllm_slq.quant.gptq import gptq_quantize_best
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
 from .base import LayerwiseQuantModifier
@@ -64,11 +64,15 @@ class SLQGPTQModifier(LayerwiseQuantModifier):
     dampening_frac: float = 0.01
     scale_search: Literal["minmax", "mse", "hessian"] = "hessian"
     act_order: bool = True  # measured: 0.91x llmcompressor's error at w3 (benchmarks/results/gptq_vs_llmcompressor.json)
+    # also run GPTQ with min/max group parameters and keep the lower layer error
+    # (vllm_slq.quant.gptq.gptq_quantize_best); doubles the GPTQ time
+    try_minmax: bool = True
 
     def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
                         spec: QuantSpec) -> QuantizedWeight:
-        return gptq_quantize(module.weight.data, H, spec, layer=name, percdamp=self.dampening_frac,
-                             blocksize=self.block_size, scale_search=self.scale_search,
-                             scale_dtype=self.scale_dtype_for(module), act_order=self.act_order,
-                             # compressed-tensors/vLLM kernels assume positive scales
-                             negative_scale=False)
+        searches = (self.scale_search, "minmax") if self.try_minmax else (self.scale_search,)
+        return gptq_quantize_best(module.weight.data, H, spec, layer=name, percdamp=self.dampening_frac,
+                                  blocksize=self.block_size, scale_searches=searches,
+                                  scale_dtype=self.scale_dtype_for(module), act_order=self.act_order,
+                                  # compressed-tensors/vLLM kernels assume positive scales
+                                  negative_scale=False)

@@ -57,6 +57,7 @@ __all__ = [
     "HessianFactor",
     "factor_hessian",
     "gptq_quantize",
+    "gptq_quantize_best",
     "gptq_quantize_many",
     "hessian_relative_error",
     "build_database",
@@ -379,6 +380,25 @@ def gptq_quantize_many(
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, layer: str = "", **kw) -> QuantizedWeight:
     """GPTQ for one spec; keyword options as in gptq_quantize_many."""
     return gptq_quantize_many(W, H, [spec], layer=layer, **kw)[spec]
+
+
+def gptq_quantize_best(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, layer: str = "",
+                       scale_searches: Sequence[str] = ("hessian", "minmax"), **kw) -> QuantizedWeight:
+    """GPTQ once per group-parameter rule; keep the lowest tr((W-Q) H (W-Q)^T).
+
+    A shrunk (searched) range lowers the rounding error of the weights it was fitted
+    on, but error feedback later pushes weights past it, where they clip; at 4 bits
+    on some layers that costs more than it gains, so plain min/max wins there. The
+    GPTQ objective itself decides, per layer (meta["scale_search_tried"] has both).
+    """
+    tried, best = {}, None
+    for mode in dict.fromkeys(scale_searches):
+        qw = gptq_quantize(W, H, spec, layer=layer, scale_search=mode, **kw)
+        tried[mode] = qw.meta["rel_err"]
+        if best is None or qw.meta["rel_err"] < best.meta["rel_err"]:
+            best = qw
+    best.meta["scale_search_tried"] = tried
+    return best
 
 
 def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "", **kw):
