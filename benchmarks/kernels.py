@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -324,19 +323,6 @@ def summarise(rows: list[dict]) -> dict:
     return {"targets_checked": total, "targets_missed": missed}
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(rows: list[dict], path: Path, kernels: list[str]) -> None:
     """Per batch size: geometric-mean speedup over fp16 across shapes, vs bit width."""
     import matplotlib
@@ -432,7 +418,9 @@ def main(argv=None) -> int:
                             "bits": args.bits, "shapes": args.shapes, "timer": "triton.testing.do_bench median, L2 flushed",
                             "shape_convention": "KxN = in_features x out_features"},
                "summary": summarise(rows), "rows": rows}
-    write_json_atomic(out, payload)
+    from vllm_slq.fileio import atomic_write_json
+
+    atomic_write_json(out, payload)
     print_table(rows, args.kernels)
     s = payload["summary"]
     print(f"\ntargets: {s['targets_checked'] - len(s['targets_missed'])}/{s['targets_checked']} met")

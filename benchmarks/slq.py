@@ -51,6 +51,7 @@ import torch
 from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,19 +69,6 @@ CURVES = {
     "slq_sym": "SLQ sym (gamma^2 ablation)",
     "gsq": "GSQ (symmetric)",
 }
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def decoder_shapes(model, max_layers):

@@ -18,21 +18,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+from vllm_slq.fileio import atomic_write as _atomic_write
 
 
 class ReportError(ValueError):
     """Run files that cannot be read or combined."""
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _fmt(x, nd=4):
