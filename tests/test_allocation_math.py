@@ -10,7 +10,7 @@ from vllm_slq.allocation.baselines import (EvolutionConfig, PenaltyConfig, evolu
 from vllm_slq.allocation.dp import solve_budget, solve_mckp
 from vllm_slq.allocation.manifold import budget_normal, budget_value, project_tangent, retract, transport_momentum
 from vllm_slq.allocation.problem import (AllocationProblem, InfeasibleBudgetError, LinearShape, group_linears)
-from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.allocation.rco import fill_budget, RCOConfig, rco_allocate, sensitivity_logits
 from vllm_slq.quant.spec import QuantSpec
 
 torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a shared 2-core box
@@ -198,3 +198,23 @@ def test_uniform_and_penalty_feasible():
     assert u.extra["option"] == "w4ag64" and len(set(u.choice)) == 1
     p = penalty_allocate(pb, 4.5, lambda P, s: (P * V).sum(), config=PenaltyConfig(steps=30))
     assert pb.bits_of(p.choice) <= pb.budget_bits(4.5)
+
+
+def test_fill_budget_spends_leftover_bits_on_gains_only():
+    pb, base = linear_instance(2)
+    B = 4.5
+    cap = pb.budget_bits(B)
+    cheapest = np.where(pb.available, pb.cost_bits, np.iinfo(np.int64).max).argmin(axis=1)
+    filled = fill_budget(pb, cheapest, cap, base)
+    assert pb.bits_of(filled) <= cap
+    rows = np.arange(pb.n_groups)
+    assert base[rows, filled].sum() < base[rows, cheapest].sum()
+    # nothing left that fits and helps
+    spare = cap - pb.bits_of(filled)
+    extra = pb.cost_bits - pb.cost_bits[rows, filled][:, None]
+    assert not (pb.available & (extra > 0) & (extra <= spare) & (base < base[rows, filled][:, None])).any()
+    # an allocation already at the optimum is left alone; values that never improve change nothing
+    opt = solve_budget(pb, base, B).choice
+    assert np.array_equal(fill_budget(pb, opt, cap, base), opt) or \
+        base[rows, fill_budget(pb, opt, cap, base)].sum() <= base[rows, opt].sum()
+    assert np.array_equal(fill_budget(pb, cheapest, cap, -base), cheapest)

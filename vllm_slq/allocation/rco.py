@@ -19,7 +19,8 @@ Algorithm (one function each, see manifold.py for the geometry):
             of the hard allocation: log p; log p without the retractions' cost
             shift; and the first-order model of L at p = softmax(alpha)
             (linearized_rounding: DP on dL/dP, a Frank-Wolfe linear-minimisation
-            step, exact when L is linear in P)
+            step, exact when L is linear in P); each then spends any budget it
+            left unused on the upgrades the linear model rates best (fill_budget)
 
 Objective contract: objective(P, step) -> scalar tensor differentiable in
 P [G, K] (float32, rows one-hot in value). Synthetic objectives ignore `step`;
@@ -117,20 +118,47 @@ def round_logits(problem: AllocationProblem, alpha: torch.Tensor, budget_bpp: fl
     return solve_budget(problem, values, budget_bpp, max_units=max_units).choice
 
 
-def linearized_rounding(problem: AllocationProblem, objective: Objective, alpha: torch.Tensor,
-                        budget_bpp: float, step: int, max_units: int = 1 << 20) -> np.ndarray:
-    """Exact-budget DP on the first-order model of the loss at p = softmax(alpha).
+def linear_model(problem: AllocationProblem, objective: Objective, alpha: torch.Tensor, step: int) -> np.ndarray:
+    """dL/dP at p = softmax(alpha): the first-order loss of every (group, option).
 
-    L(onehot(k)) ~ L(p) + sum_i dL/dP_{i,k_i} - const, so the allocation minimising
-    sum_i dL/dP_{i,k_i} under the budget minimises the linear model: the DP is the
-    linear-minimisation oracle of Frank-Wolfe over the budget-feasible vertices.
+    L(onehot(k)) ~ L(p) + sum_i dL/dP_{i,k_i} - const.
     """
     _, _, mask = problem.torch_costs()
     P = masked_softmax(alpha.detach(), mask).to(torch.float32).requires_grad_(True)
     objective(P, step).backward()
     values = np.where(problem.available, P.grad.detach().to(torch.float64).numpy(), 0.0)
-    return solve_budget(problem, np.nan_to_num(values, posinf=1e30, neginf=-1e30), budget_bpp,
-                        max_units=max_units).choice
+    return np.nan_to_num(values, posinf=1e30, neginf=-1e30)
+
+
+def linearized_rounding(problem: AllocationProblem, values: np.ndarray, budget_bpp: float,
+                        max_units: int = 1 << 20) -> np.ndarray:
+    """Exact-budget DP on the linear model (linear_model): the linear-minimisation
+    oracle of Frank-Wolfe over the budget-feasible vertices."""
+    return solve_budget(problem, values, budget_bpp, max_units=max_units).choice
+
+
+def fill_budget(problem: AllocationProblem, choice: np.ndarray, capacity_bits: int,
+                values: np.ndarray) -> np.ndarray:
+    """Spend what a rounding left unused: repeatedly take the single-group switch with
+    the largest predicted loss decrease per extra bit that still fits.
+
+    A rounding of log p can stop well short of the budget (the retractions' cost
+    shift lives inside log p); bits left unspent are fidelity given away.
+    """
+    choice = np.asarray(choice).copy()
+    rows = np.arange(problem.n_groups)
+    spare = capacity_bits - problem.bits_of(choice)
+    while spare > 0:
+        extra = problem.cost_bits - problem.cost_bits[rows, choice][:, None]
+        gain = values[rows, choice][:, None] - values
+        ok = problem.available & (extra > 0) & (extra <= spare) & (gain > 0)
+        if not ok.any():
+            break
+        ratio = np.where(ok, gain / np.maximum(extra, 1), -np.inf)
+        i, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        choice[i] = k
+        spare -= int(extra[i, k])
+    return choice
 
 
 def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objective,
@@ -212,12 +240,13 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         def select(ch: np.ndarray) -> float:
             with torch.no_grad():
                 return float(objective(problem.one_hot(ch, dtype=torch.float32), config.steps))
+    values = linear_model(problem, objective, alpha, config.steps)
     candidates = {
         "logp": round_logits(problem, alpha, budget_bpp, config.final_max_units),
         "deshifted": round_logits(problem, alpha - shift_total * costs, budget_bpp, config.final_max_units),
-        "linearized": linearized_rounding(problem, objective, alpha, budget_bpp, config.steps,
-                                          config.final_max_units),
+        "linearized": linearized_rounding(problem, values, budget_bpp, config.final_max_units),
     }
+    candidates = {k: fill_budget(problem, c, capacity, values) for k, c in candidates.items()}
     scores = {k: float(select(c)) for k, c in candidates.items()}
     best = min(scores, key=scores.get)
     choice = candidates[best]
