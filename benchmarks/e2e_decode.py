@@ -46,7 +46,7 @@ def _load_kernels_bench():
 
 
 _kb = _load_kernels_bench()
-versions, write_json_atomic = _kb.versions, _kb.write_json_atomic
+versions = _kb.versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -269,7 +269,9 @@ def main(argv=None) -> int:
                "settings": {"layers": args.layers, "batches": args.batches, "input_len": args.input_len,
                             "output_len": args.output_len, "model_shape": LLAMA8B},
                "results": results}
-    write_json_atomic(out, payload)
+    from vllm_slq.fileio import atomic_write_json
+
+    atomic_write_json(out, payload)
     print(f"{'model':>10} {'kernels':>8} {'bpp':>6} {'batch':>5} {'tok/s':>9} {'x fp16':>7}")
     for r in results:
         tps = r.get("decode_tokens_per_s")

