@@ -37,11 +37,12 @@ from vllm_slq.allocation.baselines import (EvolutionConfig, PenaltyConfig, evolu
 from vllm_slq.allocation.dp import solve_budget
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ASYM = [QuantSpec(b, 64, False) for b in range(2, 9)]
-SLQ_SHRINK_GRID = [round(1.0 - 0.05 * i, 2) for i in range(11)]  # SLQModifier's database search
+SLQ_SHRINK_GRID = list(COARSE_SHRINK_GRID)  # SLQModifier's database search
 
 
 # ------------------------------------------------------------------------------ (a)

@@ -52,6 +52,7 @@ from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
 from vllm_slq.fileio import atomic_write_json
+from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,7 +62,7 @@ TARGETS = (0.98, 0.99)
 DEFAULT_BUDGETS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0]
 # SLQModifier's default range-shrink grid (11 points 1.0 .. 0.5, Hessian-weighted):
 # the benchmark measures the database the product builds
-SLQ_SHRINK_GRID = [round(1.0 - 0.05 * i, 2) for i in range(11)]
+SLQ_SHRINK_GRID = list(COARSE_SHRINK_GRID)  # SLQModifier's database search
 CURVES = {
     "uniform_asym": "uniform asymmetric GPTQ g64",
     "slq_asym": "SLQ (asym, RCO)",

@@ -31,6 +31,7 @@ from llmcompressor.core import Event, State
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
+from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
 
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
@@ -53,9 +54,8 @@ class SLQModifier(LayerwiseQuantModifier):
     tie_fused: bool = True
     dampening_frac: float = 0.01
     act_order: bool = True  # GPTQ column order for the database (see SLQGPTQModifier)
-    # range-shrink factors tried per group (Hessian-weighted): 11 points from 1.0 to 0.5,
-    # a seventh of the default 81-point search's cost across the 7-width database
-    shrink_grid: list[float] = Field(default_factory=lambda: [round(1.0 - 0.05 * i, 2) for i in range(11)])
+    # range-shrink factors tried per group (Hessian-weighted)
+    shrink_grid: list[float] = Field(default_factory=lambda: list(COARSE_SHRINK_GRID))
     # the allocation objective and the EAR probes read their own token blocks
     dataset: str = "brown"
     objective_blocks: int = 8

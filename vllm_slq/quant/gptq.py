@@ -246,11 +246,9 @@ def gptq_quantize_many(
         # the column loop runs in permuted order; scale search and outputs use the original one
         factor = HessianFactor(hinv_upper=factor_p.hinv_upper, dead=factor_p.dead[inv], diag=factor_p.diag[inv],
                                percdamp=factor_p.percdamp, damp=factor_p.damp)
-        U = factor_p.hinv_upper.to(dev)
     elif factor is None:
         factor = factor_hessian(H, percdamp, layer=layer, device=dev)
-    if perm is None:
-        U = factor.hinv_upper.to(dev)
+    U = factor.hinv_upper.to(dev)  # in visit order (permuted under act_order)
     dead = factor.dead.to(dev)
     hdiag = factor.diag.to(dev) if scale_search == "hessian" else None
 
@@ -316,7 +314,8 @@ def gptq_quantize_many(
 
     col_scale = col_zero = None
     if perm is not None:
-        # every group's parameters from the original W, then per-column lookups in visit order
+        # every group's parameters from the original W (static groups read W0z only, so
+        # the block arguments are unused), then per-column lookups in visit order
         for col, sis in sorted(group_starts.items()):
             fix_group_params(sis, col, 0, k, Wb[:, :, :0], Wb[:, :, :0])
         col_scale = torch.stack([scales[si].repeat_interleave(g, dim=1) for si, g in enumerate(group)])[:, :, perm]

@@ -42,6 +42,8 @@ from .spec import QuantSpec
 
 # p in {1.00, 0.99, ..., 0.20}
 DEFAULT_SHRINK_GRID: tuple[float, ...] = tuple(round(1.0 - 0.01 * i, 2) for i in range(81))
+# 11 points from 1.0 to 0.5: SLQ's 7-width database uses it, a seventh of the default's cost
+COARSE_SHRINK_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
