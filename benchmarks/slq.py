@@ -50,7 +50,8 @@ import torch
 
 from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.allocation.rco import RCOConfig, rco_allocate
+from vllm_slq.allocation.sensitivity import kl_sensitivities
 from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import QuantSpec
@@ -257,6 +258,7 @@ def main():
     ap.add_argument("--budgets", type=float, nargs="+", default=DEFAULT_BUDGETS)
     ap.add_argument("--rco-steps", type=int, default=30)
     ap.add_argument("--rco-samples", type=int, default=2)
+    ap.add_argument("--sensitivity-batches", type=int, default=4, help="objective blocks per KL-sensitivity pass")
     ap.add_argument("--bisect-steps", type=int, default=3,
                     help="distribution-lossless budget bisection steps per EAR target on slq_asym (0: off)")
     ap.add_argument("--bisect-tolerance", type=float, default=0.05, help="stop bisecting below this bpp bracket")
@@ -278,7 +280,7 @@ def main():
     torch.set_num_threads(args.threads)
     png = args.out.with_name(args.out.stem + "_fidelity_vs_bpp.png")
 
-    from vllm_slq.allocation.objective import ModelKLObjective, cached_candidates, database_errors
+    from vllm_slq.allocation.objective import ModelKLObjective, cached_candidates
     from vllm_slq.data import cache_dir, load_model, load_text, token_blocks
 
     t_all = time.perf_counter()
@@ -314,9 +316,10 @@ def main():
                  "act_order": args.act_order,
                  "blocksize": 128, "cache_dir": str(db_root)},
         "rco": {"steps": args.rco_steps, "samples": args.rco_samples, "blocks_per_sample": 1, "lr": 0.1,
-                "tau": "1.0->0.01 exponential", "init": "sensitivity_logits(GPTQ Hessian relative errors)",
+                "tau": "1.0->0.01 exponential",
+                "init": f"kl_sensitivities on the objective ({args.sensitivity_batches} blocks per pass)",
                 "objective_tokens": "the next calib_blocks calibration blocks (disjoint from GPTQ's)",
-                "rounding": "best of logp / deshifted / linearized DP, each budget-filled, by objective KL",
+                "rounding": "best of logp / deshifted / linearized DP (budget-filled) / sensitivity DP, by objective KL",
                 "select": "calibration KL of the rounding candidates (all objective blocks)",
                 "seed": args.seed},
         "distribution_lossless": {"curve": "slq_asym", "targets": list(TARGETS), "bisect_steps": args.bisect_steps,
@@ -366,8 +369,6 @@ def main():
         print(f"database {kind}: {info['built_layers']} layers built ({info['build_s']:.0f} s, Hessians "
               f"{info['hessian_s']:.0f} s), {info['loaded_layers']} loaded ({info['load_s']:.1f} s) "
               f"from {info['path']}", flush=True)
-        errors = database_errors(pb, cands)
-        init = sensitivity_logits(errors, pb.available)
 
         for k, spec in enumerate(pb.options):  # uniform curve
             if (f"uniform_{kind}", spec.short(), None) in previous:
@@ -384,6 +385,9 @@ def main():
         t = time.perf_counter()
         obj = ModelKLObjective(model, pb, cands, objective_tokens, batch_blocks=1)
         stages[f"objective_{kind}_s"] = time.perf_counter() - t
+        sens, sens_info = kl_sensitivities(pb, obj, n_batches=args.sensitivity_batches)
+        stages[f"sensitivities_{kind}"] = {k: v for k, v in sens_info.items() if k != "pass_loss_sum"}
+        print(f"KL sensitivities {kind}: {sens_info['passes']} passes, {sens_info['wall_s']:.0f} s", flush=True)
         lo, hi = pb.feasible_range()
 
         def run_point(budget, probe=False):
@@ -392,7 +396,7 @@ def main():
                 add_row(row)
                 return row
             t = time.perf_counter()
-            r = rco_allocate(pb, budget, obj, init_logits=init,
+            r = rco_allocate(pb, budget, obj, sensitivities=sens,
                              config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples, seed=args.seed),
                              select=lambda ch: obj.evaluate(ch))
             t_alloc = time.perf_counter() - t

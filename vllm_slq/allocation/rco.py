@@ -4,7 +4,10 @@
     s.t. sum_i w_i c_{i,k_i} <= B   (true bpp, exact at the end)
 
 Algorithm (one function each, see manifold.py for the geometry):
-  init      alpha_0 = sensitivity logits (sensitivity_logits), retracted onto M_B
+  init      alpha_0 = sensitivity logits (sensitivity_logits) of per-(group, option)
+            loss estimates: measured on the objective itself (sensitivity.
+            kl_sensitivities, a few backward passes) or a weight-space proxy;
+            retracted onto M_B
   forward   for s in 1..S: g ~ Gumbel(0,1)^{G x K};
               hard = DP argmax_k sum_i (alpha + g)_{i,k_i} under the budget
                      (budget-feasible Gumbel-max; dp.solve_mckp)
@@ -15,12 +18,14 @@ Algorithm (one function each, see manifold.py for the geometry):
   step      Adam (m, v) with the projected gradient; alpha <- retract(alpha - lr*mhat/(sqrt(vhat)+eps))
   transport m <- project(m) onto the tangent plane at the new alpha
   schedule  tau_t = tau0 * (tau1/tau0)^(t/(T-1)), exponential 1.0 -> 0.01
-  end       exact-budget DP rounding, best of three candidates scored by the loss
+  end       exact-budget DP rounding, best of the candidates scored by the loss
             of the hard allocation: log p; log p without the retractions' cost
-            shift; and the first-order model of L at p = softmax(alpha)
+            shift; the first-order model of L at p = softmax(alpha)
             (linearized_rounding: DP on dL/dP, a Frank-Wolfe linear-minimisation
-            step, exact when L is linear in P); each then spends any budget it
-            left unused on the upgrades the linear model rates best (fill_budget)
+            step, exact when L is linear in P); and, when given, the DP on the
+            sensitivities the run started from. The first three then spend any
+            budget they left unused on the upgrades the linear model rates best
+            (fill_budget)
 
 Objective contract: objective(P, step) -> scalar tensor differentiable in
 P [G, K] (float32, rows one-hot in value). Synthetic objectives ignore `step`;
@@ -161,14 +166,38 @@ def fill_budget(problem: AllocationProblem, choice: np.ndarray, capacity_bits: i
     return choice
 
 
+def curvature_corrected(objective: Objective, sensitivities: np.ndarray, available: np.ndarray) -> Objective:
+    """L(P) + sum_ik C_ik (P_ik - P_ik^2): the same loss on one-hot P, a better slope.
+
+    The options' errors D_ik are nearly uncorrelated, so L is quadratic in P with a
+    large diagonal curvature (L(e) ~ 1/2 e^T F e, C_ik ~ 1/2 D_ik^T F_ii D_ik): at a hard
+    sample the straight-through slope is ~2 C for the option taken and ~0 for every
+    other, i.e. it calls untaken options free. The correction is zero on every
+    one-hot P and adds C_ik (1 - 2 P_ik) to the slope, so the slope becomes ~C_ik for
+    every option plus the interaction terms the additive model misses (the
+    expected-loss relaxation of a quadratic loss).
+    """
+    C = torch.tensor(np.where(available, sensitivities, 0.0), dtype=torch.float32)
+
+    def corrected(P: torch.Tensor, step: int) -> torch.Tensor:
+        return objective(P, step) + (C.to(P.dtype) * (P - P * P)).sum()
+
+    return corrected
+
+
 def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objective,
                  init_logits: Optional[torch.Tensor] = None, config: RCOConfig = RCOConfig(),
                  callback: Optional[Callable[[int, dict], None]] = None,
-                 select: Optional[Callable[[np.ndarray], float]] = None) -> AllocationResult:
+                 select: Optional[Callable[[np.ndarray], float]] = None,
+                 sensitivities: Optional[np.ndarray] = None) -> AllocationResult:
     """Run RCO and return an allocation whose true bpp does not exceed budget_bpp.
 
     select(choice) -> loss, optional: scores the final rounding candidates (see the end);
     by default the objective itself on the hard allocation, at step `config.steps`.
+    sensitivities [G, K], optional: per-(group, option) loss estimates (sensitivity.
+    kl_sensitivities). They initialise alpha when init_logits is None, and their
+    exact-budget DP (the additive model's optimum) joins the rounding candidates, so
+    the result is never worse on `select` than the allocation RCO started from.
     """
     problem.check_budget(budget_bpp)
     t0 = time.perf_counter()
@@ -182,6 +211,16 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         return AllocationResult("rco", choice, problem.achieved_bpp(choice), budget_bpp,
                                 time.perf_counter() - t0)
     gen = torch.Generator().manual_seed(config.seed)
+    if sensitivities is not None:
+        sensitivities = np.asarray(sensitivities, dtype=np.float64)
+        if sensitivities.shape != (problem.n_groups, problem.n_options):
+            raise ValueError(f"sensitivities shape {sensitivities.shape} != (groups, options) "
+                             f"{(problem.n_groups, problem.n_options)}")
+        if init_logits is None:
+            init_logits = sensitivity_logits(sensitivities, problem.available)
+        step_objective = curvature_corrected(objective, sensitivities, problem.available)
+    else:
+        step_objective = objective
     alpha = (init_logits.detach().to(torch.float64).clone() if init_logits is not None
              else torch.zeros(problem.n_groups, problem.n_options, dtype=torch.float64))
     if alpha.shape != (problem.n_groups, problem.n_options):
@@ -208,7 +247,7 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
                                    dtype=torch.float64)
             soft = masked_softmax((a + (pert - a.detach())) / tau, mask)
             P = (hard + soft - soft.detach()).to(torch.float32)
-            loss = objective(P, step) / config.samples
+            loss = step_objective(P, step) / config.samples
             loss.backward()
             losses.append(float(loss.detach()) * config.samples)
         grad = a.grad.detach().masked_fill(~mask, 0.0)
@@ -240,13 +279,16 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         def select(ch: np.ndarray) -> float:
             with torch.no_grad():
                 return float(objective(problem.one_hot(ch, dtype=torch.float32), config.steps))
-    values = linear_model(problem, objective, alpha, config.steps)
+    values = linear_model(problem, step_objective, alpha, config.steps)
     candidates = {
         "logp": round_logits(problem, alpha, budget_bpp, config.final_max_units),
         "deshifted": round_logits(problem, alpha - shift_total * costs, budget_bpp, config.final_max_units),
         "linearized": linearized_rounding(problem, values, budget_bpp, config.final_max_units),
     }
     candidates = {k: fill_budget(problem, c, capacity, values) for k, c in candidates.items()}
+    if sensitivities is not None:
+        candidates["sensitivity"] = solve_budget(problem, np.where(problem.available, sensitivities, 0.0),
+                                                 budget_bpp, max_units=config.final_max_units).choice
     scores = {k: float(select(c)) for k, c in candidates.items()}
     best = min(scores, key=scores.get)
     choice = candidates[best]

@@ -23,7 +23,8 @@ from vllm_slq.allocation.baselines import (EvolutionConfig, evolution_allocate, 
                                            uniform_allocate)
 from vllm_slq.allocation.objective import ModelKLObjective, build_candidates, collect_hessians, proxy_errors
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.allocation.rco import RCOConfig, rco_allocate
+from vllm_slq.allocation.sensitivity import kl_sensitivities
 from vllm_slq.quant.spec import QuantSpec
 
 DEFAULT_OPTIONS = tuple(QuantSpec(b, 64, False) for b in range(2, 9))
@@ -49,8 +50,8 @@ def allocate_model(model: torch.nn.Module, tokens: torch.Tensor, budget_bpp: flo
         elif method in ("rco", "evolution"):
             obj = ModelKLObjective(model, problem, cands, tokens)
             if method == "rco":
-                res = rco_allocate(problem, budget_bpp, obj, init_logits=sensitivity_logits(errors, problem.available),
-                                   config=rco, select=obj.evaluate)
+                sens, _ = kl_sensitivities(problem, obj, n_batches=min(4, tokens.shape[0]))
+                res = rco_allocate(problem, budget_bpp, obj, config=rco, select=obj.evaluate, sensitivities=sens)
             else:
                 start = proxy_dp_allocate(problem, budget_bpp, errors).choice
                 stages = [1, tokens.shape[0]]

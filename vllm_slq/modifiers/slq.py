@@ -65,6 +65,9 @@ class SLQModifier(LayerwiseQuantModifier):
     rco_steps: int = 60
     rco_samples: int = 2
     rco_lr: float = 0.1
+    # RCO starts from KL sensitivities measured on the objective (allocation.sensitivity):
+    # objective mini-batches per pass; 0 starts from GPTQ's relative errors instead
+    sensitivity_batches: int = 2
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
     allocation_path: Optional[str] = None
@@ -74,6 +77,8 @@ class SLQModifier(LayerwiseQuantModifier):
     _w_ref: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _search_log: list[dict] = PrivateAttr(default_factory=list)
     _allocation: Any = PrivateAttr(default=None)
+    _sensitivities: Any = PrivateAttr(default=None)
+    _sensitivity_info: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -129,14 +134,29 @@ class SLQModifier(LayerwiseQuantModifier):
                 self._allocate(state.model)
         return super().on_finalize(state, **kwargs)
 
-    def _tokens(self, model, split: str, n_blocks: int, seq_len: int) -> torch.Tensor:
+    def _tokens(self, model, split: str, n_blocks: int, seq_len: int, from_end: bool = False) -> torch.Tensor:
+        """n_blocks token blocks of `split`: its first ones, or with from_end its last ones
+        (the allocation objective must not read the tokens GPTQ's Hessians came from,
+        which are the calibration split's first blocks)."""
         from transformers import AutoTokenizer
 
         from vllm_slq.data import load_text, token_blocks
 
         tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
         text = load_text(self.dataset)
-        return token_blocks(tok, getattr(text, split), seq_len, n_blocks)
+        docs = getattr(text, split)
+        if not from_end:
+            return token_blocks(tok, docs, seq_len, n_blocks)
+        # the last documents that hold n_blocks blocks
+        tail: list[str] = []
+        for d in reversed(docs):
+            tail.insert(0, d)
+            if sum(len(x) for x in tail) > 8 * seq_len * n_blocks:  # >> 1 char per token
+                break
+        blocks = token_blocks(tok, tail, seq_len)
+        if blocks.shape[0] < n_blocks:
+            return token_blocks(tok, docs, seq_len)[-n_blocks:]
+        return blocks[-n_blocks:]
 
     def _allocate(self, model: torch.nn.Module) -> None:
         from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
@@ -165,8 +185,17 @@ class SLQModifier(LayerwiseQuantModifier):
         init = sensitivity_logits(errors, problem.available)
         t0 = time.time()
         objective = ModelKLObjective(model, problem, self._db,
-                                     self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len),
+                                     self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
+                                                  from_end=True),
                                      batch_blocks=2)
+        self._sensitivities = None
+        if self.sensitivity_batches > 0:
+            from vllm_slq.allocation.sensitivity import kl_sensitivities
+
+            self._sensitivities, info = kl_sensitivities(problem, objective, n_batches=self.sensitivity_batches,
+                                                         seed=self.seed)
+            self._sensitivity_info = {k: v for k, v in info.items() if k != "pass_loss_sum"}
+            init = None  # rco_allocate initialises from the sensitivities
         lo, hi = problem.feasible_range()
         if self.target_bpp is not None:
             problem.check_budget(self.target_bpp)
@@ -194,6 +223,7 @@ class SLQModifier(LayerwiseQuantModifier):
         self._allocation = allocation_from_choice(
             problem, choice, "slq-rco", budget,
             extra={"search": self._search_log, "seconds": time.time() - t0,
+                   "kl_sensitivities": self._sensitivity_info,
                    "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless}})
         if self.allocation_path:
             save_allocation(self._allocation, self.allocation_path)
@@ -205,7 +235,9 @@ class SLQModifier(LayerwiseQuantModifier):
         from vllm_slq.allocation.rco import RCOConfig, rco_allocate
 
         cfg = RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr, seed=self.seed)
-        return np.asarray(rco_allocate(problem, budget, objective, init_logits=init, config=cfg).choice)
+        return np.asarray(rco_allocate(problem, budget, objective, init_logits=init, config=cfg,
+                                       select=lambda ch: objective.evaluate(ch),
+                                       sensitivities=self._sensitivities).choice)
 
     def _search(self, problem, objective, init, accept, lo: float, hi: float) -> np.ndarray:
         """Fewest bpp in [lo, hi] that `accept`s; bisection on the budget (monotone in practice)."""
