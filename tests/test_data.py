@@ -91,6 +91,22 @@ def test_token_blocks(tmp_path):
     assert blocks[0].tolist() == [97, 98, 99, 100]
     with pytest.raises(DataError, match="fewer than 9 blocks"):
         data.token_blocks(Tok(), ["abc"], seq_len=4, n_blocks=9)
+    # from_end: the last blocks of the same concatenation, reading only the documents needed
+    docs = ["abcdef", "ghij", "klmnopq", "rs"]
+    concat = [t for d in docs for t in [ord(c) for c in d] + [0]]
+    tail = data.token_blocks(Tok(), docs, seq_len=3, n_blocks=2, from_end=True)
+    assert tail.shape == (2, 3) and tail.flatten().tolist() == concat[-6:]
+    seen = []
+
+    class Counting(Tok):
+        def __call__(self, text, add_special_tokens=False):
+            seen.append(text)
+            return super().__call__(text)
+
+    data.token_blocks(Counting(), docs, seq_len=3, n_blocks=1, from_end=True)
+    assert seen == ["rs"]
+    with pytest.raises(DataError, match="needs n_blocks"):
+        data.token_blocks(Tok(), docs, seq_len=3, from_end=True)
 
 
 @pytest.mark.slow

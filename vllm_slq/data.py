@@ -299,24 +299,37 @@ def load_text(spec: str = "brown", eval_fraction: float = 0.2) -> TextSplits:
     return TextSplits(calibration=cal, evaluation=ev, source=spec)
 
 
-def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None = None) -> torch.Tensor:
-    """Concatenate documents (EOS-separated) and cut [n_blocks, seq_len] token blocks."""
+def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None = None,
+                 from_end: bool = False) -> torch.Tensor:
+    """Concatenate documents (EOS-separated) and cut [n_blocks, seq_len] token blocks.
+
+    from_end (needs n_blocks): the last n_blocks * seq_len tokens of that concatenation
+    instead of the first, tokenizing only the documents they come from -- text disjoint
+    from the first blocks (e.g. an objective beside the calibration Hessians' tokens).
+    """
     if not docs:
         raise DataError("no documents to tokenize")
+    if from_end and n_blocks is None:
+        raise DataError("token_blocks(from_end=True) needs n_blocks")
     sep = tokenizer.eos_token_id
-    ids: list[int] = []
     need = None if n_blocks is None else n_blocks * seq_len
-    for d in docs:
-        ids.extend(tokenizer(d, add_special_tokens=False).input_ids)
+    pieces: list[list[int]] = []
+    have_tokens = 0
+    for d in (reversed(docs) if from_end else docs):
+        piece = list(tokenizer(d, add_special_tokens=False).input_ids)
         if sep is not None:
-            ids.append(sep)
-        if need is not None and len(ids) >= need:
+            piece.append(sep)
+        pieces.append(piece)
+        have_tokens += len(piece)
+        if need is not None and have_tokens >= need:
             break
+    ids = [t for piece in (reversed(pieces) if from_end else pieces) for t in piece]
     have = len(ids) // seq_len
     if have == 0 or (n_blocks is not None and have < n_blocks):
         raise DataError(f"text has {len(ids)} tokens: fewer than {n_blocks or 1} blocks of {seq_len}")
     n = have if n_blocks is None else n_blocks
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    kept = ids[len(ids) - n * seq_len:] if from_end else ids[: n * seq_len]
+    return torch.tensor(kept, dtype=torch.long).view(n, seq_len)
 
 
 def calibration_dataset(tokenizer, spec: str = "brown", n_samples: int = 64, seq_len: int = 512):

@@ -144,19 +144,7 @@ class SLQModifier(LayerwiseQuantModifier):
 
         tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
         text = load_text(self.dataset)
-        docs = getattr(text, split)
-        if not from_end:
-            return token_blocks(tok, docs, seq_len, n_blocks)
-        # the last documents that hold n_blocks blocks
-        tail: list[str] = []
-        for d in reversed(docs):
-            tail.insert(0, d)
-            if sum(len(x) for x in tail) > 8 * seq_len * n_blocks:  # >> 1 char per token
-                break
-        blocks = token_blocks(tok, tail, seq_len)
-        if blocks.shape[0] < n_blocks:
-            return token_blocks(tok, docs, seq_len)[-n_blocks:]
-        return blocks[-n_blocks:]
+        return token_blocks(tok, getattr(text, split), seq_len, n_blocks, from_end=from_end)
 
     def _allocate(self, model: torch.nn.Module) -> None:
         from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
@@ -176,26 +164,27 @@ class SLQModifier(LayerwiseQuantModifier):
                 mods[name].weight.data.copy_(w.to(mods[name].weight.device))
         shapes = [LinearShape(n, *self._w_ref[n].shape) for n in self._names.values()]
         problem = AllocationProblem(group_linears(shapes, tie_fused=self.tie_fused), self.options)
-        errors = np.zeros((problem.n_groups, problem.n_options))
-        for i, g in enumerate(problem.groups):
-            for m in g.modules:
-                for k, s in enumerate(problem.options):
-                    if problem.available[i, k]:
-                        errors[i, k] += float(self._db[m.name][s].meta.get("rel_err", 0.0))
-        init = sensitivity_logits(errors, problem.available)
         t0 = time.time()
         objective = ModelKLObjective(model, problem, self._db,
                                      self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
                                                   from_end=True),
                                      batch_blocks=2)
         self._sensitivities = None
+        init = None  # with sensitivities, rco_allocate initialises from them
         if self.sensitivity_batches > 0:
             from vllm_slq.allocation.sensitivity import kl_sensitivities
 
             self._sensitivities, info = kl_sensitivities(problem, objective, n_batches=self.sensitivity_batches,
                                                          seed=self.seed)
             self._sensitivity_info = {k: v for k, v in info.items() if k != "pass_loss_sum"}
-            init = None  # rco_allocate initialises from the sensitivities
+        else:  # GPTQ's relative layer errors, recorded in the database
+            errors = np.zeros((problem.n_groups, problem.n_options))
+            for i, g in enumerate(problem.groups):
+                for m in g.modules:
+                    for k, s in enumerate(problem.options):
+                        if problem.available[i, k]:
+                            errors[i, k] += float(self._db[m.name][s].meta.get("rel_err", 0.0))
+            init = sensitivity_logits(errors, problem.available)
         lo, hi = problem.feasible_range()
         if self.target_bpp is not None:
             problem.check_budget(self.target_bpp)
