@@ -275,6 +275,37 @@ def test_layer_database_roundtrip(tmp_path, layer192):
         again.put("x", {specs[0]: entries[specs[0]], specs[1]: gptq_quantize(w[:8], gp.H, specs[1])})
 
 
+def test_content_keyed_store_reuses_equal_inputs_only(tmp_path, layer192, monkeypatch):
+    import vllm_slq.quant.database as dbmod
+
+    w, gp, _ = layer192
+    specs = [QuantSpec(b, 64, False) for b in (3, 4)]
+    store = LayerDatabase(tmp_path / "db")
+    first, hit = store.build_cached(w, gp.H, specs, layer="a", act_order=True)
+    assert not hit
+    builds = []
+    real = dbmod.build_database
+    monkeypatch.setattr(dbmod, "build_database", lambda *a, **k: builds.append(1) or real(*a, **k))
+    # another name, another process (a new store object): the same content is read, not rebuilt
+    again, hit = LayerDatabase(tmp_path / "db").build_cached(w, gp.H, specs, layer="b", act_order=True,
+                                                             device="cpu")
+    assert hit and not builds
+    for s in specs:
+        assert torch.equal(again[s].codes, first[s].codes) and torch.equal(again[s].scale, first[s].scale)
+        assert torch.equal(again[s].zero_point, first[s].zero_point)
+        assert again[s].meta["rel_err"] == pytest.approx(first[s].meta["rel_err"])
+    # anything GPTQ depends on changes the key: the Hessian, the weights, the options, the specs
+    H2 = gp.H.clone()
+    H2[0, 0] += 1e-3
+    for args, kw in (((w, H2, specs), {"act_order": True}), ((w + 1e-4, gp.H, specs), {"act_order": True}),
+                     ((w, gp.H, specs), {"act_order": False}), ((w, gp.H, specs[:1]), {"act_order": True})):
+        assert dbmod.database_key(*args, **kw) != dbmod.database_key(w, gp.H, specs, act_order=True)
+    _, hit = store.build_cached(w, gp.H, specs, act_order=False)
+    assert not hit and len(builds) == 1
+    with pytest.raises(ValueError, match="factor"):
+        dbmod.database_key(w, gp.H, specs, factor=torch.eye(2))
+
+
 def test_layer_database_bad_index(tmp_path):
     d = tmp_path / "db"
     d.mkdir()

@@ -79,3 +79,13 @@ def test_lm_eval_through_vllm_completes_offline(reference_model_dir):
     # the reference against itself is trivially task-lossless
     verdict = compare(out, out)["slq_brown_next_word"]
     assert verdict["within_ci"] and verdict["items_changed"] == 0
+
+
+def test_vllm_max_model_len_is_clamped_to_the_models_positions(tmp_path):
+    from vllm_slq.eval.lmeval import _model_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    assert _model_args(str(tmp_path), "vllm", 1024, "bfloat16", None)["max_model_len"] == 512
+    assert _model_args(str(tmp_path), "vllm", 256, "bfloat16", None)["max_model_len"] == 256
+    # no local config (a hub id): the requested length stands
+    assert _model_args("org/some-model", "vllm", 1024, "bfloat16", None)["max_model_len"] == 1024

@@ -105,6 +105,23 @@ def test_ear_mode_searches_the_fewest_bits(tiny_with_tokenizer):
     assert all(e["ear_ci95"][0] < 0.95 for e in log if not e["accepted"])
 
 
+@pytest.mark.slow
+@pytest.mark.llmcompressor
+def test_database_cache_serves_a_second_target_without_gptq(tiny_with_tokenizer, tmp_path):
+    cache = tmp_path / "db"
+    assert _quantize(tiny_with_tokenizer, tmp_path / "a", "--target", "bpp=5.0", "--no-eval",
+                     "--database-cache", str(cache)) == 0
+    assert _quantize(tiny_with_tokenizer, tmp_path / "b", "--target", "bpp=3.0", "--no-eval",
+                     "--database-cache", str(cache)) == 0
+    first = json.loads((tmp_path / "a" / "slq_report.json").read_text())["allocation"]["database_cache"]
+    second = json.loads((tmp_path / "b" / "slq_report.json").read_text())
+    assert first["layers_read"] == 0
+    # the sequential pipeline propagates the same widest entry, so every Hessian repeats
+    assert second["allocation"]["database_cache"]["layers_read"] == second["allocation"]["database_cache"]["layers"] == 14
+    assert second["bpp"] <= 3.0 + 1e-9
+    assert "read from the cache for 14 of 14 layers" in (tmp_path / "b" / "slq_report.md").read_text()
+
+
 def test_unknown_task_is_rejected_before_work(tmp_path, capsys):
     rc = main(["quantize", "smollm2-135m", "--target", "task-lossless", "--tasks", "no_such_task_xyz",
                "--output", str(tmp_path / "o")])

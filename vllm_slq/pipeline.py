@@ -112,6 +112,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective-blocks", type=int, default=None, help="calibration blocks for the RCO objective")
     g.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks per EAR probe")
     g.add_argument("--probe-seq-len", type=int, default=None, help="sequence length of RCO/EAR blocks")
+    g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
+    g.add_argument("--database-cache", default=None, metavar="DIR",
+                   help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
 
 
 def _group(args) -> Optional[int]:
@@ -141,7 +144,8 @@ def build_modifier(args, target: Target):
         kw = dict(common)
         for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
                            ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
-                           ("probe_seq_len", "eval_seq_len")):
+                           ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
+                           ("database_cache", "database_cache")):
             if getattr(args, arg, None) is not None:
                 kw[field] = getattr(args, arg)
         kw["dataset"] = args.dataset
@@ -226,6 +230,10 @@ def run_quantize(args) -> int:
     search = getattr(modifier, "search_log", None)
     if search:
         extra["search"] = search
+    alloc = getattr(modifier, "allocation", None)
+    allocation = None if alloc is None else {
+        "seconds": alloc.extra.get("seconds"), "kl_sensitivities": alloc.extra.get("kl_sensitivities"),
+        "database_cache": alloc.extra.get("database_cache")}
 
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
@@ -234,6 +242,8 @@ def run_quantize(args) -> int:
                   "bpp": bpp, "quantize_seconds": quant_seconds, "layers": bit_map}
         if search:
             report["search"] = search
+        if allocation:
+            report["allocation"] = allocation
         if not args.no_eval:
             from vllm_slq.eval.api import evaluate
 
@@ -260,6 +270,12 @@ def render_report(report: dict) -> str:
              f"- model: {report['model']}", f"- method: {report['method']}",
              f"- target: {report['target']}", f"- achieved bpp: {report['bpp']:.3f}",
              f"- quantization wall-clock: {report['quantize_seconds']:.0f} s"]
+    alloc = report.get("allocation")
+    if alloc and alloc.get("seconds") is not None:
+        cache = alloc.get("database_cache")
+        lines.append(f"  - of which allocation search: {alloc['seconds']:.0f} s"
+                     + (f"; GPTQ database read from the cache for {cache['layers_read']} of {cache['layers']} layers"
+                        if cache else ""))
     fid = report.get("fidelity")
     if fid:
         lines.append(f"- evaluation: {fid.get('backend')} backend; {fid.get('protocol')}")

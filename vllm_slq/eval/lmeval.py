@@ -170,8 +170,22 @@ def prepare_local_tasks(dest: Optional[Path] = None) -> Path:
 
 
 # ---------------------------------------------------------------- running lm-eval
+def _position_limit(model: str) -> Optional[int]:
+    """max_position_embeddings of a local model directory (None when unknown)."""
+    cfg = Path(str(model)) / "config.json"
+    try:
+        limit = json.loads(cfg.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(limit) if isinstance(limit, (int, float)) and limit > 0 else None
+
+
 def _model_args(model: str, backend: str, max_model_len: int, dtype: str, extra: Optional[dict]) -> dict:
     if backend == "vllm":
+        # vLLM refuses a max_model_len above the model's positions; the tasks' items are short
+        limit = _position_limit(model)
+        if limit is not None:
+            max_model_len = min(max_model_len, limit)
         args = {"pretrained": str(model), "max_model_len": max_model_len, "enforce_eager": True,
                 "dtype": dtype, "seed": 0}
     elif backend == "hf":
@@ -204,7 +218,7 @@ def run_lm_eval(model: str, tasks: Sequence[str], backend: str = "vllm", limit: 
     args = _model_args(model, backend, max_model_len, dtype, model_args)
     out = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=list(tasks), limit=limit,
                                   batch_size=batch_size, task_manager=tm, log_samples=True,
-                                  bootstrap_iters=0 if False else 1000)
+                                  bootstrap_iters=1000)
     if out is None:
         raise LMEvalError("lm_eval.simple_evaluate returned nothing")
     results, correct = {}, {}

@@ -62,7 +62,9 @@ class SLQModifier(LayerwiseQuantModifier):
     objective_seq_len: int = 256
     eval_blocks: int = 16
     eval_seq_len: int = 256
-    rco_steps: int = 60
+    # 16: what benchmarks/allocation.py and slq.py measured; from the KL-sensitivity
+    # start, the steps changed the result only at 6 bpp there
+    rco_steps: int = 16
     rco_samples: int = 2
     rco_lr: float = 0.1
     # RCO starts from KL sensitivities measured on the objective (allocation.sensitivity):
@@ -71,6 +73,10 @@ class SLQModifier(LayerwiseQuantModifier):
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
     allocation_path: Optional[str] = None
+    # a directory keeping every layer's database by content (weights, Hessian, specs,
+    # GPTQ options): another run on the same model and calibration, e.g. with another
+    # target, reads it instead of re-running GPTQ
+    database_cache: Optional[str] = None
     seed: int = 0
 
     _db: dict[str, dict[QuantSpec, QuantizedWeight]] = PrivateAttr(default_factory=dict)
@@ -79,6 +85,8 @@ class SLQModifier(LayerwiseQuantModifier):
     _allocation: Any = PrivateAttr(default=None)
     _sensitivities: Any = PrivateAttr(default=None)
     _sensitivity_info: Any = PrivateAttr(default=None)
+    _store: Any = PrivateAttr(default=None)
+    _cache_hits: int = PrivateAttr(default=0)
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -108,14 +116,20 @@ class SLQModifier(LayerwiseQuantModifier):
     # ---- database -----------------------------------------------------------------
     def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
                         spec: QuantSpec) -> QuantizedWeight:
-        from vllm_slq.quant.database import build_database
+        from vllm_slq.quant.database import LayerDatabase, build_database
 
         W = module.weight.data.to(torch.float32)
         self._w_ref[name] = module.weight.data.detach().to("cpu", copy=True)
         specs = [s for s in self.options if W.shape[1] % s.effective_group(W.shape[1]) == 0]
-        db = build_database(W, H, specs, layer=name, percdamp=self.dampening_frac,
-                            scale_dtype=self.scale_dtype_for(module), negative_scale=False,
-                            shrink_grid=self.shrink_grid, act_order=self.act_order)
+        gptq_kw = dict(percdamp=self.dampening_frac, scale_dtype=self.scale_dtype_for(module),
+                       negative_scale=False, shrink_grid=self.shrink_grid, act_order=self.act_order)
+        if self.database_cache:
+            if self._store is None:
+                self._store = LayerDatabase(self.database_cache)
+            db, hit = self._store.build_cached(W, H, specs, layer=name, **gptq_kw)
+            self._cache_hits += int(hit)
+        else:
+            db = build_database(W, H, specs, layer=name, **gptq_kw)
         self._db[name] = {s: QuantizedWeight(q.codes.cpu(), q.scale.cpu(),
                                              None if q.zero_point is None else q.zero_point.cpu(),
                                              q.spec, dict(q.meta)) for s, q in db.items()}
@@ -213,6 +227,8 @@ class SLQModifier(LayerwiseQuantModifier):
             problem, choice, "slq-rco", budget,
             extra={"search": self._search_log, "seconds": time.time() - t0,
                    "kl_sensitivities": self._sensitivity_info,
+                   "database_cache": None if not self.database_cache else
+                   {"path": self.database_cache, "layers_read": self._cache_hits, "layers": len(self._names)},
                    "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless}})
         if self.allocation_path:
             save_allocation(self._allocation, self.allocation_path)

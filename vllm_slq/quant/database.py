@@ -10,6 +10,8 @@ at 2..8 bits). Building them costs one GPTQ pass over the columns for all widths
                                   meta["rel_err"] = tr((W-Q) H (W-Q)^T) / tr(W H W^T),
                                   the per-layer sensitivity the proxy-DP baseline and
                                   RCO's initialisation read
+    database_key(W, H, specs)     what a layer's entries depend on, hashed: the weights,
+                                  the Hessian, the specs and GPTQ's options
     LayerDatabase(dir)            the entries on disk, compact (codes int8, scales in
                                   their storage dtype, zero points int8: no dense
                                   float copies), one safetensors file per layer written
@@ -73,6 +75,27 @@ def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec],
             qw.zero_point = qw.zero_point.cpu()
         qw.meta["bpp"] = spec.bpp(k)
     return out
+
+
+def database_key(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], **gptq_kw) -> str:
+    """A content hash of everything build_database(W, H, specs, **gptq_kw) depends on.
+
+    Two calls with equal keys store the same entries, whatever the layer is called,
+    so a store keyed by it can be shared by runs that differ only in what they do
+    with the database (another SLQ target, another allocation).
+    """
+    gptq_kw = {k: v for k, v in gptq_kw.items() if k != "device"}  # where it runs changes nothing
+    if "factor" in gptq_kw:
+        raise ValueError("database_key: a precomputed Hessian 'factor' cannot be part of a key; pass H")
+    h = hashlib.sha256()
+    for t in (W, H):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps({"specs": [s.short() for s in specs],
+                         "gptq": {k: _jsonable(str(v) if isinstance(v, torch.dtype) else v)
+                                  for k, v in sorted(gptq_kw.items())}}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
 
 
 def _spec_to_json(spec: QuantSpec) -> dict:
@@ -267,6 +290,18 @@ class LayerDatabase:
         entries = build_database(W, H, specs, layer=layer, **gptq_kw)
         self.put(layer, entries)
         return entries
+
+    def build_cached(self, W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
+                     **gptq_kw) -> tuple[dict[QuantSpec, QuantizedWeight], bool]:
+        """(entries, hit): the stored entries under database_key(W, H, specs, ...) if
+        present, else build_database's, stored under that key. A store used this way
+        is keyed by content, not by layer name."""
+        key = database_key(W, H, specs, **gptq_kw)
+        if key in self and all(s.short() in self._layer_entry(key)["entries"] for s in specs):
+            return {s: self.get(key, s) for s in specs}, True
+        entries = build_database(W, H, specs, layer=layer, **gptq_kw)
+        self.put(key, entries, merge=False)
+        return entries, False
 
     def __repr__(self) -> str:
         return f"LayerDatabase({str(self.path)!r}, layers={len(self)})"
