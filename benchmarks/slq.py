@@ -90,6 +90,30 @@ def decoder_shapes(model, max_layers):
     return keep
 
 
+def gamma_squared(model, shapes, group: int = GROUP) -> dict:
+    """methods.md's gamma-squared law on this model's weights: per group of `group`,
+    gamma = 2 max|w| / (max w - min w); symmetric rounding noise is gamma^2 (1 - 2^-b)^2
+    times asymmetric's (steps 2 max|w| / 2^b vs (max - min) / (2^b - 1)). Means over all
+    groups of the decoder linears, the noise ratio the law predicts per width."""
+    mods = dict(model.named_modules())
+    g2 = []
+    for s in shapes:
+        w = mods[s.name].weight.detach().float().reshape(s.out_features, -1, group)
+        span = (w.amax(-1) - w.amin(-1)).clamp_min(1e-12)
+        g2.append(((2 * w.abs().amax(-1) / span) ** 2).flatten())
+    g2 = torch.cat(g2)
+    return {"mean_gamma2": float(g2.mean()), "median_gamma2": float(g2.median()), "groups": int(g2.numel()),
+            "predicted_rtn_noise_ratio_sym_over_asym": {b: float(g2.mean()) * (1 - 2.0 ** -b) ** 2 for b in BITS}}
+
+
+def database_error_ratio(errors: dict) -> dict:
+    """Median over layers of GPTQ's Hessian-weighted error, symmetric over asymmetric, per width."""
+    import numpy as np
+
+    a, s = np.asarray(errors["asym"]), np.asarray(errors["sym"])
+    return {b: float(np.median(s[:, k] / np.maximum(a[:, k], 1e-30))) for k, b in enumerate(BITS)}
+
+
 class HeldoutEvaluator:
     """Exact held-out fidelity of an allocation: the FP model vs a copy carrying the chosen weights."""
 
@@ -345,6 +369,8 @@ def main():
             raise SystemExit(f"--resume: {args.out} was written with other settings; use another --out")
         previous = {(r["curve"], r.get("option"), r.get("budget")): r for r in old.get("rows", [])
                     if r["curve"] != "gsq"}
+        # stages not rerun this time (a resumed database's sensitivities) keep their old figures
+        stages.update({k: v for k, v in old.get("stages", {}).items() if k not in stages})
         print(f"resuming: {len(previous)} points from {args.out}")
 
     def save():
@@ -362,10 +388,12 @@ def main():
         save()
 
     lossless = {}
+    db_errors = {}
     for kind, pb in problems.items():
         t = time.perf_counter()
         cands, info = cached_candidates(model, pb, calib, db_root, key_extra={"model": "smollm2-135m"}, **gptq_kw)
         stages[f"database_{kind}"] = {**info, "wall_s": time.perf_counter() - t}
+        db_errors[kind] = [[cands[sh.name][spec].meta["rel_err"] for spec in pb.options] for sh in shapes]
         print(f"database {kind}: {info['built_layers']} layers built ({info['build_s']:.0f} s, Hessians "
               f"{info['hessian_s']:.0f} s), {info['loaded_layers']} loaded ({info['load_s']:.1f} s) "
               f"from {info['path']}", flush=True)
@@ -385,10 +413,17 @@ def main():
         t = time.perf_counter()
         obj = ModelKLObjective(model, pb, cands, objective_tokens, batch_blocks=1)
         stages[f"objective_{kind}_s"] = time.perf_counter() - t
-        sens, sens_info = kl_sensitivities(pb, obj, n_batches=args.sensitivity_batches)
-        stages[f"sensitivities_{kind}"] = {k: v for k, v in sens_info.items() if k != "pass_loss_sum"}
-        print(f"KL sensitivities {kind}: {sens_info['passes']} passes, {sens_info['wall_s']:.0f} s", flush=True)
         lo, hi = pb.feasible_range()
+        sens_cache = {}
+
+        def sensitivities():
+            # measured once per database, and only when a point is actually allocated
+            # (a --resume that only adds the other database's curves skips them)
+            if "C" not in sens_cache:
+                sens_cache["C"], info = kl_sensitivities(pb, obj, n_batches=args.sensitivity_batches)
+                stages[f"sensitivities_{kind}"] = {k: v for k, v in info.items() if k != "pass_loss_sum"}
+                print(f"KL sensitivities {kind}: {info['passes']} passes, {info['wall_s']:.0f} s", flush=True)
+            return sens_cache["C"]
 
         def run_point(budget, probe=False):
             if (f"slq_{kind}", None, budget) in previous:
@@ -396,7 +431,7 @@ def main():
                 add_row(row)
                 return row
             t = time.perf_counter()
-            r = rco_allocate(pb, budget, obj, sensitivities=sens,
+            r = rco_allocate(pb, budget, obj, sensitivities=sensitivities(),
                              config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples, seed=args.seed),
                              select=lambda ch: obj.evaluate(ch))
             t_alloc = time.perf_counter() - t
@@ -494,6 +529,11 @@ def main():
                        "sym": {k: us[k] for k in ("achieved_bpp", "ear", "kl")},
                        "kl_ratio_sym_over_asym": us["kl"] / ua["kl"] if ua["kl"] > 0 else None})
     comp["uniform_sym_vs_asym_equal_bits"] = ub or "not measured (--skip-sym)"
+    if "sym" in db_errors:
+        # the law's mechanism, before and after GPTQ: RTN's predicted noise ratio from the
+        # weights' gamma, and the ratio of GPTQ's own Hessian-weighted errors in the databases
+        comp["gamma_squared"] = {**gamma_squared(model, shapes),
+                                 "gptq_error_ratio_sym_over_asym_median": database_error_ratio(db_errors)}
     result["comparisons"] = comp
     result["status"] = "complete"
     save()
@@ -521,6 +561,12 @@ def main():
     if isinstance(c, dict):
         print(f"SLQ asym {c['slq']['bpp']:.3f} bpp KL {c['slq']['kl']:.5f} vs uniform w4a {c['uniform']['bpp']:.4f} "
               f"bpp KL {c['uniform']['kl']:.5f} (ratio {c['kl_ratio_slq_over_uniform']:.3f})")
+    gs = comp.get("gamma_squared")
+    if gs:
+        print(f"gamma^2: mean {gs['mean_gamma2']:.3f} over {gs['groups']} groups; sym/asym noise ratio, "
+              "predicted for RTN / GPTQ database median: " + ", ".join(
+                  f"w{b} {gs['predicted_rtn_noise_ratio_sym_over_asym'][b]:.2f}/"
+                  f"{gs['gptq_error_ratio_sym_over_asym_median'][b]:.2f}" for b in BITS))
     plot(result, png)
     print(f"wrote {args.out} and {png} in {time.perf_counter() - t_all:.0f} s")
 
