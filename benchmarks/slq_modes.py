@@ -16,6 +16,10 @@ the others read it from --database-cache. Prints a table, writes
 benchmarks/results/slq_modes.json (atomically) after every target.
 
     python benchmarks/slq_modes.py [--targets bpp=4.0 ear=0.98 task-lossless] [--rco-steps 16]
+    python benchmarks/slq_modes.py --targets gptq:4 --append   # the uniform baseline, same protocol
+
+A target METHOD:BITS (e.g. gptq:4) runs `vllm-slq quantize --method METHOD --bits BITS`
+instead: the uniform baseline through the same pipeline, evaluation and serving check.
 """
 from __future__ import annotations
 
@@ -76,6 +80,7 @@ def main() -> None:
                     help="further `vllm-slq quantize` options (e.g. smoke-run sizes), last on the line")
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "slq_modes")
     ap.add_argument("--out", type=Path, default=RESULTS / "slq_modes.json")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing --out instead of replacing it")
     args = ap.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -86,14 +91,22 @@ def main() -> None:
                            "database_cache": "shared by all targets; the first target builds it"},
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "loadavg_at_start": list(os.getloadavg())}}
+    if args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        result["rows"] = [r for r in old.get("rows", []) if r["target"] not in args.targets]
+        result["settings"] = old.get("settings", result["settings"])
     rows = result["rows"]
     for target in args.targets:
-        name = target.replace("=", "")
+        name = target.replace("=", "").replace(":", "-w")
         ckpt = args.workdir / name
-        quant = [str(BIN / "vllm-slq"), "quantize", args.model, "--target", target, "--output", str(ckpt),
-                 "--overwrite", "--database-cache", str(cache), "--rco-steps", str(args.rco_steps),
-                 "--search-steps", str(args.search_steps), "--eval-tokens", str(args.eval_tokens),
-                 "--seq-len", str(args.seq_len), *args.extra]
+        quant = [str(BIN / "vllm-slq"), "quantize", args.model, "--output", str(ckpt), "--overwrite",
+                 "--eval-tokens", str(args.eval_tokens), "--seq-len", str(args.seq_len), *args.extra]
+        if ":" in target:  # a uniform baseline
+            method, bits = target.split(":")
+            quant += ["--method", method, "--bits", bits]
+        else:
+            quant += ["--target", target, "--database-cache", str(cache), "--rco-steps", str(args.rco_steps),
+                      "--search-steps", str(args.search_steps)]
         t_quant = run(quant, args.workdir / f"{name}.quantize.log")
         report = json.loads((ckpt / "slq_report.json").read_text())
         hf = report["fidelity"]["teacher_forced"]
