@@ -30,21 +30,15 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from vllm_slq.eval.lmeval import LOCAL_TASKS
+from vllm_slq.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
-
-
-def atomic_write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -118,7 +112,7 @@ def main() -> None:
               "--seq-len", str(args.seq_len), "--sample-prompts", str(args.sample_prompts),
               "--label", name, "--out", str(ev_dir), "--no-progress"]
         if target.startswith("task"):
-            ev += ["--lm-eval-tasks", *(report.get("tasks") or ["slq_brown_next_word", "slq_brown_next_sentence"])]
+            ev += ["--lm-eval-tasks", *LOCAL_TASKS]  # what the quantize run's probes used (no --tasks)
         t_eval = run(ev, args.workdir / f"{name}.eval.log")
         vl = json.loads((ev_dir / f"{name}.json").read_text())
         v = vl["teacher_forced"]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
 from .problem import AllocationProblem
@@ -277,12 +278,6 @@ CANDIDATE_CACHE_FORMAT = "vllm-slq-candidate-cache"
 CANDIDATE_CACHE_VERSION = 1
 
 
-def _sha256_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().contiguous().cpu()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def _json_option(v):
     """GPTQ keyword values as JSON for the cache key (dtypes and devices by name)."""
     if isinstance(v, (bool, int, float, str)) or v is None:
@@ -318,9 +313,9 @@ def candidate_cache_key(model: torch.nn.Module, problem: AllocationProblem, cali
         w = mods[name].weight.detach().to(torch.float32)
         shapes.append([name, list(w.shape)])
         wh.update(name.encode())
-        _sha256_tensor(wh, w)
+        sha256_tensor(wh, w)
     th = hashlib.sha256()
-    _sha256_tensor(th, calib_tokens.to(torch.int64))
+    sha256_tensor(th, calib_tokens.to(torch.int64))
     components = {
         "format": CANDIDATE_CACHE_FORMAT, "version": CANDIDATE_CACHE_VERSION,
         "modules": shapes, "weights_sha256": wh.hexdigest(),

@@ -77,6 +77,13 @@ def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec],
     return out
 
 
+def sha256_tensor(h, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes to the hash `h` (cache keys by content)."""
+    t = t.detach().contiguous().cpu()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def database_key(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], **gptq_kw) -> str:
     """A content hash of everything build_database(W, H, specs, **gptq_kw) depends on.
 
@@ -89,9 +96,7 @@ def database_key(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], *
         raise ValueError("database_key: a precomputed Hessian 'factor' cannot be part of a key; pass H")
     h = hashlib.sha256()
     for t in (W, H):
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        sha256_tensor(h, t.to(torch.float32))
     h.update(json.dumps({"specs": [s.short() for s in specs],
                          "gptq": {k: _jsonable(str(v) if isinstance(v, torch.dtype) else v)
                                   for k, v in sorted(gptq_kw.items())}}, sort_keys=True).encode())
