@@ -30,6 +30,11 @@ calibration set (held-out block MSE worse). Settings are stored in the JSON.
 
     python benchmarks/gsq.py                 # table, benchmarks/results/gsq.json, gsq.png
     python benchmarks/gsq.py --bits 2 --methods gptq gsq --epochs 2
+
+--include-attention quantizes and refines q/k/v/o too, i.e. every decoder linear:
+the rows benchmarks/slq.py puts on its fidelity-vs-bpp curve. Those runs write
+benchmarks/results/gsq_all_linears.json by default and use --n-eval 8, the first
+eight held-out blocks, which are exactly slq.py's held-out tokens.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from pathlib import Path
 import torch
 
 MLP = ["re:.*mlp\\.(gate_proj|up_proj|down_proj)$"]
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_peak_mb() -> float:
@@ -82,9 +88,10 @@ class PeakSampler:
 
 def make_modifier(method: str, bits: int, args):
     from vllm_slq.modifiers import RTNModifier, SLQGPTQModifier
-    from vllm_slq.modifiers.gsq import GSQModifier
+    from vllm_slq.modifiers.gsq import ATTENTION_TARGETS, GSQModifier
 
-    common = dict(bits=bits, group_size=args.group_size, symmetric=True, targets=MLP, ignore=["lm_head"])
+    targets = MLP + ATTENTION_TARGETS if args.include_attention else MLP
+    common = dict(bits=bits, group_size=args.group_size, symmetric=True, targets=targets, ignore=["lm_head"])
     if method == "rtn":
         return RTNModifier(**common)
     if method == "gptq":
@@ -114,14 +121,14 @@ def quantize(method: str, bits: int, path, tok, calib, args):
     return model, qws, wall, ps, stats
 
 
-def evaluate(ref_runner, model, blocks):
+def evaluate(ref_runner, model, blocks, n_boot):
     from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
     from vllm_slq.eval.metrics import summarize
 
     cand = HFRunner(model.eval(), name="candidate")
     with torch.no_grad():
         seqs = teacher_forced_metrics(ref_runner, cand, blocks, progress=False)
-    return summarize(seqs, n_boot=200)
+    return summarize(seqs, n_boot=n_boot)
 
 
 def main(argv=None):
@@ -140,12 +147,18 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=1.0)
     ap.add_argument("--init-strength", type=float, default=10.0, help="logit prior strength (paper: 6)")
     ap.add_argument("--no-fallback", action="store_true", help="never fall back to the GPTQ init per block")
+    ap.add_argument("--include-attention", action="store_true",
+                    help="quantize q/k/v/o too (every decoder linear; the rows benchmarks/slq.py plots)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for EAR's 95%% CI")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gsq.json"))
+    ap.add_argument("--out", default=None,
+                    help="default: benchmarks/results/gsq.json (MLP) or gsq_all_linears.json (--include-attention)")
     ap.add_argument("--from-logs", nargs="+", metavar="LOG",
                     help="rebuild table/JSON/PNG from the per-run JSON lines of earlier runs' stdout "
                          "(e.g. 2-bit and 3-bit run in parallel), without quantizing anything")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS / ("gsq_all_linears.json" if args.include_attention else "gsq.json"))
     if args.from_logs:
         rows = []
         for log in args.from_logs:
@@ -174,10 +187,11 @@ def main(argv=None):
         for method in args.methods:
             print(f"== {method} {bits}-bit G{args.group_size}", flush=True)
             model, qws, wall, ps, stats = quantize(method, bits, path, tok, calib, args)
-            m = evaluate(ref_runner, model, blocks)
+            m = evaluate(ref_runner, model, blocks, args.n_boot)
             row = {
                 "method": method, "bits": bits, "group_size": args.group_size,
-                "n_quantized": len(qws), "kl": m["kl"], "ear": m["ear"], "ear_p5": m["ear_p5"],
+                "n_quantized": len(qws), "kl": m["kl"], "ear": m["ear"], "ear_ci95": m["ear_ci95"],
+                "ear_p5": m["ear_p5"], "n_positions": m["n_positions"],
                 "top1": m.get("top1"), "ppl": m.get("ppl_cand"), "ppl_fp": m.get("ppl_ref"),
                 "wall_s": wall, "peak_rss_mb": ps.peak, "rss_before_mb": ps.base,
             }
@@ -190,12 +204,14 @@ def main(argv=None):
                 row["gsq_seconds_per_block"] = sum(s["seconds"] for s in stats.values()) / len(stats)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
+            write_json(rows, args, status=f"running: {len(rows)} row(s) done")
             del model, qws
     report(rows, args)
 
 
 def report(rows, args):
-    print(f"\nreference {args.model}, MLP linears, symmetric G={args.group_size}, eval {args.n_eval} x "
+    which = "all decoder linears" if args.include_attention else "MLP linears"
+    print(f"\nreference {args.model}, {which}, symmetric G={args.group_size}, eval {args.n_eval} x "
           f"{args.seq_len} held-out tokens; GSQ {args.epochs} epochs x {args.n_calib} seqs, batch {args.batch_size}")
     hdr = f"{'method':6} {'bits':>4} {'KL':>9} {'EAR':>7} {'top1':>6} {'PPL':>8} {'wall s':>7} {'peak MB':>8}"
     print(hdr)
@@ -212,18 +228,23 @@ def report(rows, args):
         if "gsq" in g and "gptq" in g:
             print(f"{bits}-bit: KL(GSQ)/KL(GPTQ) = {g['gsq']['kl'] / g['gptq']['kl']:.3f}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": vars(args), "eval_protocol": "teacher-forced, fp32 softmax full vocab, T=1, all positions",
-               "rows": rows}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
-    plot(rows, out.with_suffix(".png"))
+    out = write_json(rows, args, status="complete")
+    plot(rows, out.with_suffix(".png"), args)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def plot(rows, path):
+def write_json(rows, args, status: str) -> Path:
+    """The rows so far, atomically: a run stopped between widths keeps the widths it finished."""
+    from vllm_slq.fileio import atomic_write_json
+
+    out = Path(args.out)
+    atomic_write_json(out, {"status": status, "settings": vars(args), "rows": rows,
+                            "eval_protocol": "teacher-forced, fp32 softmax full vocab, T=1, all positions; "
+                                             f"EAR 95% CI: sequence bootstrap, {args.n_boot} resamples, seed 0"})
+    return out
+
+
+def plot(rows, path, args):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +269,8 @@ def plot(rows, path):
         if key == "kl":
             ax.set_yscale("log")
     axes[0].legend()
-    fig.suptitle("SmolLM2-135M, MLP symmetric G=64: RTN vs GPTQ vs GSQ")
+    which = "all decoder linears" if args.include_attention else "MLP"
+    fig.suptitle(f"SmolLM2-135M, {which}, symmetric G={args.group_size}: RTN vs GPTQ vs GSQ")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

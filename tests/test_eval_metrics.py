@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_slq.eval.metrics import (
-    DenseLogits, HiddenStateLogits, MetricsError, PositionMetrics, bootstrap_mean_ci,
+    DenseLogits, HiddenStateLogits, MetricsError, PositionMetrics, bootstrap_mean_ci, paired_ratio_ci,
     position_metrics, summarize, topk_ear_bounds,
 )
 
@@ -123,6 +123,29 @@ def test_bootstrap_ci_contains_mean_and_is_seeded():
     assert lo < s["ear"] < hi
     assert summarize(seqs, seed=1)["ear_ci95"] == s["ear_ci95"]
     assert bootstrap_mean_ci([m.ear for m in seqs], seed=2) != (lo, hi)
+
+
+def test_paired_ratio_ci_separates_a_consistent_small_gain_that_an_unpaired_view_cannot():
+    # passages vary 10x in difficulty; candidate a is 5% below b on every one of them
+    rng = torch.Generator().manual_seed(3)
+    b = (torch.rand(16, generator=rng, dtype=torch.float64) * 9 + 1).tolist()
+    a = [0.95 * v for v in b]
+    ratio, lo, hi = paired_ratio_ci(a, b, seed=0)
+    assert ratio == pytest.approx(0.95)
+    assert lo == pytest.approx(0.95) and hi == pytest.approx(0.95)
+    # unpaired, the two means' intervals overlap almost entirely
+    a_lo, a_hi = bootstrap_mean_ci([torch.tensor([v]) for v in a])
+    b_lo, b_hi = bootstrap_mean_ci([torch.tensor([v]) for v in b])
+    assert a_hi > b_lo
+    # noise around a ratio of 1: the interval straddles it
+    noisy = [v * (1 + 0.2 * (2 * (i % 2) - 1)) for i, v in enumerate(b)]
+    _, lo, hi = paired_ratio_ci(noisy, b, seed=0)
+    assert lo < 1 < hi
+    assert paired_ratio_ci(noisy, b, seed=0) == paired_ratio_ci(noisy, b, seed=0)
+    with pytest.raises(MetricsError, match="different shapes"):
+        paired_ratio_ci(a[:3], b)
+    with pytest.raises(MetricsError, match="zero denominator"):
+        paired_ratio_ci([1.0], [0.0])
 
 
 def test_bad_inputs():
