@@ -12,7 +12,7 @@ import torch
 from vllm_slq.eval.api import Evaluator, check_tokenizers, evaluate
 from vllm_slq.eval.hf_backend import EvalError, HFRunner, sample_continuations
 from vllm_slq.eval.metrics import position_metrics, summarize
-from vllm_slq.eval.report import gather, load_runs, write_run
+from vllm_slq.eval.report import ReportError, gather, load_runs, paired_comparison, write_run
 from vllm_slq.testing import tiny_llama
 
 
@@ -137,6 +137,47 @@ def test_report_run_files_and_plot(blocks, tmp_path):
     out = gather([tmp_path / "runs"], tmp_path / "report")
     assert out["n_runs"] == 3 and out["png"] and os.path.getsize(out["png"]) > 1000
     assert len(load_runs([tmp_path / "runs"])) == 3
+
+
+def test_paired_comparison_of_two_runs_on_the_same_blocks(blocks, tmp_path):
+    from vllm_slq.cli import main as cli_main
+
+    ref = tiny_llama()
+    ev = Evaluator(ref, blocks=blocks, sample_prompts=0, progress=False, n_boot=300)
+    near = ev.evaluate(_perturbed(noise=0.01), label="near")
+    far = ev.evaluate(_perturbed(noise=0.05), label="far")
+    c = paired_comparison(near, far)
+    # the ratio and difference are the runs' own means, and the intervals contain them
+    assert c["kl"]["ratio_a_over_b"] == pytest.approx(near["teacher_forced"]["kl"] / far["teacher_forced"]["kl"])
+    assert c["ear"]["a_minus_b"] == pytest.approx(near["teacher_forced"]["ear"] - far["teacher_forced"]["ear"])
+    lo, hi = c["kl"]["ci95"]
+    assert lo <= c["kl"]["ratio_a_over_b"] <= hi
+    # 5x the weight noise: closer on every block, beyond sampling noise
+    assert c["kl"]["a_lower_beyond_noise"] and hi < 1
+    assert c["ear"]["a_higher_beyond_noise"] and c["ear"]["ci95"][0] > 0
+    assert c["positions"] == 4 * 47 and c["sequences"] == 4
+    # swapping the roles inverts the verdict
+    assert not paired_comparison(far, near)["kl"]["a_lower_beyond_noise"]
+
+    # through the CLI, from files: an eval run and a quantize report's "fidelity" section
+    j_near, _ = write_run(near, tmp_path / "runs")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "slq_report.json").write_text(json.dumps({"bpp": 4.0, "fidelity": far}))
+    rc = cli_main(["report", "--compare", str(j_near), str(tmp_path / "ck" / "slq_report.json"),
+                   "--out", str(tmp_path / "cmp")])
+    assert rc == 0
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["kl"]["ratio_a_over_b"] == pytest.approx(c["kl"]["ratio_a_over_b"])
+
+    # different text, or runs without per-sequence sums, are refused with the reason
+    other = Evaluator(ref, blocks=blocks[:3], sample_prompts=0, progress=False, n_boot=50)
+    with pytest.raises(ReportError, match="n_blocks"):
+        paired_comparison(near, other.evaluate(_perturbed(noise=0.05), label="other"))
+    old = json.loads(json.dumps(far))
+    del old["teacher_forced"]["per_sequence"]
+    with pytest.raises(ReportError, match="per-sequence"):
+        paired_comparison(near, old)
+    assert cli_main(["report", "--compare", str(j_near), "--out", str(tmp_path / "cmp")]) == 2
 
 
 # ---------------------------------------------------------------- reference model + vLLM

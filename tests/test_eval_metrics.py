@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_slq.eval.metrics import (
-    DenseLogits, HiddenStateLogits, MetricsError, PositionMetrics, bootstrap_mean_ci, paired_ratio_ci,
+    DenseLogits, HiddenStateLogits, MetricsError, PositionMetrics, bootstrap_mean_ci, paired_bootstrap_ci,
     position_metrics, summarize, topk_ear_bounds,
 )
 
@@ -130,7 +130,7 @@ def test_paired_ratio_ci_separates_a_consistent_small_gain_that_an_unpaired_view
     rng = torch.Generator().manual_seed(3)
     b = (torch.rand(16, generator=rng, dtype=torch.float64) * 9 + 1).tolist()
     a = [0.95 * v for v in b]
-    ratio, lo, hi = paired_ratio_ci(a, b, seed=0)
+    ratio, lo, hi = paired_bootstrap_ci(a, b, seed=0)
     assert ratio == pytest.approx(0.95)
     assert lo == pytest.approx(0.95) and hi == pytest.approx(0.95)
     # unpaired, the two means' intervals overlap almost entirely
@@ -139,13 +139,32 @@ def test_paired_ratio_ci_separates_a_consistent_small_gain_that_an_unpaired_view
     assert a_hi > b_lo
     # noise around a ratio of 1: the interval straddles it
     noisy = [v * (1 + 0.2 * (2 * (i % 2) - 1)) for i, v in enumerate(b)]
-    _, lo, hi = paired_ratio_ci(noisy, b, seed=0)
+    _, lo, hi = paired_bootstrap_ci(noisy, b, seed=0)
     assert lo < 1 < hi
-    assert paired_ratio_ci(noisy, b, seed=0) == paired_ratio_ci(noisy, b, seed=0)
+    assert paired_bootstrap_ci(noisy, b, seed=0) == paired_bootstrap_ci(noisy, b, seed=0)
+    # difference of position-weighted means: a is 0.02 above b at every position
+    counts = [10 + i for i in range(16)]
+    b_sum = [0.7 * n for n in counts]
+    a_sum = [0.72 * n for n in counts]
+    d, lo, hi = paired_bootstrap_ci(a_sum, b_sum, counts, kind="difference")
+    assert d == pytest.approx(0.02) and lo == pytest.approx(0.02) and hi == pytest.approx(0.02)
     with pytest.raises(MetricsError, match="different shapes"):
-        paired_ratio_ci(a[:3], b)
+        paired_bootstrap_ci(a[:3], b)
     with pytest.raises(MetricsError, match="zero denominator"):
-        paired_ratio_ci([1.0], [0.0])
+        paired_bootstrap_ci([1.0], [0.0])
+    with pytest.raises(MetricsError, match="kind must be"):
+        paired_bootstrap_ci(a, b, kind="mean")
+
+
+def test_summarize_keeps_per_sequence_sums_for_paired_comparisons():
+    g = torch.Generator().manual_seed(1)
+    seqs = [PositionMetrics(ear=torch.rand(n, generator=g, dtype=torch.float64),
+                            kl=torch.rand(n, generator=g, dtype=torch.float64), top1=None) for n in (5, 7, 9)]
+    s = summarize(seqs, n_boot=10)
+    ps = s["per_sequence"]
+    assert ps["n_positions"] == [5, 7, 9]
+    assert sum(ps["ear_sum"]) / sum(ps["n_positions"]) == pytest.approx(s["ear"])
+    assert sum(ps["kl_sum"]) / sum(ps["n_positions"]) == pytest.approx(s["kl"])
 
 
 def test_bad_inputs():

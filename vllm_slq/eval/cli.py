@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -83,11 +84,16 @@ def _resolve(spec: str):
 def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run JSON files or directories of them")
     p.add_argument("--out", default="eval_report", help="directory for fidelity.md/.json/_vs_bpp.png")
+    p.add_argument("--compare", action="store_true",
+                   help="exactly two runs scored on the same text: A against B, KL ratio and EAR "
+                        "difference with paired bootstrap 95%% CIs (writes comparison.json)")
 
 
 def run_report(args) -> int:
     from .report import ReportError, gather
 
+    if args.compare:
+        return run_compare(args)
     try:
         res = gather(args.runs, args.out)
     except ReportError as e:
@@ -96,4 +102,25 @@ def run_report(args) -> int:
     print(res["table"])
     print(f"wrote {res['markdown']}, {res['json']}" + (f", {res['png']}" if res["png"] else
                                                        " (no run has a bpp: no plot)"))
+    return 0
+
+
+def run_compare(args) -> int:
+    from vllm_slq.fileio import atomic_write_json
+
+    from .report import ReportError, format_comparison, load_runs, paired_comparison
+
+    try:
+        runs = load_runs(args.runs)
+        if len(runs) != 2:
+            raise ReportError(f"--compare takes exactly two runs, got {len(runs)} from {args.runs}")
+        c = paired_comparison(*runs)
+    except ReportError as e:
+        print(f"vllm-slq report: error: {e}", file=sys.stderr)
+        return 2
+    c["files"] = [str(p) for p in args.runs]
+    path = Path(args.out) / "comparison.json"
+    atomic_write_json(path, c)
+    print(format_comparison(c))
+    print(f"wrote {path}")
     return 0

@@ -348,25 +348,42 @@ def bootstrap_mean_ci(values_per_seq: Sequence[torch.Tensor], n_boot: int = 1000
     return float(lo), float(hi)
 
 
-def paired_ratio_ci(a_sums: Sequence[float], b_sums: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float, float]:
-    """Ratio of two candidates' summed per-sequence metric (e.g. KL) on the SAME sequences,
-    with a paired percentile bootstrap CI: each replicate draws sequences once and sums both
-    candidates over the same draw, so the passage-to-passage variation both share cancels
-    and the interval reflects only how consistently one beats the other.
-    Returns (ratio, lo, hi); an interval below 1 means a is lower than b beyond sampling noise."""
+def paired_bootstrap_ci(a_sums: Sequence[float], b_sums: Sequence[float], counts: Optional[Sequence[float]] = None,
+                        kind: str = "ratio", n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                        ) -> tuple[float, float, float]:
+    """Two candidates scored on the SAME sequences: per sequence, the sum of a metric over its
+    positions for a and for b (and its position count). Each bootstrap replicate draws the
+    sequences once and uses the draw for both, so the passage-to-passage variation they share
+    cancels and the interval reflects only how consistently one differs from the other.
+
+        kind="ratio":       sum a / sum b                   (e.g. KL: < 1 means a is closer)
+        kind="difference":  (sum a - sum b) / sum counts    (e.g. mean EAR of a minus b)
+
+    Returns (value, lo, hi), a percentile interval at `level`."""
     a = np.asarray(a_sums, dtype=np.float64)
     b = np.asarray(b_sums, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise MetricsError(f"paired_ratio_ci: per-sequence sums of different shapes {a.shape} vs {b.shape}")
-    if a.size == 0 or b.sum() <= 0:
-        raise MetricsError("paired_ratio_ci: no sequences, or a zero denominator")
+        raise MetricsError(f"paired bootstrap: per-sequence sums of different shapes {a.shape} vs {b.shape}")
+    if a.size == 0:
+        raise MetricsError("paired bootstrap: no sequences")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, a.size, size=(n_boot, a.size))
-    stats = a[draws].sum(1) / np.maximum(b[draws].sum(1), 1e-300)
+    if kind == "ratio":
+        if b.sum() <= 0:
+            raise MetricsError("paired bootstrap: ratio with a zero denominator")
+        value = a.sum() / b.sum()
+        stats = a[draws].sum(1) / np.maximum(b[draws].sum(1), 1e-300)
+    elif kind == "difference":
+        n = np.ones_like(a) if counts is None else np.asarray(counts, dtype=np.float64)
+        if n.shape != a.shape or n.sum() <= 0:
+            raise MetricsError(f"paired bootstrap: counts of shape {n.shape} for {a.size} sequences")
+        value = (a.sum() - b.sum()) / n.sum()
+        stats = (a[draws].sum(1) - b[draws].sum(1)) / n[draws].sum(1)
+    else:
+        raise MetricsError(f"paired bootstrap: kind must be 'ratio' or 'difference', got {kind!r}")
     q = (1.0 - level) / 2
     lo, hi = np.quantile(stats, [q, 1 - q])
-    return float(a.sum() / b.sum()), float(lo), float(hi)
+    return float(value), float(lo), float(hi)
 
 
 def summarize(seqs: SequenceMetrics | Sequence[PositionMetrics], n_boot: int = 1000, seed: int = 0
@@ -377,6 +394,12 @@ def summarize(seqs: SequenceMetrics | Sequence[PositionMetrics], n_boot: int = 1
     if not seqs.sequences or sum(len(m) for m in seqs.sequences) == 0:
         raise MetricsError("no positions to summarize")
     ear = seqs.cat("ear").numpy()
+    # per-sequence sums: enough to compare two candidates scored on the same blocks later
+    # (paired_bootstrap_ci) without keeping every position
+    per_seq = {"n_positions": [int(m.ear.numel()) for m in seqs.sequences],
+               "ear_sum": [float(m.ear.double().sum()) for m in seqs.sequences]}
+    if all(m.kl is not None for m in seqs.sequences):
+        per_seq["kl_sum"] = [float(m.kl.double().sum()) for m in seqs.sequences]
     out: dict = {
         "n_sequences": len(seqs.sequences),
         "n_positions": int(ear.size),
@@ -387,6 +410,7 @@ def summarize(seqs: SequenceMetrics | Sequence[PositionMetrics], n_boot: int = 1
     }
     lo, hi = bootstrap_mean_ci([m.ear for m in seqs.sequences], n_boot=n_boot, seed=seed)
     out["ear_ci95"] = [lo, hi]
+    out["per_sequence"] = per_seq
     out["ear_pow100"] = float(out["ear"] ** 100)
     with np.errstate(divide="ignore"):
         out["ear_geo100"] = float(np.exp(100 * np.log(np.clip(ear, 1e-300, 1.0)).mean()))

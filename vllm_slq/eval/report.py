@@ -11,6 +11,14 @@ the first '-'), and writes `fidelity_vs_bpp.png` (EAR and KL against bpp, one
 line per method; the EAR panel shows the bootstrap 95% CI as error bars and
 the distribution-lossless line EAR = 0.99), `fidelity.md` and `fidelity.json`.
 Runs without a bpp are listed in the table but not plotted.
+
+`paired_comparison(a, b)` compares two runs scored on the same held-out
+blocks: the KL ratio and the EAR difference, each with a paired bootstrap 95%
+interval over sequences (`metrics.paired_bootstrap_ci`), which is far tighter
+than comparing the two runs' own intervals when both move with the text.
+
+Run files are `vllm-slq eval` outputs, or the `slq_report.json` that
+`vllm-slq quantize` writes into a checkpoint (its "fidelity" section).
 """
 from __future__ import annotations
 
@@ -130,6 +138,9 @@ def load_runs(paths: Iterable) -> list[dict]:
                 raise ReportError(f"{f}: not a readable JSON file ({e})") from e
             if isinstance(data, dict) and isinstance(data.get("runs"), dict):
                 runs.extend(data["runs"].values())
+            elif isinstance(data, dict) and isinstance(data.get("fidelity"), dict) \
+                    and "teacher_forced" in data["fidelity"]:
+                runs.append(data["fidelity"])  # a quantize report: its evaluation
             elif isinstance(data, dict) and "teacher_forced" in data:
                 runs.append(data)
             elif f.name.startswith("fidelity"):
@@ -139,6 +150,58 @@ def load_runs(paths: Iterable) -> list[dict]:
     if not runs:
         raise ReportError("no runs to report")
     return runs
+
+
+def paired_comparison(a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Run a against run b on the same held-out sequences: KL(p||q_a) / KL(p||q_b) and
+    EAR_a - EAR_b, each with a paired bootstrap 95% interval. Raises ReportError when the
+    two were not scored on the same blocks, or lack the per-sequence sums."""
+    from .metrics import paired_bootstrap_ci
+
+    la, lb = a.get("label", "a"), b.get("label", "b")
+    pa, pb = a.get("protocol") or {}, b.get("protocol") or {}
+    for key in ("dataset", "n_blocks", "seq_len", "seed"):
+        if pa.get(key) != pb.get(key):
+            raise ReportError(f"{la} and {lb} were scored on different text: protocol {key!r} is "
+                              f"{pa.get(key)!r} vs {pb.get(key)!r}")
+    for lab, p in ((la, pa), (lb, pb)):
+        if p.get("ear") != "exact":
+            raise ReportError(f"{lab}: EAR is {p.get('ear')!r}, not exact; a paired comparison needs "
+                              f"full-vocabulary scores (--topk -1)")
+    sa = (a.get("teacher_forced") or {}).get("per_sequence")
+    sb = (b.get("teacher_forced") or {}).get("per_sequence")
+    for lab, ps in ((la, sa), (lb, sb)):
+        if not ps or "kl_sum" not in ps:
+            raise ReportError(f"{lab}: no per-sequence sums in its teacher_forced results (written by an "
+                              f"older vllm-slq); evaluate it again")
+    if sa["n_positions"] != sb["n_positions"]:
+        raise ReportError(f"{la} and {lb} scored different positions per sequence")
+    kl, kl_lo, kl_hi = paired_bootstrap_ci(sa["kl_sum"], sb["kl_sum"], n_boot=n_boot, seed=seed)
+    ear, ear_lo, ear_hi = paired_bootstrap_ci(sa["ear_sum"], sb["ear_sum"], sa["n_positions"],
+                                              kind="difference", n_boot=n_boot, seed=seed)
+    ta, tb = a["teacher_forced"], b["teacher_forced"]
+    bpp = {lab: (r.get("candidate_info") or {}).get("bpp") for lab, r in ((la, a), (lb, b))}
+    return {
+        "a": la, "b": lb, "bpp": bpp,
+        "positions": int(sum(sa["n_positions"])), "sequences": len(sa["n_positions"]),
+        "kl": {"a": ta.get("kl"), "b": tb.get("kl"), "ratio_a_over_b": kl, "ci95": [kl_lo, kl_hi],
+               "a_lower_beyond_noise": kl_hi < 1.0},
+        "ear": {"a": ta.get("ear"), "b": tb.get("ear"), "a_minus_b": ear, "ci95": [ear_lo, ear_hi],
+                "a_higher_beyond_noise": ear_lo > 0.0},
+        "bootstrap": f"paired: {n_boot} resamples of whole sequences, seed {seed}, 95% percentile interval",
+    }
+
+
+def format_comparison(c: dict) -> str:
+    bpp = " vs ".join(_fmt(v, 3) for v in c["bpp"].values())
+    k, e = c["kl"], c["ear"]
+    return (f"{c['a']} vs {c['b']} ({c['sequences']} sequences, {c['positions']} positions; bpp {bpp})\n"
+            f"  KL   {_fmt(k['a'])} vs {_fmt(k['b'])}: ratio {k['ratio_a_over_b']:.4f}, paired 95% CI "
+            f"[{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}]"
+            f"{'  -> a lower beyond noise' if k['a_lower_beyond_noise'] else ''}\n"
+            f"  EAR  {_fmt(e['a'])} vs {_fmt(e['b'])}: difference {e['a_minus_b']:+.4f}, paired 95% CI "
+            f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]"
+            f"{'  -> a higher beyond noise' if e['a_higher_beyond_noise'] else ''}")
 
 
 def method_of(r: dict) -> str:
