@@ -10,7 +10,8 @@ blocks and evaluated on held-out blocks of the other split:
     uniform_sym    symmetric GPTQ g64, 2..8 bits
     slq_sym        the same RCO search on the symmetric database: the gamma-squared
                    ablation (symmetric grids inflate the noise by gamma^2 per group)
-    gsq            read from benchmarks/results/gsq.json when it holds completed GSQ
+    gsq            read from benchmarks/results/gsq_all_linears.json (benchmarks/gsq.py
+                   --include-attention --n-eval 8: the same held-out tokens) when it holds completed GSQ
                    rows over every decoder linear; otherwise listed as not measured
 
 Distribution-lossless mode: for EAR targets 0.98 and 0.99, bisect the budget of
@@ -70,7 +71,10 @@ CURVES = {
     "uniform_sym": "uniform symmetric GPTQ g64",
     "slq_sym": "SLQ sym (gamma^2 ablation)",
     "gsq": "GSQ (symmetric)",
+    "gsq_gptq": "uniform symmetric GPTQ, GSQ's calibration",
 }
+# curves read from benchmarks/gsq.py's JSON: its method -> our curve name
+GSQ_JSON_CURVES = {"gsq": "gsq", "gptq": "gsq_gptq"}
 
 
 def decoder_shapes(model, max_layers):
@@ -103,7 +107,7 @@ def gamma_squared(model, shapes, group: int = GROUP) -> dict:
         g2.append(((2 * w.abs().amax(-1) / span) ** 2).flatten())
     g2 = torch.cat(g2)
     return {"mean_gamma2": float(g2.mean()), "median_gamma2": float(g2.median()), "groups": int(g2.numel()),
-            "predicted_rtn_noise_ratio_sym_over_asym": {b: float(g2.mean()) * (1 - 2.0 ** -b) ** 2 for b in BITS}}
+            "predicted_rtn_noise_ratio_sym_over_asym": {str(b): float(g2.mean()) * (1 - 2.0 ** -b) ** 2 for b in BITS}}
 
 
 def database_error_ratio(errors: dict) -> dict:
@@ -111,7 +115,7 @@ def database_error_ratio(errors: dict) -> dict:
     import numpy as np
 
     a, s = np.asarray(errors["asym"]), np.asarray(errors["sym"])
-    return {b: float(np.median(s[:, k] / np.maximum(a[:, k], 1e-30))) for k, b in enumerate(BITS)}
+    return {str(b): float(np.median(s[:, k] / np.maximum(a[:, k], 1e-30))) for k, b in enumerate(BITS)}
 
 
 class HeldoutEvaluator:
@@ -141,7 +145,9 @@ class HeldoutEvaluator:
                 "ear_p5": s["ear_p5"], "ear_p50": s["ear_p50"], "ear_pow100": s["ear_pow100"],
                 "kl": s["kl"], "pinsker_ear_lower_bound": s["pinsker_ear_lower_bound"], "top1": s["top1"],
                 "ppl": s["ppl_cand"], "ppl_fp": s["ppl_ref"], "n_sequences": s["n_sequences"],
-                "n_positions": s["n_positions"]}
+                "n_positions": s["n_positions"],
+                # per held-out sequence, for paired comparisons of two allocations on the same text
+                "kl_seq_sums": s["per_sequence"]["kl_sum"]}
 
 
 def allocation_summary(problem: AllocationProblem, choice) -> dict:
@@ -179,7 +185,9 @@ def thresholds(rows, key: str, targets=TARGETS) -> dict:
 
 
 def gsq_points(path: Path, shapes) -> tuple[list[dict], str]:
-    """Completed GSQ rows over all of `shapes` (the decoder linears) from benchmarks/gsq.py's JSON."""
+    """Completed GSQ rows over all of `shapes` (the decoder linears) from benchmarks/gsq.py's JSON,
+    with the GPTQ rows of the same run (GSQ's own baseline: the same calibration, which differs
+    from this benchmark's Hessian tokens) as the curve "gsq_gptq"."""
     n_modules = len(shapes)
     if not path.is_file():
         return [], f"not measured: {path} does not exist"
@@ -191,23 +199,24 @@ def gsq_points(path: Path, shapes) -> tuple[list[dict], str]:
     if not isinstance(rows, list):
         return [], f"not measured: {path} has no 'rows' list"
     gsq = [r for r in rows if isinstance(r, dict) and r.get("method") == "gsq"]
-    full = [r for r in gsq if r.get("n_quantized") == n_modules and r.get("kl") is not None
-            and r.get("ear") is not None]
-    if not full:
+    full = [r for r in rows if isinstance(r, dict) and r.get("method") in GSQ_JSON_CURVES
+            and r.get("n_quantized") == n_modules and r.get("kl") is not None and r.get("ear") is not None]
+    if not any(r["method"] == "gsq" for r in full):
         status = data.get("status", "")
         return [], (f"not measured: {path} has {len(gsq)} GSQ row(s), none completed over all {n_modules} "
                     f"decoder linears (GSQ's default quantizes the MLP only)"
                     f"{'; its status: ' + status if status else ''}")
     st = data.get("settings", {})
+    calibration = f"{st.get('n_calib')} x {st.get('seq_len')} tokens, sequential pipeline"
     pts = []
     for r in full:
         spec = QuantSpec(int(r["bits"]), int(r.get("group_size", GROUP)), True)
         bpp = sum(spec.bpp(s.in_features) * s.params for s in shapes) / sum(s.params for s in shapes)
         ci = r.get("ear_ci95")
-        pts.append({"curve": "gsq", "budget": None, "achieved_bpp": bpp,
+        pts.append({"curve": GSQ_JSON_CURVES[r["method"]], "option": spec.short(), "budget": None, "achieved_bpp": bpp,
                     "ear": r["ear"], "ear_lcb": ci[0] if ci else None, "ear_ucb": ci[1] if ci else None,
                     "kl": r["kl"], "top1": r.get("top1"), "ppl": r.get("ppl"), "ear_p5": r.get("ear_p5"),
-                    "source": str(path),
+                    "source": str(path), "calibration": calibration,
                     "protocol": {"seq_len": st.get("seq_len"), "n_eval": st.get("n_eval")}})
     return pts, f"read from {path}"
 
@@ -220,7 +229,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     styles = {"uniform_asym": ("s", "--", "C0"), "slq_asym": ("o", "-", "C0"), "uniform_sym": ("s", "--", "C1"),
-              "slq_sym": ("o", "-", "C1"), "gsq": ("D", ":", "C2")}
+              "slq_sym": ("o", "-", "C1"), "gsq": ("D", ":", "C2"), "gsq_gptq": ("x", ":", "C2")}
     for curve, (mk, ls, col) in styles.items():
         pts = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["achieved_bpp"])
         if not pts:
@@ -273,6 +282,21 @@ def print_table(rows) -> None:
               f"{'  (bisect probe)' if r.get('probe') else ''}")
 
 
+def refresh_gsq(args, png: Path) -> None:
+    """--gsq-only: put the GSQ rows of --gsq-json onto an existing curve without recomputing it."""
+    from vllm_slq.data import load_model
+
+    if not args.out.is_file():
+        raise SystemExit(f"--gsq-only: {args.out} does not exist; run the curves first")
+    result = json.loads(args.out.read_text())
+    if result.get("status") != "complete":
+        raise SystemExit(f"--gsq-only: {args.out} has status {result.get('status')!r}, not 'complete'")
+    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+    shapes = decoder_shapes(model, result["settings"]["max_layers"])
+    finish(result, shapes, args, png, None, lambda: atomic_write_json(args.out, result))
+    print(f"wrote {args.out} and {png}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -293,16 +317,22 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="GPTQ database cache (default: <vllm_slq cache>/databases)")
-    ap.add_argument("--gsq-json", type=Path, default=RESULTS / "gsq.json")
+    ap.add_argument("--gsq-json", type=Path, default=RESULTS / "gsq_all_linears.json",
+                    help="GSQ rows over every decoder linear (benchmarks/gsq.py --include-attention)")
     ap.add_argument("--out", type=Path, default=RESULTS / "slq.json")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the points already in --out when its settings match (budgets and "
                          "--skip-sym may differ), e.g. add the symmetric curves to an asymmetric run")
+    ap.add_argument("--gsq-only", action="store_true",
+                    help="refresh only the GSQ points (from --gsq-json), thresholds, comparisons and plot of an "
+                         "existing --out; measures nothing else")
     args = ap.parse_args()
+    png = args.out.with_name(args.out.stem + "_fidelity_vs_bpp.png")
+    if args.gsq_only:
+        return refresh_gsq(args, png)
     if args.rco_steps < 1 or args.rco_samples < 1:
         ap.error("--rco-steps and --rco-samples must be >= 1")
     torch.set_num_threads(args.threads)
-    png = args.out.with_name(args.out.stem + "_fidelity_vs_bpp.png")
 
     from vllm_slq.allocation.objective import ModelKLObjective, cached_candidates
     from vllm_slq.data import cache_dir, load_model, load_text, token_blocks
@@ -368,7 +398,7 @@ def main():
         if not same:
             raise SystemExit(f"--resume: {args.out} was written with other settings; use another --out")
         previous = {(r["curve"], r.get("option"), r.get("budget")): r for r in old.get("rows", [])
-                    if r["curve"] != "gsq"}
+                    if r["curve"] not in GSQ_JSON_CURVES.values()}
         # stages not rerun this time (a resumed database's sensitivities) keep their old figures
         stages.update({k: v for k, v in old.get("stages", {}).items() if k not in stages})
         print(f"resuming: {len(previous)} points from {args.out}")
@@ -489,6 +519,51 @@ def main():
         result["stages"][f"curves_{kind}_s"] = sum(r.get("alloc_s", 0) + r.get("eval_s", 0)
                                                    for r in rows if r["curve"] in (f"uniform_{kind}", f"slq_{kind}"))
 
+    gamma = None
+    if "sym" in db_errors:
+        # the law's mechanism, before and after GPTQ: RTN's predicted noise ratio from the
+        # weights' gamma, and the ratio of GPTQ's own Hessian-weighted errors in the databases
+        gamma = {**gamma_squared(model, shapes), "gptq_error_ratio_sym_over_asym_median": database_error_ratio(db_errors)}
+    finish(result, shapes, args, png, gamma, save)
+    print(f"wrote {args.out} and {png} in {time.perf_counter() - t_all:.0f} s")
+
+
+def gsq_vs_curves(rows) -> list[dict]:
+    """Each GSQ point against symmetric GPTQ at the same width -- on GSQ's own calibration
+    (gsq_gptq: the fair comparison) and on this benchmark's Hessians (uniform_sym) -- and
+    against SLQ at the same bpp (log-KL interpolated between SLQ's neighbouring points)."""
+    import math
+
+    out = []
+    slq = sorted((r for r in rows if r["curve"] == "slq_asym" and not r.get("probe")), key=lambda r: r["achieved_bpp"])
+    for g in sorted((r for r in rows if r["curve"] == "gsq"), key=lambda r: r["achieved_bpp"]):
+        rec = {"bpp": g["achieved_bpp"], "gsq": {k: g.get(k) for k in ("ear", "ear_lcb", "kl")}}
+        for curve in ("gsq_gptq", "uniform_sym"):
+            u = next((r for r in rows if r["curve"] == curve and r.get("option") == g["option"]), None)
+            if u:
+                rec[curve] = {k: u[k] for k in ("achieved_bpp", "ear", "ear_lcb", "kl")}
+                rec[f"kl_ratio_gsq_over_{curve}"] = g["kl"] / u["kl"] if u["kl"] > 0 else None
+        x = g["achieved_bpp"]
+        lo = [r for r in slq if r["achieved_bpp"] <= x]
+        hi = [r for r in slq if r["achieved_bpp"] >= x]
+        if lo and hi:
+            a, b = lo[-1], hi[0]
+            f = 0.0 if b["achieved_bpp"] == a["achieved_bpp"] else \
+                (x - a["achieved_bpp"]) / (b["achieved_bpp"] - a["achieved_bpp"])
+            kl = math.exp((1 - f) * math.log(a["kl"]) + f * math.log(b["kl"]))
+            rec["slq_asym_kl_at_same_bpp"] = kl
+            rec["slq_asym_between"] = [a["achieved_bpp"], b["achieved_bpp"]]
+            rec["kl_ratio_gsq_over_slq_asym"] = g["kl"] / kl if kl > 0 else None
+        out.append(rec)
+    return out
+
+
+def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> None:
+    """GSQ points, thresholds, the explicit comparisons, table, JSON and plot, from the rows
+    measured so far. gamma: the gamma-squared check, or None to keep the one already in result."""
+    rows = result["rows"]
+    rows[:] = [r for r in rows if r["curve"] not in GSQ_JSON_CURVES.values()]
+    lossless = result.get("distribution_lossless", {})
     gsq, gsq_note = gsq_points(args.gsq_json, shapes)
     rows.extend(gsq)
     result["gsq"] = {"status": gsq_note, "points": len(gsq)}
@@ -499,6 +574,7 @@ def main():
                                 "ear": thresholds([r for r in rows if r["curve"] == c], "ear")} for c in curves}
     if "gsq" not in curves:
         result["thresholds"]["gsq"] = gsq_note
+    # both read from the GSQ run: GSQ against GPTQ on the SAME calibration is the fair comparison
 
     # explicit comparisons the issue asks for
     comp = {}
@@ -510,6 +586,12 @@ def main():
             "uniform": {"bpp": w4["achieved_bpp"], "kl": w4["kl"], "ear": w4["ear"], "ear_lcb": w4["ear_lcb"]},
             "kl_ratio_slq_over_uniform": s4["kl"] / w4["kl"] if w4["kl"] > 0 else None,
             "slq_lower_kl": s4["kl"] < w4["kl"]}
+        if s4.get("kl_seq_sums") and w4.get("kl_seq_sums"):
+            from vllm_slq.eval.metrics import paired_bootstrap_ci
+
+            _, lo, hi = paired_bootstrap_ci(s4["kl_seq_sums"], w4["kl_seq_sums"], n_boot=args.n_boot, seed=args.seed)
+            comp["slq_asym_4.0_vs_uniform_asym_w4"]["kl_ratio_paired_ci95"] = [lo, hi]
+            comp["slq_asym_4.0_vs_uniform_asym_w4"]["slq_lower_kl_beyond_noise"] = hi < 1.0
     else:
         comp["slq_asym_4.0_vs_uniform_asym_w4"] = "not measured (4.0 not among the budgets, or no w4 uniform row)"
     eq = []
@@ -529,11 +611,10 @@ def main():
                        "sym": {k: us[k] for k in ("achieved_bpp", "ear", "kl")},
                        "kl_ratio_sym_over_asym": us["kl"] / ua["kl"] if ua["kl"] > 0 else None})
     comp["uniform_sym_vs_asym_equal_bits"] = ub or "not measured (--skip-sym)"
-    if "sym" in db_errors:
-        # the law's mechanism, before and after GPTQ: RTN's predicted noise ratio from the
-        # weights' gamma, and the ratio of GPTQ's own Hessian-weighted errors in the databases
-        comp["gamma_squared"] = {**gamma_squared(model, shapes),
-                                 "gptq_error_ratio_sym_over_asym_median": database_error_ratio(db_errors)}
+    gamma = gamma or result.get("comparisons", {}).get("gamma_squared")
+    if gamma:
+        comp["gamma_squared"] = gamma
+    comp["gsq_vs_uniform_sym_and_slq"] = gsq_vs_curves(rows) or gsq_note
     result["comparisons"] = comp
     result["status"] = "complete"
     save()
@@ -559,16 +640,25 @@ def main():
                else f"not reached (best LCB {v['max_ear_lcb']:.4f} at {v['at_bpp']:.3f} bpp)"))
     c = comp["slq_asym_4.0_vs_uniform_asym_w4"]
     if isinstance(c, dict):
+        ci = c.get("kl_ratio_paired_ci95")
         print(f"SLQ asym {c['slq']['bpp']:.3f} bpp KL {c['slq']['kl']:.5f} vs uniform w4a {c['uniform']['bpp']:.4f} "
-              f"bpp KL {c['uniform']['kl']:.5f} (ratio {c['kl_ratio_slq_over_uniform']:.3f})")
+              f"bpp KL {c['uniform']['kl']:.5f} (ratio {c['kl_ratio_slq_over_uniform']:.3f}"
+              f"{'' if ci is None else f', paired 95% CI {ci[0]:.3f}-{ci[1]:.3f}'})")
     gs = comp.get("gamma_squared")
     if gs:
         print(f"gamma^2: mean {gs['mean_gamma2']:.3f} over {gs['groups']} groups; sym/asym noise ratio, "
               "predicted for RTN / GPTQ database median: " + ", ".join(
-                  f"w{b} {gs['predicted_rtn_noise_ratio_sym_over_asym'][b]:.2f}/"
-                  f"{gs['gptq_error_ratio_sym_over_asym_median'][b]:.2f}" for b in BITS))
+                  f"w{b} {gs['predicted_rtn_noise_ratio_sym_over_asym'][str(b)]:.2f}/"
+                  f"{gs['gptq_error_ratio_sym_over_asym_median'][str(b)]:.2f}" for b in BITS))
+    for g in comp["gsq_vs_uniform_sym_and_slq"] if isinstance(comp["gsq_vs_uniform_sym_and_slq"], list) else []:
+        parts = [f"GSQ {g['bpp']:.3f} bpp KL {g['gsq']['kl']:.5f}"]
+        for curve in ("gsq_gptq", "uniform_sym"):
+            if f"kl_ratio_gsq_over_{curve}" in g:
+                parts.append(f"/ {CURVES[curve]} {g[f'kl_ratio_gsq_over_{curve}']:.3f}")
+        if "kl_ratio_gsq_over_slq_asym" in g:
+            parts.append(f"/ SLQ asym at the same bpp {g['kl_ratio_gsq_over_slq_asym']:.3f}")
+        print(" ".join(parts))
     plot(result, png)
-    print(f"wrote {args.out} and {png} in {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":
