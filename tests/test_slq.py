@@ -66,6 +66,10 @@ def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_token
     assert report["bpp"] <= 4.0 + 1e-9 and report["bpp"] > 2.28
     fid = report["fidelity"]["teacher_forced"]
     assert 0.0 < fid["ear"] <= 1.0 and fid["ear_ci95"][0] <= fid["ear"] <= fid["ear_ci95"][1]
+    # the report names the checkpoint, not the staging directory it was scored in, and keeps
+    # the per-sequence sums that `vllm-slq report --compare` pairs with another run's
+    assert report["fidelity"]["label"] == "ckpt" and report["fidelity"]["candidate"] == str(out)
+    assert len(fid["per_sequence"]["kl_sum"]) == report["fidelity"]["protocol"]["n_blocks"]
     ck = load_checkpoint(out)
     specs = {n: q.spec for n, q in ck.quantized.items()}
     for layer in range(2):

@@ -249,7 +249,10 @@ def run_quantize(args) -> int:
 
             report["fidelity"] = evaluate(reference=str(model_path), candidate=str(staging),
                                           dataset=args.dataset, n_tokens=args.eval_tokens,
-                                          seq_len=args.seq_len, backend="hf", seed=args.seed)
+                                          seq_len=args.seq_len, backend="hf", seed=args.seed,
+                                          label=out.name)
+            # scored in the staging directory; name the checkpoint it becomes
+            report["fidelity"]["candidate"] = str(out)
         (staging / "slq_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (staging / "slq_report.md").write_text(render_report(report))
         if out.exists():
