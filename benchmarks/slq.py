@@ -184,7 +184,7 @@ def thresholds(rows, key: str, targets=TARGETS) -> dict:
     return out
 
 
-def gsq_points(path: Path, shapes) -> tuple[list[dict], str]:
+def gsq_points(path: Path, shapes, seq_len: int, eval_blocks: int) -> tuple[list[dict], str]:
     """Completed GSQ rows over all of `shapes` (the decoder linears) from benchmarks/gsq.py's JSON,
     with the GPTQ rows of the same run (GSQ's own baseline: the same calibration, which differs
     from this benchmark's Hessian tokens) as the curve "gsq_gptq"."""
@@ -207,6 +207,10 @@ def gsq_points(path: Path, shapes) -> tuple[list[dict], str]:
                     f"decoder linears (GSQ's default quantizes the MLP only)"
                     f"{'; its status: ' + status if status else ''}")
     st = data.get("settings", {})
+    if (st.get("seq_len"), st.get("n_eval")) != (seq_len, eval_blocks):
+        # gsq.py and this benchmark cut held-out blocks the same way: the same shape is the same text
+        return [], (f"not comparable: {path} was scored on {st.get('n_eval')} x {st.get('seq_len')} held-out "
+                    f"tokens, this curve on {eval_blocks} x {seq_len}")
     calibration = f"{st.get('n_calib')} x {st.get('seq_len')} tokens, sequential pipeline"
     pts = []
     for r in full:
@@ -564,7 +568,8 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
     rows = result["rows"]
     rows[:] = [r for r in rows if r["curve"] not in GSQ_JSON_CURVES.values()]
     lossless = result.get("distribution_lossless", {})
-    gsq, gsq_note = gsq_points(args.gsq_json, shapes)
+    st = result["settings"]
+    gsq, gsq_note = gsq_points(args.gsq_json, shapes, st["seq_len"], st["eval_blocks"])
     rows.extend(gsq)
     result["gsq"] = {"status": gsq_note, "points": len(gsq)}
     print(f"GSQ: {gsq_note}")
