@@ -31,6 +31,8 @@ options) so reruns skip the GPTQ pass.
     python benchmarks/slq.py                       # full measurement
     python benchmarks/slq.py --max-layers 2 --calib-blocks 2 --eval-blocks 2 \\
         --seq-len 64 --budgets 3 4 --rco-steps 2 --threads 1 --out /tmp/slq.json   # smoke
+    python benchmarks/slq.py --gsq-only             # after benchmarks/gsq.py --include-attention:
+                                                    # GSQ rows onto the existing slq.json, nothing recomputed
 
 Writes benchmarks/results/slq.json (rewritten after every point, status "running"
 until the end) and slq_fidelity_vs_bpp.png next to it.
@@ -579,7 +581,6 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
                                 "ear": thresholds([r for r in rows if r["curve"] == c], "ear")} for c in curves}
     if "gsq" not in curves:
         result["thresholds"]["gsq"] = gsq_note
-    # both read from the GSQ run: GSQ against GPTQ on the SAME calibration is the fair comparison
 
     # explicit comparisons the issue asks for
     comp = {}
