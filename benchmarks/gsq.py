@@ -33,8 +33,9 @@ calibration set (held-out block MSE worse). Settings are stored in the JSON.
 
 --include-attention quantizes and refines q/k/v/o too, i.e. every decoder linear:
 the rows benchmarks/slq.py puts on its fidelity-vs-bpp curve. Those runs write
-benchmarks/results/gsq_all_linears.json by default and use --n-eval 8, the first
-eight held-out blocks, which are exactly slq.py's held-out tokens.
+benchmarks/results/gsq_all_linears.json by default; run them with --n-eval 8 (the
+first eight held-out blocks, exactly slq.py's held-out tokens), or slq.py leaves
+them off its curve as scored on other text.
 """
 from __future__ import annotations
 
