@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -36,16 +35,6 @@ RULES = {
     "g192": lambda k: 192,
     "ch": lambda k: None,
 }
-
-
-def line_kl(points: dict, bpp: float) -> float | None:
-    """log-KL interpolated between the g64 widths around bpp (None outside them)."""
-    pts = sorted(points.values())
-    for (b0, k0), (b1, k1) in zip(pts, pts[1:]):
-        if b0 <= bpp <= b1:
-            f = (bpp - b0) / (b1 - b0)
-            return math.exp((1 - f) * math.log(k0) + f * math.log(k1))
-    return None
 
 
 def main():
@@ -62,6 +51,7 @@ def main():
     from vllm_slq.data import load_model, load_text, token_blocks
     from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
     from vllm_slq.eval.metrics import summarize
+    from vllm_slq.eval.report import log_interpolate
     from vllm_slq.fileio import atomic_write_json
     from vllm_slq.quant.grid import rtn
     from vllm_slq.quant.spec import QuantSpec
@@ -93,9 +83,10 @@ def main():
                          "kl": m["kl"], "ear": m["ear"], "ear_ci95": m["ear_ci95"], "seconds": time.perf_counter() - t})
             print(f"w{bits} {rule:6s} bpp {rows[-1]['bpp']:.3f} KL {m['kl']:.4f} EAR {m['ear']:.4f}", flush=True)
 
-    ladder = {r["bits"]: (r["bpp"], r["kl"]) for r in rows if r["rule"] == "g64"}
+    ladder = [(r["bpp"], r["kl"]) for r in rows if r["rule"] == "g64"]
     for r in rows:
-        ref_kl = line_kl(ladder, r["bpp"])
+        at = log_interpolate(ladder, r["bpp"])
+        ref_kl = None if at is None else at[0]
         r["g64_line_kl"] = ref_kl
         r["ratio_to_g64_line"] = None if ref_kl is None else r["kl"] / ref_kl
     print(f"\n{'bits':>4} {'rule':6s} {'bpp':>6} {'KL':>8} {'g64 line':>9} {'ratio':>6}")

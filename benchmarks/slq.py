@@ -538,10 +538,10 @@ def gsq_vs_curves(rows) -> list[dict]:
     """Each GSQ point against symmetric GPTQ at the same width -- on GSQ's own calibration
     (gsq_gptq: the fair comparison) and on this benchmark's Hessians (uniform_sym) -- and
     against SLQ at the same bpp (log-KL interpolated between SLQ's neighbouring points)."""
-    import math
+    from vllm_slq.eval.report import log_interpolate
 
     out = []
-    slq = sorted((r for r in rows if r["curve"] == "slq_asym" and not r.get("probe")), key=lambda r: r["achieved_bpp"])
+    slq = [(r["achieved_bpp"], r["kl"]) for r in rows if r["curve"] == "slq_asym" and not r.get("probe")]
     for g in sorted((r for r in rows if r["curve"] == "gsq"), key=lambda r: r["achieved_bpp"]):
         rec = {"bpp": g["achieved_bpp"], "gsq": {k: g.get(k) for k in ("ear", "ear_lcb", "kl")}}
         for curve in ("gsq_gptq", "uniform_sym"):
@@ -549,18 +549,28 @@ def gsq_vs_curves(rows) -> list[dict]:
             if u:
                 rec[curve] = {k: u[k] for k in ("achieved_bpp", "ear", "ear_lcb", "kl")}
                 rec[f"kl_ratio_gsq_over_{curve}"] = g["kl"] / u["kl"] if u["kl"] > 0 else None
-        x = g["achieved_bpp"]
-        lo = [r for r in slq if r["achieved_bpp"] <= x]
-        hi = [r for r in slq if r["achieved_bpp"] >= x]
-        if lo and hi:
-            a, b = lo[-1], hi[0]
-            f = 0.0 if b["achieved_bpp"] == a["achieved_bpp"] else \
-                (x - a["achieved_bpp"]) / (b["achieved_bpp"] - a["achieved_bpp"])
-            kl = math.exp((1 - f) * math.log(a["kl"]) + f * math.log(b["kl"]))
+        at = log_interpolate(slq, g["achieved_bpp"])
+        if at:
+            kl, between = at
             rec["slq_asym_kl_at_same_bpp"] = kl
-            rec["slq_asym_between"] = [a["achieved_bpp"], b["achieved_bpp"]]
+            rec["slq_asym_between"] = list(between)
             rec["kl_ratio_gsq_over_slq_asym"] = g["kl"] / kl if kl > 0 else None
         out.append(rec)
+    return out
+
+
+def slq_vs_uniform_line(rows, kind: str) -> list[dict]:
+    """Each SLQ point against the line through the uniform points of the same database
+    (log KL vs bpp): below 1 is what mixing widths buys over interpolating uniform widths."""
+    from vllm_slq.eval.report import log_interpolate
+
+    uniform = [(r["achieved_bpp"], r["kl"]) for r in rows if r["curve"] == f"uniform_{kind}"]
+    out = []
+    for r in sorted((r for r in rows if r["curve"] == f"slq_{kind}"), key=lambda r: r["achieved_bpp"]):
+        at = log_interpolate(uniform, r["achieved_bpp"])
+        if at:
+            out.append({"budget": r["budget"], "bpp": r["achieved_bpp"], "kl": r["kl"], "uniform_line_kl": at[0],
+                        "ratio_to_line": r["kl"] / at[0], "uniform_between": list(at[1])})
     return out
 
 
@@ -621,6 +631,8 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
     if gamma:
         comp["gamma_squared"] = gamma
     comp["gsq_vs_uniform_sym_and_slq"] = gsq_vs_curves(rows) or gsq_note
+    comp["slq_vs_uniform_line"] = {k: slq_vs_uniform_line(rows, k) for k in ("asym", "sym")
+                                   if any(r["curve"] == f"slq_{k}" for r in rows)}
     result["comparisons"] = comp
     result["status"] = "complete"
     save()
@@ -656,6 +668,8 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
               "predicted for RTN / GPTQ database median: " + ", ".join(
                   f"w{b} {gs['predicted_rtn_noise_ratio_sym_over_asym'][str(b)]:.2f}/"
                   f"{gs['gptq_error_ratio_sym_over_asym_median'][str(b)]:.2f}" for b in BITS))
+    for k, pts in comp["slq_vs_uniform_line"].items():
+        print(f"SLQ {k} / uniform line: " + ", ".join(f"{p['bpp']:.2f} bpp {p['ratio_to_line']:.3f}" for p in pts))
     for g in comp["gsq_vs_uniform_sym_and_slq"] if isinstance(comp["gsq_vs_uniform_sym_and_slq"], list) else []:
         parts = [f"GSQ {g['bpp']:.3f} bpp KL {g['gsq']['kl']:.5f}"]
         for curve in ("gsq_gptq", "uniform_sym"):

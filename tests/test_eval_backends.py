@@ -12,7 +12,7 @@ import torch
 from vllm_slq.eval.api import Evaluator, check_tokenizers, evaluate
 from vllm_slq.eval.hf_backend import EvalError, HFRunner, sample_continuations
 from vllm_slq.eval.metrics import position_metrics, summarize
-from vllm_slq.eval.report import ReportError, gather, load_runs, paired_comparison, write_run
+from vllm_slq.eval.report import ReportError, gather, load_runs, log_interpolate, paired_comparison, write_run
 from vllm_slq.testing import tiny_llama
 
 
@@ -137,6 +137,13 @@ def test_report_run_files_and_plot(blocks, tmp_path):
     out = gather([tmp_path / "runs"], tmp_path / "report")
     assert out["n_runs"] == 3 and out["png"] and os.path.getsize(out["png"]) > 1000
     assert len(load_runs([tmp_path / "runs"])) == 3
+
+
+def test_log_interpolate_is_geometric_between_the_bracketing_points():
+    pts = [(4.0, 0.4), (3.0, 1.6), (5.0, 0.1)]  # unsorted; KL falls 4x per bit
+    assert log_interpolate(pts, 3.5) == (pytest.approx(0.8), (3.0, 4.0))
+    assert log_interpolate(pts, 5.0)[0] == pytest.approx(0.1)
+    assert log_interpolate(pts, 2.9) is None and log_interpolate(pts, 5.1) is None
 
 
 def test_paired_comparison_of_two_runs_on_the_same_blocks(blocks, tmp_path):

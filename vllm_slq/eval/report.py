@@ -204,6 +204,20 @@ def format_comparison(c: dict) -> str:
             f"{'  -> a higher beyond noise' if e['a_higher_beyond_noise'] else ''}")
 
 
+def log_interpolate(points: Iterable[tuple[float, float]], x: float
+                    ) -> Optional[tuple[float, tuple[float, float]]]:
+    """A metric that falls geometrically with bpp (KL) at bpp x, log-linear between the two
+    measured (bpp, value) points around x: the "line through the uniform points" a mixed
+    allocation is judged against. Returns (value, (bpp below, bpp above)), or None when x
+    lies outside the points."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            f = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            return math.exp((1 - f) * math.log(y0) + f * math.log(y1)), (x0, x1)
+    return None
+
+
 def method_of(r: dict) -> str:
     info = r.get("candidate_info") or {}
     if info.get("method"):
