@@ -371,7 +371,7 @@ def parse_args(argv=None):
     ap.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
     ap.add_argument("--warmup", type=int, default=25, help="ms of warmup per timing (do_bench)")
     ap.add_argument("--rep", type=int, default=100, help="ms of timed reps per timing (do_bench)")
-    ap.add_argument("--tune", action="store_true", help="run vllm_slq.kernels.autotune.tune on these shapes first")
+    ap.add_argument("--tune", action="store_true", help="run vllm_slq.kernels.tune.tune on these shapes first")
     ap.add_argument("--export-configs", action="store_true",
                     help="after --tune, merge the winners into kernels/configs/<device>.json (to commit)")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: shape table, ideal speedups, JSON only")
@@ -403,12 +403,12 @@ def main(argv=None) -> int:
             return 2
         device = torch.cuda.get_device_name()
         if args.tune:
-            from vllm_slq.kernels import autotune
+            from vllm_slq.kernels import tune
 
-            autotune.tune([(n, k) for k, n in shape_table(args.shapes)], args.bits, args.batches, group,
+            tune.tune([(n, k) for k, n in shape_table(args.shapes)], args.bits, args.batches, group,
                           args.symmetric)
             if args.export_configs:
-                print(f"exported tuned configs to {autotune.export_shipped()}")
+                print(f"exported tuned configs to {tune.export_shipped()}")
         rows = run_gpu(args)
     slug = "".join(c if c.isalnum() else "_" for c in device.lower()).strip("_")
     out = args.out or RESULTS_DIR / f"kernels_{slug}.json"

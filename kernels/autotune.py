@@ -2,7 +2,7 @@
 
 Lookup (``get_config``), first hit wins, all keyed by (bits, M bucket, N, K):
   1. the user's tuned cache, ``$VLLM_SLQ_CACHE_DIR/autotune.json`` (default
-     ``~/.cache/vllm_slq/autotune.json``), written by ``tune()`` -- so a tuned
+     ``~/.cache/vllm_slq/autotune.json``), written by ``vllm_slq.kernels.tune`` -- so a tuned
      machine never re-tunes at startup;
   2. the shipped per-device data ``kernels/configs/<device>.json`` ("entries"),
      matched by substrings of torch.cuda.get_device_name() ("match");
@@ -14,40 +14,46 @@ first call, which stalls startup and cannot run inside CUDA-graph capture.
 M buckets: the next power of two >= M (1, 2, 4, 8, 16 use the GEMV/split-K
 kernel; 32 .. 4096 the tiled GEMM), so one entry serves a range of batches.
 
-``tune()`` (GPU only) times candidate configs with triton.testing.do_bench on
-random weights, checks each candidate's output against the heuristic one, and
-stores the fastest in the cache (atomically). CLI:
-    python -m vllm_slq.kernels.autotune --shapes 4096x4096 4096x14336 --bits 2 3 4 --m 1 4 16 64
+The offline tuner that writes the cache and the shipped files is
+vllm_slq.kernels.tune (GPU only); this module only reads.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
+from .layout import container_format
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 CACHE_VERSION = 1
-GEMV_MAX_M = 16
+GEMV_MAX_M = 1  # M == 1: the GEMV kernel; M > 1: the tl.dot kernel
 
 # Used when no shipped file matches the GPU (and on CPU under TRITON_INTERPRET=1).
+# "gemv" is keyed by bits: BLOCK_N = 32 lanes x num_warps x one 128-bit load of
+# containers (8 int16 or 4 int32 per thread), so warps lie along N and the K slab
+# reduction stays inside a thread; 2-bit takes half of that to stay spill-free
+# (kernels/sass.py, benchmarks/kernel_model.py).
 _FALLBACK_DEFAULTS = {
-    "gemv_m1": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-    "gemv": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    "gemm_small": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
-    "gemm": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    "gemv": {"2": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
+             "3": {"BLOCK_N": 1024, "num_warps": 4, "num_stages": 2},
+             "4": {"BLOCK_N": 1024, "num_warps": 4, "num_stages": 2},
+             "5": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
+             "6": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
+             "7": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
+             "8": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2}},
+    "dot_small": {"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "dot": {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
 }
-# The interpreter runs each program serially in numpy: few large programs, but
-# still split-K > 1 so the atomic path is exercised by the CPU tests.
+# The interpreter runs each program serially in numpy: small programs, and
+# split-K > 1 so that the atomic path is exercised by the CPU tests.
 _CPU_CONFIGS = {
-    "gemv": {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
-    "gemm": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
+    "gemv": {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
+    "gemm": {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -92,14 +98,15 @@ def shipped_configs() -> tuple[dict, ...]:
         for key, cfg in data["entries"].items():
             _validate(cfg, f"{path} entry {key!r}")
         for key, cfg in data["defaults"].items():
-            _validate(cfg, f"{path} default {key!r}", partial=True)
+            for sub, c in (cfg.items() if key == "gemv" else [("", cfg)]):
+                _validate(c, f"{path} default {key!r}{' bits ' + sub if sub else ''}", partial=True)
         data["_path"] = str(path)
         out.append(data)
     return tuple(out)
 
 
 def _validate(cfg: dict, where: str, partial: bool = False) -> None:
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M"):
+    for name in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "GROUP_M"):
         v = cfg.get(name)
         if v is None:
             continue
@@ -139,20 +146,25 @@ def cached_entries(name: str) -> dict:
 
 def heuristic_config(bits: int, m: int, n: int, k: int, num_sms: int = 132,
                      defaults: Optional[dict] = None) -> dict:
-    """Block sizes from `defaults`; split-K for decode so that >= 2 waves of programs run."""
-    d = dict(_FALLBACK_DEFAULTS)
-    if defaults:
-        d.update(defaults)
+    """Block sizes from `defaults`; for M == 1 a split-K that runs >= 2 waves of programs."""
+    d = {key: (dict(v) if not isinstance(v, dict) else {kk: dict(vv) if isinstance(vv, dict) else vv
+                                                        for kk, vv in v.items()})
+         for key, v in _FALLBACK_DEFAULTS.items()}
+    for key, v in (defaults or {}).items():
+        if key == "gemv":
+            d["gemv"].update(v)
+        else:
+            d[key] = v
     if m <= GEMV_MAX_M:
-        cfg = dict(d["gemv_m1" if m == 1 else "gemv"])
-        n_tiles = -(-n // cfg["BLOCK_N"])
-        k_tiles = -(-k // cfg["BLOCK_K"])
+        cfg = dict(d["gemv"][str(bits)])
+        n_tiles = max(1, -(-n // cfg["BLOCK_N"]))
+        k_tiles = -(-k // container_format(bits).tile_k)
         split = 1
-        while n_tiles * split < 2 * num_sms and split * 2 <= k_tiles and split < 16:
+        while n_tiles * split < 2 * num_sms and split * 2 <= k_tiles and split < 64:
             split *= 2
         cfg["SPLIT_K"] = split
         return cfg
-    return dict(d["gemm_small" if m <= 64 else "gemm"])
+    return dict(d["dot_small" if m <= 16 else "dot"])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -176,7 +188,7 @@ def _num_sms(name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _cache_stamp() -> float:
-    """mtime of the tuned cache, read once per process (no filesystem call per matmul); tune() resets it."""
+    """mtime of the tuned cache, read once per process (no filesystem call per matmul); the tuner resets it."""
     p = cache_path()
     return p.stat().st_mtime if p.exists() else 0.0
 
@@ -203,152 +215,3 @@ def explain_config(device: torch.device, bits: int, m: int, n: int, k: int) -> t
     if device.type == "cpu":
         return "cpu-interpreter", get_config(device, bits, m, n, k)
     return _lookup(device_name(device), bits, m_bucket(m), n, k, _cache_stamp())
-
-
-# --------------------------------------------------------------------------- tuning (GPU)
-
-
-def candidate_configs(m: int, n: int, k: int) -> list[dict]:
-    out = []
-    if m <= GEMV_MAX_M:
-        for bn, bk, split, warps, stages in itertools.product(
-                (32, 64, 128, 256), (32, 64, 128, 256), (1, 2, 4, 8, 16), (2, 4, 8), (1, 2, 3, 4)):
-            if bk * split > max(k, bk) * 2 or (m == 1 and bn * bk > 32768) or (m > 1 and bk < 16):
-                continue
-            out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages})
-    else:
-        for bm, bn, bk, warps, stages in itertools.product(
-                (32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
-            if bm > 2 * m_bucket(m):
-                continue
-            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                        "num_warps": warps, "num_stages": stages})
-    return out
-
-
-def _write_cache_atomic(path: Path, devices: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "devices": devices}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def tune(shapes: Iterable[tuple[int, int]], bits_list: Iterable[int], ms: Iterable[int],
-         group_size: Optional[int] = 128, symmetric: bool = False, dtype: torch.dtype = torch.float16,
-         max_candidates: Optional[int] = None, seed: int = 0, progress: bool = True) -> dict:
-    """Time candidate configs on this GPU; store the best per (bits, M bucket, N, K) in the cache.
-
-    shapes are (N, K) = (out_features, in_features). Returns {key: config}.
-    """
-    if not torch.cuda.is_available():
-        raise AutotuneError("tune() needs a CUDA GPU (configs are per device)")
-    import random
-
-    import triton.testing
-    from tqdm import tqdm
-
-    from .layout import pack_dense_bitstream, repack
-    from .triton_wna16 import launch_gemm, launch_gemv
-
-    dev = torch.device("cuda")
-    name = device_name(dev)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    results: dict[str, dict] = {}
-    jobs = [(nk, b, m) for nk in shapes for b in bits_list for m in ms]
-    for (n, k), bits, m in tqdm(jobs, desc="autotune", disable=not progress):
-        g = k if group_size is None else group_size
-        codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
-        scale = (torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3).to(dtype)
-        zp = None if symmetric else torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k // g),
-                                                  generator=gen, dtype=torch.int8)
-        w = repack(pack_dense_bitstream(codes, bits).to(dev), scale.to(dev), None if zp is None else zp.to(dev),
-                   bits, group_size, k, n, act_dtype=dtype)
-        x = torch.randn(m, k, generator=gen).to(dtype).to(dev)
-        gs = group_size or 0
-        launch = launch_gemv if m <= GEMV_MAX_M else launch_gemm
-        ref = launch(x, w["packed"], w["scale"], w.get("zero"), bits, gs, k,
-                     heuristic_config(bits, m, n, k, _num_sms(name)))
-        cands = candidate_configs(m, n, k)
-        if max_candidates and len(cands) > max_candidates:
-            cands = random.Random(seed).sample(cands, max_candidates)
-        best = (float("inf"), None)
-        for cfg in cands:
-            try:
-                fn = functools.partial(launch, x, w["packed"], w["scale"], w.get("zero"), bits, gs, k, cfg)
-                y = fn()
-                if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2):
-                    continue  # a miscompiled config is never chosen
-                ms_ = triton.testing.do_bench(fn, warmup=10, rep=30)
-            except Exception:  # noqa: BLE001 -- e.g. out of shared memory for this config
-                continue
-            if ms_ < best[0]:
-                best = (ms_, cfg)
-        if best[1] is None:
-            raise AutotuneError(f"no candidate config ran for bits={bits} M={m} N={n} K={k}")
-        results[config_key(bits, m, n, k)] = dict(best[1], us=round(best[0] * 1e3, 2))
-    path = cache_path()
-    devices = {}
-    if path.exists():
-        try:
-            devices = json.loads(path.read_text()).get("devices", {})
-        except (OSError, json.JSONDecodeError):
-            devices = {}
-    devices.setdefault(name, {}).update(results)
-    _write_cache_atomic(path, devices)
-    _lookup.cache_clear()
-    _cache_stamp.cache_clear()
-    return results
-
-
-def export_shipped(name: Optional[str] = None) -> Path:
-    """Merge this device's tuned cache entries into its shipped kernels/configs/*.json (to commit)."""
-    name = name or device_name(torch.device("cuda"))
-    entries = cached_entries(name)
-    if not entries:
-        raise AutotuneError(f"no tuned entries for {name!r} in {cache_path()}; run tune() first")
-    table = device_table(name)
-    if table is None:
-        slug = "_".join(name.lower().replace("-", " ").split()[:2])
-        path = CONFIG_DIR / f"{slug}.json"
-        data = {"device": name, "match": [name.lower()], "num_sms": _num_sms(name),
-                "source": "tune()", "defaults": dict(_FALLBACK_DEFAULTS), "entries": {}}
-    else:
-        path = Path(table["_path"])
-        data = json.loads(path.read_text())
-    data["entries"].update({k: {kk: vv for kk, vv in v.items() if kk != "us"} for k, v in entries.items()})
-    data["source"] = f"measured by vllm_slq.kernels.autotune.tune() on {name}"
-    fd, tmp = tempfile.mkstemp(prefix=".cfg.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    shipped_configs.cache_clear()
-    _lookup.cache_clear()
-    return path
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "14336x4096"],
-                    help="NxK (out_features x in_features)")
-    ap.add_argument("--bits", nargs="+", type=int, default=list(range(2, 9)))
-    ap.add_argument("--m", nargs="+", type=int, default=[1, 4, 16, 64])
-    ap.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
-    ap.add_argument("--symmetric", action="store_true")
-    ap.add_argument("--max-candidates", type=int, default=200)
-    args = ap.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    res = tune(shapes, args.bits, args.m, args.group_size or None, args.symmetric,
-               max_candidates=args.max_candidates)
-    for key, cfg in sorted(res.items()):
-        print(key, cfg)
-    print(f"wrote {cache_path()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,30 +22,17 @@ from typing import Optional
 
 import torch
 
+from vllm_slq.quant.packing import unpack_codes
+from vllm_slq.quant.spec import dequantize_codes
+
 from .registry import KernelConfig, LinearKernel, register_kernel
-
-
-def _unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    try:  # the project's one packing implementation, once the checkpoint side ships it
-        from vllm_slq.quant.packing import unpack_codes
-    except ImportError:
-        from vllm_slq.vllm.sharding import unpack_codes_signed as _u
-
-        return _u(packed, bits, k)
-    return unpack_codes(packed, bits, k)
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                       config: KernelConfig) -> torch.Tensor:
     """[N, ceil(K*b/32)] int32 checkpoint layout -> dense [N, K] in config.act_dtype."""
-    n, k = config.out_features, config.in_features
-    g = k if config.group_size is None else config.group_size
-    codes = _unpack_codes(packed, config.bits, k)
-    q = codes.to(torch.float32).view(n, k // g, g)
-    if zero_point is not None:
-        q = q - zero_point.to(torch.float32).unsqueeze(-1)
-    w = q * scale.to(torch.float32).reshape(n, k // g).unsqueeze(-1)
-    return w.view(n, k).to(config.act_dtype)
+    codes = unpack_codes(packed, config.bits, config.in_features)
+    return dequantize_codes(codes, scale, zero_point, config.group_size, config.act_dtype)
 
 
 @register_kernel(priority=0)
@@ -89,14 +76,11 @@ def _vllm_cpu_gemm(weight: torch.Tensor):
     """
     try:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-    except Exception:
+    except ImportError:  # not inside vLLM (the kernel is also used by tests and benchmarks)
         return None
     holder = torch.nn.Module()
     holder.weight = torch.nn.Parameter(weight, requires_grad=False)
-    try:
-        dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
-    except Exception:
-        return None
+    dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
     gemm = getattr(holder, "cpu_linear", None)
     # Only the prepacked paths (oneDNN, sgl, zentorch) drop the weight; when vLLM
     # falls back to torch linear it keeps the weight and expects it passed at call

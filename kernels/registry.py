@@ -18,7 +18,7 @@ Contract for a kernel:
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,14 +55,13 @@ class LinearKernel:
 
 
 _REGISTRY: list[tuple[int, type[LinearKernel]]] = []
-
-# Kernel families are imported lazily so that importing the registry never
-# pulls in Triton on a machine without it. Add a module here to register it.
-_KERNEL_MODULES = [
-    "vllm_slq.kernels.cpu_dequant",
-    "vllm_slq.kernels.triton_wna16",
-]
+# Families whose toolchain is not installed, with the reason (select_kernel reports it).
+MISSING_TOOLCHAINS: dict[str, str] = {}
 _loaded = False
+
+
+class ToolchainMissing(ImportError):
+    """A kernel family's compiler/runtime (e.g. triton) is not installed."""
 
 
 def register_kernel(priority: int):
@@ -76,15 +75,17 @@ def register_kernel(priority: int):
 
 
 def _load_kernel_modules() -> None:
+    """Import every family once. Families are plain imports; only a missing toolchain is tolerated,
+    and it is checked up front (find_spec), never inferred from an error message."""
     global _loaded
     if _loaded:
         return
-    for mod in _KERNEL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:  # a family whose toolchain is missing just does not register
-            if mod.split(".")[-1] not in str(e) and "triton" not in str(e):
-                raise
+    from . import cpu_dequant  # noqa: F401 -- registers CPUDequantKernel (torch only)
+
+    if importlib.util.find_spec("triton") is None:
+        MISSING_TOOLCHAINS["triton_wna16"] = "the triton package is not installed"
+    else:
+        from . import triton_wna16  # noqa: F401 -- registers TritonWNA16Kernel
     _loaded = True
 
 
@@ -100,6 +101,7 @@ def select_kernel(config: KernelConfig, device: torch.device, layer: str = "") -
         if ok:
             return cls(config)
         reasons.append(f"{cls.name}: {why}")
+    reasons += [f"{name}: {why}" for name, why in MISSING_TOOLCHAINS.items()]
     raise ValueError(
         f"no kernel for layer {layer!r} ({config}) on {device}: " + "; ".join(reasons)
     )

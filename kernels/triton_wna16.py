@@ -1,39 +1,48 @@
 """Fused dequantize + matmul Triton kernels for 2..8-bit weights (WNA16), and their registration.
 
-Math (kernels/layout.py has the storage): for a layer y = x W^T with W [N, K],
+Math (kernels/layout.py has the storage and why): for y = x W^T, W [N, K],
 
-    W[n, k] = (u[n, k] - z_u[g, n]) * s[g, n],      g = k // G  (g = 0 per-channel)
+    y[n] = sum_slabs s[g, n] * ( sum_{k in slab} q[k, n] x[k]  -  z[g, n] sum_{k in slab} x[k] )
 
-u the unsigned b-bit code (q + 2^(b-1)) and z_u the unsigned zero point
-(z + 2^(b-1); the constant 2^(b-1) when symmetric). Both kernels compute the
-dequantised tile in fp32 from the bit planes (``_dequant_tile``) and accumulate
-y in fp32:
+q the signed code, z the signed zero point (0 when symmetric), g the group of the
+slab (a slab is R = 16 consecutive k and never straddles a group). Scale and zero
+are factored out of the inner sum, so the inner loop is code extraction plus one
+multiply-add per weight.
 
-  * ``_wna16_gemv_kernel`` -- decode, M <= 16. Grid (N tiles, SPLIT_K); each
-    program walks K tiles pid_k, pid_k + SPLIT_K, ... so that a batch-1 layer
-    with few N tiles still fills the GPU; partial sums are combined with fp32
-    atomics. M == 1 uses a broadcast-multiply + row reduction (no tensor cores:
-    batch-1 is bandwidth bound); 2 <= M <= 16 pads M to 16 and uses tl.dot.
-  * ``_wna16_gemm_kernel`` -- prefill, M > 16. Classic tiled GEMM with a grouped
-    (GROUP_M) program order for L2 reuse; each program owns a full K loop.
+  * ``_wna16_gemv_kernel`` -- decode, M == 1. Grid (N_pad / BLOCK_N, SPLIT_K); the
+    program walks its share of K tiles. Each iteration loads one [R, BLOCK_N]
+    container tile (each word once, 128-bit loads along N, warps along N, no
+    masks: N and K are padded) and, per code slot j (a slab), extracts the codes
+    with the magic-number trick (``_slab_codes``), multiplies them by the slab's
+    16 activations and reduces over the slab inside the thread:
+      - 2..4 bits (int16 containers): half2 math in the activation dtype; the
+        16-term partial sum is rounded to fp16/bf16 once, then accumulated in fp32;
+      - 5..8 bits (int32 containers): fp32 math (|q| <= 128 would overflow fp16
+        partial sums against large activations).
+    Partial sums over K are combined with fp32 atomics when SPLIT_K > 1.
+  * ``_wna16_dot_kernel`` -- M > 1 (batched decode and prefill). Tiled GEMM with a
+    grouped program order. The packed container tile is what is loaded (and what
+    Triton's pipeliner stages in shared memory); each slab is dequantised in
+    registers to the activation dtype, (q - z) * s with one rounding, and fed to
+    tl.dot as a K = 16 operand.
 
-tl.dot operands are the activation dtype (fp16/bf16 tensor cores, fp32
-accumulate) on GPUs. On CPU the kernels run only under TRITON_INTERPRET=1
-(tests); there bf16 tl.dot is wrong, so bf16 operands are upcast to fp32
-(DOT_FP32) and multiplied with input_precision="ieee".
+Padding makes every weight load unmasked: N_pad is a multiple of 64 and the
+launcher picks BLOCK_N dividing it; K_pad is a multiple of the tile. Only the
+tiny activation loads (x beyond K) and the output store (n >= N) are masked.
 
-The op ``torch.ops.vllm_slq.wna16_matmul`` is registered directly on a
-torch.library FRAGMENT (define + impl for CUDA/CPU + register_fake), which is
-exactly what vLLM's ``direct_register_custom_op`` does (read in vllm 0.32's
-vllm/utils/torch_utils.py). We do not import vLLM for it: that would pull in
-vLLM's platform detection at kernel import time and tie the kernels to a
-vLLM install; the registration is equivalent and works under torch.compile
-(opaque op with a fake/meta implementation) and CUDA graphs (no host syncs,
-no data-dependent allocation in the op).
+On CPU the kernels run only under TRITON_INTERPRET=1 (tests); there bf16 tl.dot
+is wrong, so bf16 operands are upcast to fp32 (DOT_FP32) with input_precision
+"ieee". ``benchmarks/kernel_model.py`` compiles these kernels for sm_80/sm_90 and
+reads their SASS; ``tests/test_kernel_sass.py`` gates spills, load widths and the
+inner loop's instruction count.
+
+The op ``torch.ops.vllm_slq.wna16_matmul`` is registered on a torch.library
+FRAGMENT (define + impl for CUDA/CPU + register_fake), the same registration vLLM's
+``direct_register_custom_op`` performs, so it works under torch.compile and CUDA
+graphs (no host syncs, no data-dependent allocation).
 
 IMPORTANT: TRITON_INTERPRET=1 must be in the environment before ``triton`` is
-first imported (Triton reads it at import time) -- tests set it at the top of
-the test module.
+first imported (Triton reads it at import time).
 """
 from __future__ import annotations
 
@@ -41,18 +50,13 @@ import os
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as e:  # the registry skips families whose toolchain is missing
-    raise ImportError(f"vllm_slq.kernels.triton_wna16 needs triton: {e}") from e
-
-from .autotune import get_config
-from .layout import LayoutError, padded_k, plane_widths, repack
+from .autotune import GEMV_MAX_M, get_config
+from .layout import (MANTISSA_BITS, SLAB_ROWS, LayoutError, container_format, extraction_plan, padded_n,
+                     repack)
 from .registry import KernelConfig, LinearKernel, register_kernel
-
-GEMV_MAX_M = 16
 
 
 def _interpreting() -> bool:
@@ -62,100 +66,101 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
-def _plane_codes(ptr, offs_k, offs_n, N, mask, W: tl.constexpr):
-    """Codes of one bit plane (width W, 32/W codes per int32, K-major) for a [BK, BN] tile."""
-    PER: tl.constexpr = 32 // W
-    words = tl.load(ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    # >> on int32 is arithmetic; the mask discards the sign-extended bits.
-    return (words >> ((offs_k % PER) * W)[:, None]) & ((1 << W) - 1)
+_shift_plan = triton.constexpr_function(extraction_plan)
+
+
+@triton.constexpr_function
+def _exponent_bias(mantissa):
+    return {10: 15, 7: 127, 23: 127}[mantissa]
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k0, N, K, KPAD, GROUP,
-                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                  HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_TILE: tl.constexpr):
-    """fp32 [BK, BN] tile of W^T: (u - z_u) * s, zero where k >= K or n >= N."""
-    mask_n = offs_n < N
-    mask = (offs_k < K)[:, None] & mask_n[None, :]
-    u = _plane_codes(w_ptr, offs_k, offs_n, N, mask, W0)
-    if W1 > 0:
-        u |= _plane_codes(w_ptr + (KPAD * W0 // 32) * N, offs_k, offs_n, N, mask, W1) << W0
-    if W2 > 0:
-        u |= _plane_codes(w_ptr + (KPAD * (W0 + W1) // 32) * N, offs_k, offs_n, N, mask, W2) << (W0 + W1)
-    if PER_CHANNEL or GROUP_TILE:
-        # one group for the whole tile: a row vector of scales (and zeros)
-        if PER_CHANNEL:
-            g = 0
-        else:
-            g = k0 // GROUP
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_ZP:
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.int32)[None, :]
-        else:
-            z = 1 << (W0 + W1 + W2 - 1)
+def _slab_codes(w, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constexpr, FDTYPE: tl.constexpr,
+                MANT: tl.constexpr, EMU_BF16: tl.constexpr):
+    """Signed codes q of slot J of the containers w, as FDTYPE (exact small integers).
+
+    (src & (mask << s)) | exponent(2^(MANT - s)) reinterpreted as a float is
+    2^(MANT - s) + u; subtracting 2^(MANT - s) + 2^(BITS - 1) gives q = u - 2^(BITS-1).
+    EMU_BF16 (interpreter only, which stores bf16 as raw bits and cannot do bf16
+    arithmetic): the same bf16 bit pattern is widened to fp32 (exact) before the
+    subtraction, so FDTYPE is fp32 there.
+    """
+    SH: tl.constexpr = _shift_plan(BITS, CBITS, MANT)[J]
+    S: tl.constexpr = J * BITS - SH
+    src = w
+    if SH > 0:
+        src = w >> SH  # arithmetic shift: the sign-extended bits are masked off below
+    c = (src & (((1 << BITS) - 1) << S)) | ((MANT - S + _exponent_bias(MANT)) << MANT)
+    if CBITS == 32 and MANT != 23:
+        c = c.to(tl.int16)  # the code and exponent lie in the low 16 bits
+    if EMU_BF16:
+        f = c.to(tl.bfloat16, bitcast=True).to(tl.float32)
     else:
-        g2 = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
-        s = tl.load(s_ptr + g2, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z = tl.load(z_ptr + g2, mask=mask, other=0).to(tl.int32)
-        else:
-            z = 1 << (W0 + W1 + W2 - 1)
-    # (u - z) is an exact small integer; times an fp16/bf16 scale it is exact in fp32.
-    return (u - z).to(tl.float32) * s
+        f = c.to(FDTYPE, bitcast=True)
+    return f - ((1 << (MANT - S)) + (1 << (BITS - 1)))
 
 
 @triton.jit
-def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KPAD, GROUP, stride_xm, stride_ym,
-                       W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                       HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_TILE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr):
+def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES_PER_PROG,
+                       BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EMU_BF16: tl.constexpr):
+    R: tl.constexpr = 16
+    C: tl.constexpr = CBITS // BITS
+    KT: tl.constexpr = R * C
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    if CBITS == 16:
+        FDTYPE: tl.constexpr = tl.float32 if EMU_BF16 else ACT
+        MANT: tl.constexpr = 10 if ACT == tl.float16 else 7
+        EMU: tl.constexpr = EMU_BF16
+    else:
+        FDTYPE: tl.constexpr = tl.float32
+        MANT: tl.constexpr = 23
+        EMU: tl.constexpr = False
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    num_k = tl.cdiv(K, BLOCK_K)
-    for it in range(pid_k, num_k, SPLIT_K):
-        k0 = it * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k0, N, K, KPAD, GROUP,
-                          W0, W1, W2, HAS_ZP, PER_CHANNEL, GROUP_TILE)
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None] * w, axis=0)
-        else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    offs_r = tl.arange(0, R)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t_lo = pid_k * TILES_PER_PROG
+    t_hi = tl.minimum(t_lo + TILES_PER_PROG, TILES)
+    for t in range(t_lo, t_hi):
+        w = tl.load(w_ptr + (t * R + offs_r)[:, None] * NP + offs_n[None, :], eviction_policy="evict_first")
+        for j in tl.static_range(C):
+            k0 = t * KT + j * R
+            xk = tl.load(x_ptr + k0 + offs_r, mask=k0 + offs_r < K, other=0.0, eviction_policy="evict_last")
+            q = _slab_codes(w, j, BITS, CBITS, FDTYPE, MANT, EMU)
+            part = tl.sum(q * xk.to(FDTYPE)[:, None], axis=0).to(tl.float32)
+            if GROUP == 0:
+                g = 0
             else:
-                acc = tl.dot(x, w.to(x.dtype), acc)
-    if BLOCK_M == 1:
-        y_ptrs = y_ptr + offs_n
-        y_mask = offs_n < N
-    else:
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                g = k0 // GROUP
+            s = tl.load(s_ptr + g * NP + offs_n).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * NP + offs_n).to(tl.float32)
+                part -= z * tl.sum(xk.to(tl.float32), axis=0)
+            acc += part * s
     if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)  # y is an fp32 buffer, zeroed by the launcher
+        tl.atomic_add(y_ptr + offs_n, acc, mask=offs_n < N)  # y is an fp32 buffer, zeroed by the launcher
 
 
 @triton.jit
-def _wna16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KPAD, GROUP, stride_xm, stride_ym,
-                       W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                       HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_TILE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr):
+def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, stride_xm, stride_ym,
+                      BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      DOT_FP32: tl.constexpr, EMU_BF16: tl.constexpr):
+    R: tl.constexpr = 16
+    C: tl.constexpr = CBITS // BITS
+    KT: tl.constexpr = R * C
+    ACT: tl.constexpr = x_ptr.dtype.element_ty
+    # 8-bit codes do not fit bf16's 7 mantissa bits: extract those in fp32 and round once at the end
+    WIDE: tl.constexpr = EMU_BF16 or (ACT == tl.bfloat16 and BITS > 7)
+    MDTYPE: tl.constexpr = tl.float32 if WIDE else ACT
+    MANT: tl.constexpr = 23 if (ACT == tl.bfloat16 and BITS > 7) else (10 if ACT == tl.float16 else 7)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = NP // BLOCK_N
     # Grouped ordering: GROUP_M row-blocks share each weight column-block while it is in L2.
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
@@ -166,17 +171,28 @@ def _wna16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KPAD, GROUP, 
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, k0, N, K, KPAD, GROUP,
-                          W0, W1, W2, HAS_ZP, PER_CHANNEL, GROUP_TILE)
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
+    for t in range(0, TILES):
+        w = tl.load(w_ptr + (t * R + offs_r)[:, None] * NP + offs_n[None, :], eviction_policy="evict_first")
+        for j in tl.static_range(C):
+            k0 = t * KT + j * R
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_r)[None, :],
+                        mask=(offs_m < M)[:, None] & ((k0 + offs_r) < K)[None, :], other=0.0)
+            if GROUP == 0:
+                g = 0
+            else:
+                g = k0 // GROUP
+            s = tl.load(s_ptr + g * NP + offs_n)
+            q = _slab_codes(w, j, BITS, CBITS, MDTYPE, MANT, EMU_BF16 and MANT == 7)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * NP + offs_n)
+                q = q - z.to(q.dtype)[None, :]  # exact: |q - z| <= 255 is an integer in fp16 and bf16
+            wq = (q * s.to(q.dtype)[None, :]).to(ACT)  # one rounding, as the reference's cast of (q - z) * s
+            if DOT_FP32:
+                acc = tl.dot(x.to(tl.float32), wq.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, wq, acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -184,95 +200,96 @@ def _wna16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KPAD, GROUP, 
 # --------------------------------------------------------------------------- launchers
 
 
-def _plane_args(bits: int) -> tuple[int, int, int]:
-    w = plane_widths(bits) + (0, 0)
-    return w[0], w[1], w[2]
+def _block_n(np_: int, want: int) -> int:
+    """The largest power of two <= want that divides N_pad (N_pad is a multiple of 64)."""
+    b = 1 << (int(want).bit_length() - 1)
+    while np_ % b:
+        b //= 2
+    return b
 
 
 def _check_inputs(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                  zero: Optional[torch.Tensor], bits: int, group_size: int, k: int) -> None:
+                  zero: Optional[torch.Tensor], bits: int, group_size: int, k: int, n: int) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"wna16_matmul: activations must be float16/bfloat16, got {x.dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"wna16_matmul: x has {x.shape[-1]} features, layer has in_features={k}")
-    if packed.dtype != torch.int32 or packed.shape[0] != padded_k(k) * bits // 32:
-        raise LayoutError(f"wna16_matmul: packed must be int32 [{padded_k(k) * bits // 32}, N] for K={k}, "
-                          f"bits={bits}; got {packed.dtype} {tuple(packed.shape)}")
-    groups = 1 if group_size == 0 else k // group_size
-    if tuple(scale.shape) != (groups, packed.shape[1]):
-        raise LayoutError(f"wna16_matmul: scale must be [{groups}, {packed.shape[1]}], got {tuple(scale.shape)}")
-    if zero is not None and (zero.dtype != torch.uint8 or zero.shape != scale.shape):
-        raise LayoutError(f"wna16_matmul: zero must be uint8 {tuple(scale.shape)}, got {zero.dtype} {tuple(zero.shape)}")
+    fmt = container_format(bits)
+    npad = padded_n(n)
+    if packed.dtype != fmt.container_dtype or tuple(packed.shape) != (fmt.container_rows(k), npad):
+        raise LayoutError(f"wna16_matmul: packed must be {fmt.container_dtype} [{fmt.container_rows(k)}, {npad}] "
+                          f"for K={k}, N={n}, bits={bits}; got {packed.dtype} {tuple(packed.shape)}")
+    g = k if group_size == 0 else group_size
+    groups_pad = -(-fmt.padded_k(k) // g)
+    if tuple(scale.shape) != (groups_pad, npad) or scale.dtype != x.dtype:
+        raise LayoutError(f"wna16_matmul: scale must be {x.dtype} [{groups_pad}, {npad}], "
+                          f"got {scale.dtype} {tuple(scale.shape)}")
+    if zero is not None and (zero.shape != scale.shape or zero.dtype != x.dtype):
+        raise LayoutError(f"wna16_matmul: zero must be {x.dtype} {tuple(scale.shape)}, "
+                          f"got {zero.dtype} {tuple(zero.shape)}")
 
 
-def _common(x2, packed, scale, zero, bits, group_size, k):
-    w0, w1, w2 = _plane_args(bits)
-    per_channel = group_size == 0
-    return dict(
-        x_ptr=x2, w_ptr=packed, s_ptr=scale, z_ptr=zero if zero is not None else scale,
-        M=x2.shape[0], N=packed.shape[1], K=k, KPAD=padded_k(k), GROUP=k if per_channel else group_size,
-        stride_xm=x2.stride(0), W0=w0, W1=w1, W2=w2, HAS_ZP=zero is not None, PER_CHANNEL=per_channel,
-        # bf16 tl.dot is wrong in the interpreter; fp16 and all GPU paths keep the native dtype.
-        DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16,
-    )
+def _common(x2, packed, scale, zero, bits, group_size, k, n):
+    fmt = container_format(bits)
+    return dict(x_ptr=x2, w_ptr=packed, s_ptr=scale, z_ptr=zero if zero is not None else scale,
+                N=n, NP=packed.shape[1], K=k, TILES=fmt.padded_k(k) // fmt.tile_k,
+                BITS=bits, CBITS=fmt.container_bits, HAS_ZP=zero is not None, GROUP=group_size,
+                # the interpreter cannot do bf16 arithmetic: it widens to fp32 (GPU code never sets this)
+                EMU_BF16=_interpreting() and x2.dtype == torch.bfloat16)
 
 
 def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                bits: int, group_size: int, k: int, cfg: dict) -> torch.Tensor:
-    """Decode path (M <= 16). x2 [M, K] with unit last stride -> [M, N] in x2.dtype."""
-    m, n = x2.shape[0], packed.shape[1]
-    if m > GEMV_MAX_M:
-        raise ValueError(f"gemv path takes M <= {GEMV_MAX_M}, got M={m}")
-    block_m = 1 if m == 1 else 16
-    split_k = int(cfg["SPLIT_K"])
-    args = _common(x2, packed, scale, zero, bits, group_size, k)
-    if split_k > 1:
-        y = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
-    else:
-        y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    block_k = int(cfg["BLOCK_K"])
-    grid = (triton.cdiv(n, int(cfg["BLOCK_N"])), split_k)
-    _wna16_gemv_kernel[grid](
-        y_ptr=y, stride_ym=y.stride(0), **args,
-        GROUP_TILE=group_size != 0 and group_size % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=int(cfg["BLOCK_N"]), BLOCK_K=block_k, SPLIT_K=split_k,
-        num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)),
-    )
+                bits: int, group_size: int, k: int, n: int, cfg: dict) -> torch.Tensor:
+    """Decode path (M == 1). x2 [1, K] with unit last stride -> [1, N] in x2.dtype."""
+    if x2.shape[0] != 1:
+        raise ValueError(f"gemv path takes M == 1, got M={x2.shape[0]}")
+    args = _common(x2, packed, scale, zero, bits, group_size, k, n)
+    tiles = args["TILES"]
+    split_k = max(1, min(int(cfg["SPLIT_K"]), tiles))
+    per_prog = -(-tiles // split_k)
+    split_k = -(-tiles // per_prog)  # no program without tiles
+    block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
+    y = (torch.zeros(1, n, device=x2.device, dtype=torch.float32) if split_k > 1
+         else torch.empty(1, n, device=x2.device, dtype=x2.dtype))
+    grid = (packed.shape[1] // block_n, split_k)
+    _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k, **args,
+                             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
-def launch_gemm(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                bits: int, group_size: int, k: int, cfg: dict) -> torch.Tensor:
-    """Prefill path (any M; chosen for M > 16). x2 [M, K] -> [M, N] in x2.dtype."""
-    m, n = x2.shape[0], packed.shape[1]
+def launch_dot(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+               bits: int, group_size: int, k: int, n: int, cfg: dict) -> torch.Tensor:
+    """Tensor-core path (any M; chosen for M > 1). x2 [M, K] -> [M, N] in x2.dtype."""
+    m = x2.shape[0]
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    block_m, block_n, block_k = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _wna16_gemm_kernel[grid](
-        y_ptr=y, stride_ym=y.stride(0), **_common(x2, packed, scale, zero, bits, group_size, k),
-        GROUP_TILE=group_size != 0 and group_size % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg.get("GROUP_M", 8)),
+    block_m = int(cfg["BLOCK_M"])
+    block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
+    grid = (triton.cdiv(m, block_m) * (packed.shape[1] // block_n),)
+    _wna16_dot_kernel[grid](
+        y_ptr=y, M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0),
+        **_common(x2, packed, scale, zero, bits, group_size, k, n),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=int(cfg.get("GROUP_M", 8)),
+        # bf16 tl.dot is wrong in the interpreter; fp16 and all GPU paths keep the native dtype.
+        DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16,
         num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)),
     )
     return y
 
 
 def wna16_matmul_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                      bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                      bits: int, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
     """y = x @ W^T for the repacked weight; group_size 0 means per-channel."""
-    _check_inputs(x, packed, scale, zero, bits, group_size, in_features)
-    n = packed.shape[1]
+    _check_inputs(x, packed, scale, zero, bits, group_size, in_features, out_features)
+    n = out_features
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    cfg = get_config(x.device, bits, m, n, in_features, path="gemv" if m <= GEMV_MAX_M else "gemm")
-    if m <= GEMV_MAX_M:
-        y = launch_gemv(x2, packed, scale, zero, bits, group_size, in_features, cfg)
-    else:
-        y = launch_gemm(x2, packed, scale, zero, bits, group_size, in_features, cfg)
+    cfg = get_config(x.device, bits, m, n, in_features)
+    launch = launch_gemv if m <= GEMV_MAX_M else launch_dot
+    y = launch(x2, packed, scale, zero, bits, group_size, in_features, n, cfg)
     return y.view(*x.shape[:-1], n)
 
 
@@ -281,11 +298,11 @@ def wna16_matmul_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 OP_NAMESPACE = "vllm_slq"
 OP_NAME = "wna16_matmul"
 _OP_SCHEMA = ("(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int group_size, "
-              "int in_features) -> Tensor")
+              "int in_features, int out_features) -> Tensor")
 
 
-def _wna16_matmul_fake(x, packed, scale, zero, bits, group_size, in_features):
-    return x.new_empty(*x.shape[:-1], packed.shape[1])
+def _wna16_matmul_fake(x, packed, scale, zero, bits, group_size, in_features, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 _lib: Optional[torch.library.Library] = None
@@ -307,9 +324,10 @@ _register_op()
 
 
 def wna16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                 bits: int, group_size: Optional[int], in_features: int) -> torch.Tensor:
+                 bits: int, group_size: Optional[int], in_features: int, out_features: int) -> torch.Tensor:
     """The custom op (torch.ops.vllm_slq.wna16_matmul); group_size None = per-channel."""
-    return torch.ops.vllm_slq.wna16_matmul(x, packed, scale, zero, bits, group_size or 0, in_features)
+    return torch.ops.vllm_slq.wna16_matmul(x, packed, scale, zero, bits, group_size or 0, in_features,
+                                           out_features)
 
 
 # --------------------------------------------------------------------------- registry
@@ -335,13 +353,14 @@ class TritonWNA16Kernel(LinearKernel):
         g = config.group_size
         if g is not None and (g <= 0 or config.in_features % g):
             return False, f"group_size {g} does not divide in_features {config.in_features}"
+        if g is not None and g % SLAB_ROWS:
+            return False, f"group_size {g} is not a multiple of {SLAB_ROWS} (the kernels' K slab)"
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 return False, "CUDA is not available"
             major, _ = torch.cuda.get_device_capability(device)
-            need = 8 if config.act_dtype == torch.bfloat16 else 7
-            if major < need:
-                return False, f"compute capability {major}.x < {need}.0 for {config.act_dtype}"
+            if major < 8:
+                return False, f"compute capability {major}.x < 8.0 (bf16 and half2 magic dequant need sm_80)"
             return True, None
         if device.type == "cpu" and _cpu_forced():
             return True, None
@@ -362,7 +381,12 @@ class TritonWNA16Kernel(LinearKernel):
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.config
         y = wna16_matmul(x, weights["packed"], weights["scale"], weights.get("zero"),
-                         c.bits, c.group_size, c.in_features)
+                         c.bits, c.group_size, c.in_features, c.out_features)
         if bias is not None:
             y = y + bias
         return y
+
+
+# kept for callers that size batches: the GEMV handles M == 1, tl.dot everything above
+__all__ = ["GEMV_MAX_M", "launch_gemv", "launch_dot", "wna16_matmul", "wna16_matmul_impl", "TritonWNA16Kernel",
+           "MANTISSA_BITS"]

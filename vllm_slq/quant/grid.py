@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .spec import QuantizedWeight, QuantSpec
+from .spec import QuantizedWeight, QuantSpec, dequantize_codes
 
 __all__ = [
     "NonFiniteWeightError",
@@ -154,13 +154,8 @@ def dequantize_with(
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(q - z) * s for codes [N, K]; same arithmetic as QuantizedWeight.dequantize."""
-    n, k = codes.shape
-    g = spec.effective_group(k)
-    q = codes.to(torch.float32).reshape(n, k // g, g)
-    if zero is not None:
-        q = q - zero.to(torch.float32).unsqueeze(-1)
-    return (q * scale.to(torch.float32).unsqueeze(-1)).reshape(n, k).to(dtype)
+    """(q - z) * s for codes [N, K]: spec.dequantize_codes with this spec's group size."""
+    return dequantize_codes(codes, scale, zero, spec.group_size, dtype)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ __all__ = [
     "unpack_codes",
     "pack_zero_points",
     "unpack_zero_points",
+    "unpack_bitstream",
 ]
 
 _WORD_BITS = 32
@@ -166,3 +167,18 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, out_features: int) -> to
     _check_packed(packed, bits, out_features, 0, "unpack_zero_points")
     unsigned = _unpack_rows(packed.t(), bits, out_features)
     return (unsigned - (1 << (bits - 1))).to(torch.int8).t().contiguous()
+
+
+def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` unsigned b-bit values of each row's stream: int32 [R, W] -> int32 [R, count].
+
+    Unlike unpack_codes, the rows may hold more words than `count` values need (a
+    tensor-parallel shard reads a prefix of a longer stream).
+    """
+    _check_bits(bits)
+    if words.dim() != 2 or words.dtype != torch.int32:
+        raise PackingError(f"unpack_bitstream: expected a 2-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
+    if count * bits > words.shape[1] * _WORD_BITS:
+        raise PackingError(f"unpack_bitstream: {count} values of {bits} bits need {packed_width(count, bits)} "
+                           f"words, have {words.shape[1]}")
+    return _unpack_rows(words, bits, count)

@@ -20,6 +20,24 @@ MIN_BITS, MAX_BITS = 2, 8
 SCALE_BITS = 16  # scales are stored in fp16/bf16
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                     group_size: Optional[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The one dequantisation: w = (q - z) * s in fp32, rounded once to `dtype`.
+
+    codes [N, K] (signed q), scale [N, K/G], zero_point [N, K/G] (signed z) or None;
+    group_size None means per-channel. (q - z) is an exact small integer and the
+    product with an fp16/bf16 scale is exact in fp32, so the single rounding is the
+    cast to `dtype`. Every reader of the format (QuantizedWeight, the HF reference,
+    the CPU kernel, the kernel layout's tests) calls this.
+    """
+    n, k = codes.shape
+    g = k if group_size is None else group_size
+    q = codes.to(torch.float32).reshape(n, k // g, g)
+    if zero_point is not None:
+        q = q - zero_point.to(torch.float32).unsqueeze(-1)
+    return (q * scale.to(torch.float32).reshape(n, k // g).unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
 class QuantSpecError(ValueError):
     """A quantization spec that cannot apply to a given layer."""
 
@@ -88,13 +106,7 @@ class QuantizedWeight:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = self.codes.shape
-        g = self.spec.effective_group(k)
-        q = self.codes.to(torch.float32).view(n, k // g, g)
-        if self.zero_point is not None:
-            q = q - self.zero_point.to(torch.float32).unsqueeze(-1)
-        w = q * self.scale.to(torch.float32).unsqueeze(-1)
-        return w.view(n, k).to(dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero_point, self.spec.group_size, dtype)
 
     def bits_total(self) -> float:
         n, k = self.codes.shape

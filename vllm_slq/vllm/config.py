@@ -32,9 +32,9 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
     CompressedTensorsConfig,
 )
 
-from .linear_method import CheckpointLayoutError, SLQWNA16Scheme
+from vllm_slq.checkpoint.layout import FORMAT_PACK_QUANTIZED as PACK_QUANTIZED
 
-PACK_QUANTIZED = "pack-quantized"
+from .linear_method import CheckpointLayoutError, SLQWNA16Scheme
 
 
 def _is_int_weight_only_packed(weight_quant: QuantizationArgs, input_quant, output_quant,

@@ -36,6 +36,7 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
 )
 
+from vllm_slq.checkpoint.layout import WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_SHAPE, WEIGHT_ZERO_POINT
 from vllm_slq.kernels.registry import KernelConfig, select_kernel
 
 from . import sharding
@@ -129,7 +130,7 @@ class _CheckedLoad:
         g = self.slq_geom
         try:
             part = self._extract(loaded, shard, rows, src_row, n_src)
-            if self.slq_field == "weight_shape":
+            if self.slq_field == WEIGHT_SHAPE:
                 self.data[shard].copy_(part)
             else:
                 dst = self.data.narrow(0, dst_row, rows)
@@ -205,7 +206,7 @@ class WeightShapeParameter(_CheckedLoad, BasevLLMParameter):
         return loaded.reshape(2).to(torch.int64)
 
 
-FIELDS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+FIELDS = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_SHAPE)  # checkpoint/layout.py
 
 
 class SLQWNA16Scheme(CompressedTensorsScheme):
@@ -269,9 +270,9 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
                                         data=scale_data)
         shape = WeightShapeParameter(data=torch.zeros(len(output_partition_sizes), 2, dtype=torch.int64),
                                      weight_loader=weight_loader)
-        params = {"weight_packed": weight, "weight_scale": scale, "weight_shape": shape}
+        params = {WEIGHT_PACKED: weight, WEIGHT_SCALE: scale, WEIGHT_SHAPE: shape}
         if not self.symmetric:
-            params["weight_zero_point"] = ZeroPointParameter(
+            params[WEIGHT_ZERO_POINT] = ZeroPointParameter(
                 output_dim=0, input_dim=1, weight_loader=weight_loader,
                 data=torch.zeros(n_part, geom.groups_part, dtype=torch.int8))
         for pname, p in params.items():
@@ -282,7 +283,7 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
         geom: LayerGeometry = layer.slq_geom
         n_shards = len(geom.out_sizes)
         for fname in FIELDS:
-            if fname == "weight_zero_point" and self.symmetric:
+            if fname == WEIGHT_ZERO_POINT and self.symmetric:
                 continue
             missing = [geom.name(i) for i in range(n_shards) if i not in geom.loaded.get(fname, ())]
             if missing:

@@ -1,7 +1,7 @@
 """Tensor-parallel sharding of compressed-tensors pack-quantized tensors (pure torch).
 
 Checkpoint layout of one quantized Linear with weight W [N, K] (out, in), b bits,
-group size G (per-channel: G = K, one group), see ../shared/docs/ecosystem.md:
+group size G (per-channel: G = K, one group), as described in vllm_slq/checkpoint/layout.py:
 
     weight_packed      int32 [N, ceil(K*b/32)]   dense little-endian bit stream of
                                                  q + 2^(b-1) along K, one stream per row
@@ -35,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from vllm_slq.quant import packing
+
 
 class ShardingError(ValueError):
     """A packed tensor that cannot be split the way tensor parallelism asks."""
@@ -50,24 +52,17 @@ def packed_words(n_elements: int, bits: int) -> int:
 
 
 def unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Unpack `count` unsigned b-bit values from each row of int32 words [R, W].
+    """Unpack `count` unsigned b-bit values from each row of int32 words [R, W] -> int16 [R, count].
 
-    Element i of a row starts at bit i*b (little endian, may straddle two words).
-    Returns int16 [R, count] of unsigned values in [0, 2^b).
+    The checkpoint's one bit-stream reader (vllm_slq.quant.packing) does the work;
+    this wrapper only turns its errors into ShardingError.
     """
     if words.dtype != torch.int32:
         raise TypeError(f"packed tensor must be int32, got {words.dtype}")
-    r, w = words.shape
-    if count * bits > w * 32:
-        raise ShardingError(f"{count} values of {bits} bits need {packed_words(count, bits)} words, have {w}")
-    # int64 view of the unsigned words, plus one zero word so every value can read
-    # the word after the one it starts in (values straddle word boundaries).
-    w64 = torch.cat([words.to(torch.int64) & 0xFFFFFFFF,
-                     torch.zeros(r, 1, dtype=torch.int64, device=words.device)], dim=1)
-    start = torch.arange(count, device=words.device, dtype=torch.int64) * bits
-    word, offset = start // 32, start % 32
-    both = w64[:, word] | (w64[:, word + 1] << 32)
-    return ((both >> offset) & ((1 << bits) - 1)).to(torch.int16)
+    try:
+        return packing.unpack_bitstream(words, bits, count).to(torch.int16)
+    except packing.PackingError as e:
+        raise ShardingError(str(e)) from None
 
 
 def unpack_codes_signed(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:

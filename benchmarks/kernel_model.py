@@ -1,0 +1,243 @@
+"""Static performance MODEL of the WNA16 Triton kernels from their compiled SASS (no GPU needed).
+
+This is a model, not a timing. For every kernel variant the dispatcher would pick
+(bits 2..8, sym/asym, M = 1 (GEMV) and M = 4/16 (tl.dot), Llama-3-8B and reference
+model shapes), the script compiles the kernel for sm_80 and sm_90 with the launch
+config that kernels/autotune.py would use (kernels/sass.py), reads registers,
+spills, shared memory and the inner K loop, and predicts the fraction of the
+ideal speedup over fp16 on H100 and H200:
+
+    t_ideal   = N*K*(b + 16/G [+ b/G if asym]) / 8 / BW          (the issue's ideal)
+    t_mem     = bytes actually moved (padded containers, scales, zeros, x, y) / BW
+    t_issue   = loop SASS per warp-iteration * warp-iterations / (SMs * 4 * f)
+    t_flight  = weight bytes / min(BW, SMs * bytes_in_flight_per_SM / latency)
+    fraction  = t_ideal / max(t_mem, t_issue, t_flight)
+
+bytes in flight per SM = resident warps (registers, grid) x one iteration's
+weight loads per warp (all issued before first use). Device constants (stated,
+not measured): H100 SXM 3.35 TB/s, H200 4.8 TB/s, 132 SMs, 4 schedulers x
+1.98 GHz, 600 ns DRAM latency, 64K registers per SM. The loop's instruction
+count is exact (from SASS); everything outside the loop is ignored.
+
+    python benchmarks/kernel_model.py            # -> benchmarks/results/kernel_model.{json,png}
+    python benchmarks/kernel_model.py --quick    # one shape per family, for a look
+
+Rows: kernel, device, arch, bits, symmetric, m, shape ("KxN"), registers, spills,
+shared_bytes, weight_request_ratio, sass_per_weight_byte, barriers/shuffles in
+the loop, the three times and predicted_fraction_of_ideal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_slq.fileio import atomic_write_json
+from vllm_slq.kernels import autotune
+from vllm_slq.kernels.layout import container_format, padded_n
+from vllm_slq.kernels.sass import compile_variant
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+DEVICES = {  # stated constants of the model
+    "H100": {"bw": 3.35e12, "sms": 132, "clock": 1.98e9, "config": "nvidia_h100"},
+    "H200": {"bw": 4.8e12, "sms": 132, "clock": 1.98e9, "config": "nvidia_h200"},
+}
+SCHEDULERS = 4
+LATENCY_S = 600e-9
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+
+# (name, K, N) -- N = out_features, K = in_features
+LLAMA_8B = [("q/o_proj", 4096, 4096), ("k/v_proj", 4096, 1024), ("gate/up_proj", 4096, 14336),
+            ("down_proj", 14336, 4096)]
+REFERENCE = [("q/o_proj", 576, 576), ("k/v_proj", 576, 192), ("gate/up_proj", 576, 1536), ("down_proj", 1536, 576)]
+
+
+def ideal_bits(bits: int, group: int, symmetric: bool) -> float:
+    return bits + 16 / group + (0 if symmetric else bits / group)
+
+
+def actual_bytes(bits: int, group: int, symmetric: bool, k: int, n: int, m: int) -> float:
+    fmt = container_format(bits)
+    npad, kpad = padded_n(n), fmt.padded_k(k)
+    groups = -(-kpad // group)
+    w = fmt.container_rows(k) * npad * fmt.container_bits / 8
+    meta = groups * npad * 2 * (1 if symmetric else 2)
+    return w + meta + m * k * 2 + m * n * (4 if m == 1 else 2)
+
+
+def predict(v, dev: dict, bits: int, group: int, symmetric: bool, k: int, n: int, m: int, cfg: dict) -> dict:
+    bw, sms, clock = dev["bw"], dev["sms"], dev["clock"]
+    fmt = container_format(bits)
+    w_bytes = fmt.container_rows(k) * padded_n(n) * fmt.container_bits / 8
+    t_ideal = n * k * ideal_bits(bits, group, symmetric) / 8 / bw
+    t_mem = actual_bytes(bits, group, symmetric, k, n, m) / bw
+    bytes_per_warp_iter = v.unique_weight_bytes_per_thread * 32
+    warp_iters = w_bytes / bytes_per_warp_iter
+    t_issue = v.loop_instructions * warp_iters / (sms * SCHEDULERS * clock)
+    block_n = int(cfg["BLOCK_N"])
+    n_tiles = padded_n(n) // block_n
+    if m == 1:
+        tiles = fmt.padded_k(k) // fmt.tile_k
+        programs = n_tiles * max(1, min(int(cfg.get("SPLIT_K", 1)), tiles))
+    else:
+        programs = n_tiles * -(-m // int(cfg["BLOCK_M"]))
+    reg_warps = REGS_PER_SM // max(1, v.registers * 32)
+    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, max(1, programs * v.num_warps // sms))
+    inflight = warps_per_sm * bytes_per_warp_iter
+    t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
+    t = max(t_mem, t_issue, t_flight)
+    bound = {t_mem: "memory", t_issue: "issue", t_flight: "bytes in flight"}[t]
+    return dict(t_ideal_us=t_ideal * 1e6, t_mem_us=t_mem * 1e6, t_issue_us=t_issue * 1e6,
+                t_flight_us=t_flight * 1e6, bound=bound, warps_per_sm=warps_per_sm,
+                predicted_fraction_of_ideal=t_ideal / t)
+
+
+def config_for(device: str, bits: int, m: int, n: int, k: int) -> dict:
+    table = autotune.device_table(device)
+    return autotune.heuristic_config(bits, m, n, k, table["num_sms"], table["defaults"])
+
+
+def run(shapes: dict, bits_list, ms, archs, symmetries) -> list[dict]:
+    rows, cache = [], {}
+    jobs = [(fam, name, k, n, b, sym, m, arch, dev) for fam, ss in shapes.items() for name, k, n in ss
+            for b in bits_list for sym in symmetries for m in ms for arch in archs for dev in DEVICES]
+    for fam, name, k, n, b, sym, m, arch, dev in tqdm(jobs, desc="kernel model", file=sys.stderr):
+        group = 128 if k % 128 == 0 else 64
+        cfg = config_for("NVIDIA " + dev, b, m, n, k)
+        path = "gemv" if m <= autotune.GEMV_MAX_M else "dot"
+        key = (path, b, sym, group, arch, tuple(sorted(cfg.items())))
+        if key not in cache:
+            cache[key] = compile_variant(path, b, sym, group, cfg, arch=arch)
+        v = cache[key]
+        pred = predict(v, DEVICES[dev], b, group, sym, k, n, m, cfg)
+        rows.append(dict(kernel="ours", device=dev, arch=f"sm_{arch}", family=fam, layer=name, bits=b,
+                         symmetric=sym, m=m, shape=f"{k}x{n}", group_size=group, path=path,
+                         config={kk: vv for kk, vv in cfg.items()}, registers=v.registers,
+                         spills=v.spill_bytes, shared_bytes=v.shared_bytes,
+                         weight_request_ratio=round(v.weight_request_ratio, 4),
+                         sass_per_weight_byte=round(v.sass_per_weight_byte, 3),
+                         loop_instructions=v.loop_instructions, barriers_in_loop=v.barriers_in_loop,
+                         shuffles_in_loop=v.shuffles_in_loop, weight_loads=dict(v.weight_loads),
+                         **{kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in pred.items()}))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (device, bits, m): the Llama-8B layers' time-weighted fraction (sym and asym, sm_90)."""
+    out = {}
+    for r in rows:
+        if r["family"] != "llama-8b" or r["arch"] != "sm_90":
+            continue
+        key = (r["device"], r["bits"], r["m"])
+        acc = out.setdefault(key, [0.0, 0.0])
+        acc[0] += r["t_ideal_us"]
+        acc[1] += r["t_ideal_us"] / r["predicted_fraction_of_ideal"]
+    return [dict(device=d, bits=b, m=m, predicted_fraction_of_ideal=round(i / t, 3))
+            for (d, b, m), (i, t) in sorted(out.items())]
+
+
+def print_table(summ: list[dict]) -> None:
+    ms = sorted({s["m"] for s in summ})
+    for dev in DEVICES:
+        print(f"\n{dev} (MODEL), Llama-3-8B linears, sm_90: predicted fraction of the ideal speedup")
+        print("bits | " + " | ".join(f"M={m}" for m in ms))
+        for b in sorted({s["bits"] for s in summ}):
+            cells = [next((f"{s['predicted_fraction_of_ideal']:.0%}" for s in summ
+                           if s["device"] == dev and s["bits"] == b and s["m"] == m), "-") for m in ms]
+            print(f"{b:4d} | " + " | ".join(cells))
+
+
+def plot(summ: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DEVICES), figsize=(11, 4), sharey=True)
+    for ax, dev in zip(axes, DEVICES):
+        for m in sorted({s["m"] for s in summ}):
+            pts = [(s["bits"], s["predicted_fraction_of_ideal"]) for s in summ if s["device"] == dev and s["m"] == m]
+            ax.plot(*zip(*pts), marker="o", label=f"ours, M={m}")
+        ax.plot([2, 4, 8], [0.27, 0.50, 0.875], "k--", marker="x", label="gemlite 0.6, M=1 (as quoted in issue #19)")
+        ax.axhline(0.85, color="grey", lw=0.5)
+        ax.axhline(0.70, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{dev}: MODEL, Llama-3-8B linears (sm_90 SASS)")
+        ax.set_xlabel("bits")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted fraction of ideal speedup")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def shipped_variants() -> list[tuple[str, int, dict]]:
+    """(path, bits, config) for every launch config the shipped data can hand out."""
+    tables = [{"defaults": autotune._FALLBACK_DEFAULTS}] + list(autotune.shipped_configs())
+    out = []
+    for t in tables:
+        d = t["defaults"]
+        for bits in range(2, 9):
+            out.append(("gemv", bits, dict(d["gemv"][str(bits)])))
+            for key in ("dot_small", "dot"):
+                out.append(("dot", bits, dict(d[key])))
+        for key, cfg in t.get("entries", {}).items():
+            b, mb = int(key.split("|")[0]), int(key.split("|")[1])
+            out.append(("gemv" if mb <= autotune.GEMV_MAX_M else "dot", b, dict(cfg)))
+    uniq = {(p, b, tuple(sorted(c.items()))): (p, b, c) for p, b, c in out}
+    return list(uniq.values())
+
+
+def gate_rows(archs=(80, 90)) -> list[dict]:
+    """Compile every shipped config (asymmetric: the superset of the symmetric code) for CI's gates."""
+    rows = []
+    jobs = [(p, b, c, a) for p, b, c in shipped_variants() for a in archs]
+    for path, bits, cfg, arch in tqdm(jobs, desc="kernel gates", file=sys.stderr):
+        v = compile_variant(path, bits, False, 128, cfg, arch=arch)
+        rows.append(dict(path=path, bits=bits, arch=f"sm_{arch}", config=cfg, registers=v.registers,
+                         spills=v.spill_bytes, shared_bytes=v.shared_bytes,
+                         weight_request_ratio=v.weight_request_ratio,
+                         sass_per_weight_byte=v.sass_per_weight_byte, barriers_in_loop=v.barriers_in_loop,
+                         shuffles_in_loop=v.shuffles_in_loop))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS / "kernel_model.json")
+    ap.add_argument("--quick", action="store_true", help="one Llama shape and M=1 only")
+    ap.add_argument("--bits", type=int, nargs="+", default=list(range(2, 9)))
+    ap.add_argument("--gates", action="store_true",
+                    help="compile every shipped config for sm_80/sm_90 and write only those rows (CI)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    if args.gates:
+        atomic_write_json(args.out, {"gates": gate_rows(), "wall_s": round(time.time() - t0, 1)})
+        print(f"wrote {args.out}")
+        return 0
+    if args.quick:
+        shapes, ms, archs = {"llama-8b": LLAMA_8B[:1]}, [1], [90]
+    else:
+        shapes, ms, archs = {"llama-8b": LLAMA_8B, "reference": REFERENCE}, [1, 4, 16], [80, 90]
+    rows = run(shapes, args.bits, ms, archs, (True, False))
+    summ = summary(rows)
+    print_table(summ)
+    data = {"what": "MODEL: predicted fraction of the ideal speedup from compiled SASS; not a timing",
+            "devices": DEVICES, "latency_s": LATENCY_S, "schedulers": SCHEDULERS,
+            "gemlite_quoted": {"source": "issue #19 (gemlite 0.6 compiled the same way)",
+                               "H200_m1": {"2": 0.27, "4": 0.50, "8": 0.875}},
+            "summary": summ, "rows": rows, "wall_s": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, data)
+    plot(summ, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} ({len(rows)} rows, {data['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
