@@ -19,6 +19,7 @@ vllm_slq.kernels.tune (GPU only); this module only reads.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -147,9 +148,7 @@ def cached_entries(name: str) -> dict:
 def heuristic_config(bits: int, m: int, n: int, k: int, num_sms: int = 132,
                      defaults: Optional[dict] = None) -> dict:
     """Block sizes from `defaults`; for M == 1 a split-K that runs >= 2 waves of programs."""
-    d = {key: (dict(v) if not isinstance(v, dict) else {kk: dict(vv) if isinstance(vv, dict) else vv
-                                                        for kk, vv in v.items()})
-         for key, v in _FALLBACK_DEFAULTS.items()}
+    d = copy.deepcopy(_FALLBACK_DEFAULTS)
     for key, v in (defaults or {}).items():
         if key == "gemv":
             d["gemv"].update(v)

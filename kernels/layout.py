@@ -54,7 +54,6 @@ from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, dequantize_codes
 
 SLAB_ROWS = 16  # R: container rows per K tile; divides every supported group size
 N_ALIGN = 64  # N is padded to this, so every BLOCK_N <= 64 (and its multiples dividing N_pad) tiles it
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
 
 
 class LayoutError(ValueError):

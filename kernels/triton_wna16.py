@@ -54,8 +54,7 @@ import triton
 import triton.language as tl
 
 from .autotune import GEMV_MAX_M, get_config
-from .layout import (MANTISSA_BITS, SLAB_ROWS, LayoutError, container_format, extraction_plan, padded_n,
-                     repack)
+from .layout import SLAB_ROWS, LayoutError, container_format, extraction_plan, padded_n, repack
 from .registry import KernelConfig, LinearKernel, register_kernel
 
 
@@ -386,7 +385,3 @@ class TritonWNA16Kernel(LinearKernel):
             y = y + bias
         return y
 
-
-# kept for callers that size batches: the GEMV handles M == 1, tl.dot everything above
-__all__ = ["GEMV_MAX_M", "launch_gemv", "launch_dot", "wna16_matmul", "wna16_matmul_impl", "TritonWNA16Kernel",
-           "MANTISSA_BITS"]
