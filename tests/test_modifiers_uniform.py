@@ -199,3 +199,46 @@ def test_checkpoints_from_both_writers(tiny, gptq_model, tmp_path):
                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
     for n, q in qws.items():  # transformers decompresses compressed-tensors on load
         torch.testing.assert_close(reloaded.get_submodule(n).weight.float(), q.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_hessians_are_lazy_per_subgraph_and_shared_by_modules_reading_one_input(tiny, monkeypatch):
+    """Accumulators exist only for the decoder layer being calibrated, and q/k/v (gate/up)
+    share one, bit for bit the Hessian each would have accumulated alone."""
+    import vllm_slq.modifiers.base as base
+
+    made, seen, held = [], {}, []
+    real_gptq = base.GPTQ
+
+    class CountingGPTQ(real_gptq):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.layer)
+
+    class Recording(SLQGPTQModifier):
+        def quantize_module(self, name, module, H, spec):
+            seen[name] = (H.clone(), self._hessians[name])
+            held.append(len({id(h) for h in self._hessians.values()}))
+            return super().quantize_module(name, module, H, spec)
+
+    monkeypatch.setattr(base, "GPTQ", CountingGPTQ)
+    _run(tiny, Recording(bits=3, group_size=32))
+    layers = {n.rsplit(".", 2)[0] for n in seen}
+    # per decoder layer: q/k/v one, o one, gate/up one, down one
+    assert len(made) == 4 * len(layers), made
+    assert max(held) == 4  # never more than one decoder layer's accumulators
+    for layer in layers:
+        qkv = [seen[f"{layer}.self_attn.{p}_proj"][1] for p in "qkv"]
+        gu = [seen[f"{layer}.mlp.{p}_proj"][1] for p in ("gate", "up")]
+        assert qkv[0] is qkv[1] is qkv[2] and gu[0] is gu[1]
+        assert seen[f"{layer}.self_attn.o_proj"][1] is not qkv[0]
+    # the shared H is what each module's own inputs give (the FP model's layer 0 sees FP inputs)
+    path, _, _, ids = tiny
+    model = _load(path)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"):
+        acc = real_gptq(model.get_submodule(name).weight.shape[1])
+        h = model.get_submodule(name).register_forward_hook(lambda m, a, o: acc.add_batch(a[0]))
+        with torch.no_grad():
+            for i in range(ids.shape[0]):
+                model(input_ids=ids[i:i + 1])
+        h.remove()
+        assert torch.allclose(seen[name][0], acc.H, rtol=1e-5, atol=1e-6), name

@@ -9,7 +9,11 @@ same outer shape, which this module implements once in ``LayerwiseQuantModifier`
                             allocation artifact) and check it fits the layer
     on_calibration_start    forward hooks accumulate H = 2/n sum_t x_t x_t^T
                             (methods.md sec. 1 "GPTQ"; vllm_slq.quant.gptq.GPTQ,
-                            fp32 on the module's device) when the method needs it
+                            fp32 on the module's device) when the method needs it.
+                            An accumulator is made on a module's first input, so
+                            only the subgraph being calibrated holds any, and it
+                            is shared by modules that read the very same input
+                            tensor (q/k/v, gate/up): one K x K matrix, not three
     on_sequential_epoch_end for the Linears of the subgraph (one decoder layer)
                             just calibrated: qw = quantize_module(name, module, H,
                             spec); module.weight <- qw.dequantize(). The sequential
@@ -164,6 +168,9 @@ class LayerwiseQuantModifier(Modifier):
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _specs: dict[str, QuantSpec] = PrivateAttr(default_factory=dict)
     _hessians: dict[str, GPTQ] = PrivateAttr(default_factory=dict)
+    # the input each accumulator last added, held so that a same-address test means same tensor
+    _hessian_input: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _hessian_owner: dict[str, str] = PrivateAttr(default_factory=dict)
     _quantized: dict[str, QuantizedWeight] = PrivateAttr(default_factory=dict)
 
     @field_validator("targets", "ignore", mode="before")
@@ -256,12 +263,34 @@ class LayerwiseQuantModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         if not self.needs_hessian:
             return
-        for module, name in self._names.items():
-            self._hessians[name] = GPTQ(module.weight.shape[1], layer=name, device=module.weight.device)
+        self._hessians, self._hessian_input, self._hessian_owner = {}, {}, {}
+        for module in self._names:
             self.register_hook(module, self._accumulate_hessian, "forward")
 
+    @staticmethod
+    def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                and a.dtype == b.dtype and a.device == b.device)
+
     def _accumulate_hessian(self, module: torch.nn.Module, args, _output):
-        self._hessians[self._names[module]].add_batch(args[0].detach())
+        name, x = self._names[module], args[0].detach()
+        owner = self._hessian_owner.get(name)
+        if owner is None:  # first input of this module: share a sibling's accumulator if it read x
+            owner = next((o for o, held in self._hessian_input.items() if self._same_tensor(held, x)), name)
+            self._hessian_owner[name] = owner
+            if owner == name:
+                self._hessians[name] = GPTQ(module.weight.shape[1], layer=name, device=module.weight.device)
+            else:
+                self._hessians[name] = self._hessians[owner]
+                return
+        if owner != name:  # the owner added this batch; held alive, so equal address means the same tensor
+            if not self._same_tensor(self._hessian_input[owner], x):
+                raise RuntimeError(f"{type(self).__name__}: layer {name!r} shared the Hessian of {owner!r} "
+                                   "because both read the same input tensor on the first calibration batch, "
+                                   "but a later batch gave them different inputs")
+            return
+        self._hessians[name].add_batch(x)
+        self._hessian_input[name] = x
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module] = (), **kwargs):
         for module in modules:
@@ -283,7 +312,7 @@ class LayerwiseQuantModifier(Modifier):
         if not self.ended_:
             self.on_end(state, None)
         missing = [n for n in self._names.values() if n not in self._quantized]
-        self._hessians = {}
+        self._hessians, self._hessian_input, self._hessian_owner = {}, {}, {}
         if missing:
             hint = " (it needs calibration data: pass a dataset to oneshot)" if self.needs_hessian else ""
             raise ValueError(f"{type(self).__name__} failed to quantize {len(missing)} module(s){hint}: "
@@ -313,5 +342,7 @@ class LayerwiseQuantModifier(Modifier):
         self._quantized[name] = qw
         if self.attach_compressed_tensors:
             attach_compressed_tensors_params(module, qw, name)
-        self._hessians.pop(name, None)  # free K x K memory as soon as the layer is done
+        # free K x K memory as soon as the layer (and every layer sharing its H) is done
+        self._hessians.pop(name, None)
+        self._hessian_input.pop(name, None)
         logger.debug(f"{type(self).__name__}: quantized {name} as {spec.short()}")
