@@ -8,10 +8,12 @@ import torch
 from vllm_slq.allocation.artifact import (AllocationArtifactError, allocation_from_choice, load_allocation,
                                           save_allocation)
 from vllm_slq.allocation.baselines import proxy_dp_allocate, uniform_allocate
-from vllm_slq.allocation.objective import (MixedWeight, ModelKLObjective, build_candidates, collect_hessians,
+from vllm_slq.allocation.objective import (MixedLinear, ModelKLObjective, build_candidates, collect_hessians,
                                            proxy_errors)
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
+from vllm_slq.allocation.store import CandidateStore, pack_planes, unpack_planes
+from vllm_slq.quant.grid import rtn
 from vllm_slq.quant.spec import QuantSpec
 from vllm_slq.testing import tiny_llama
 
@@ -31,16 +33,57 @@ def setup():
     return model, pb, cands, errors, obj, tokens
 
 
-def test_mixed_weight_gradient_matches_dense_autograd():
+def test_mixed_linear_gradients_match_dense_autograd():
+    """MixedLinear (candidates dequantized on the fly) against autograd through dense weights."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(6, 5, generator=g)
-    D = (0.1 * torch.randn(3, 6, 5, generator=g)).to(torch.float16)
-    p = torch.tensor([0.0, 1.0, 0.0], requires_grad=True)
-    x = torch.randn(4, 5, generator=g)
-    (x @ MixedWeight.apply(p, w, D).T).square().sum().backward()
-    p2 = p.detach().clone().requires_grad_(True)
-    (x @ (w + torch.einsum("k,knm->nm", p2, D.float())).T).square().sum().backward()
-    assert torch.allclose(p.grad, p2.grad, rtol=1e-5, atol=1e-5)
+    w = torch.randn(6, 32, generator=g)
+    specs = [QuantSpec(b, 16, False) for b in (2, 3, 5)]
+    cands = {s: rtn(w, s) for s in specs}
+    stored = CandidateStore.from_database({"l": cands}).specs("l")
+    row = [CandidateStore.from_database({"l": cands}).get("l", s) for s in stored]
+    x = torch.randn(4, 32, generator=g, requires_grad=True)
+    bias = torch.randn(6, generator=g)
+    for p0 in ([0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.3, 0.0, 0.7]):
+        p = torch.tensor(p0, requires_grad=True)
+        MixedLinear.apply(x, p, w, bias, row).square().sum().backward()
+        gx, gp = x.grad.clone(), p.grad.clone()
+        x.grad = None
+        p2 = p.detach().clone().requires_grad_(True)
+        D = torch.stack([cands[s].dequantize() - w for s in specs])
+        torch.nn.functional.linear(x, w + torch.einsum("k,knm->nm", p2, D), bias).square().sum().backward()
+        assert torch.allclose(gp, p2.grad, rtol=1e-4, atol=1e-4), (p0, gp, p2.grad)
+        assert torch.allclose(gx, x.grad, rtol=1e-5, atol=1e-5)
+        x.grad = None
+
+
+def test_objective_keeps_no_dense_candidates_and_follows_the_model_device(setup):
+    """The store holds packed codes only; nothing of weight size per option survives a step."""
+    model, pb, cands, errors, obj, tokens = setup
+    n_weights = sum(m.out_features * m.in_features for g in pb.groups for m in g.modules)
+    bits = sum(s.bits for s in OPTS)
+    # codes at their own width (plus group parameters): far below int8 codes, let alone fp16 deltas
+    assert obj.store.nbytes < 1.25 * n_weights * bits / 8
+    dense_shapes = {(pb.n_options, m.out_features, m.in_features) for g in pb.groups for m in g.modules}
+    for c in (c for row in obj.candidates.values() for c in row if c is not None):
+        for t in [*c.planes, c.scale] + ([] if c.zero_point is None else [c.zero_point]):
+            assert t.device == obj.device and t.dtype in (torch.uint8, torch.int8, torch.float16)
+            assert tuple(t.shape) not in dense_shapes
+    # what autograd keeps between forward and backward: no tensor of any weight's size
+    weight_shapes = {(m.out_features, m.in_features) for g in pb.groups for m in g.modules}
+    saved = []
+    P = pb.one_hot(np.full(pb.n_groups, 1)).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.device)) or t,
+                                                  lambda t: t):
+        loss = obj(P, 0)
+    loss.backward()
+    assert saved and not [s for s, _ in saved if s in weight_shapes]
+    assert {d for _, d in saved} == {obj.device} and P.grad.device == obj.device
+    assert obj.tokens.device == obj.device
+    # the store's entries round-trip to the database's QuantizedWeights
+    name = pb.groups[0].modules[0].name
+    back = obj.store.quantized(name, OPTS[1])
+    assert torch.equal(back.codes, cands[name][OPTS[1]].codes)
+    assert torch.equal(back.dequantize(), cands[name][OPTS[1]].dequantize())
 
 
 def test_objective_is_kl_and_orders_bit_widths(setup):
@@ -109,3 +152,12 @@ def test_allocate_model_rco_end_to_end(tmp_path):
     alloc = allocate_model(model, tokens, 3.6, method="rco", options=OPTS,
                            rco=RCOConfig(steps=3, samples=1, progress=False), out=tmp_path / "a.json")
     assert alloc.achieved_bpp() <= 3.6 and (tmp_path / "a.json").is_file()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [1, 7, 8, 64, 67])
+def test_bit_planes_round_trip(bits, k):
+    u = torch.randint(0, 1 << bits, (5, k), generator=torch.Generator().manual_seed(bits * k), dtype=torch.uint8)
+    planes = pack_planes(u, bits)
+    assert sum(p.numel() for p in planes) <= 5 * (k * bits + 3 * 7) // 8 + 5 * 3  # b bits per value, plus padding
+    assert torch.equal(unpack_planes(planes, bits, k), u)

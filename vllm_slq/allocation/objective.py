@@ -2,7 +2,7 @@
 
 For each quantized linear m in group i (methods.md s.4):
 
-    W_m(P) = W_m,ref + sum_k P_ik (W_m^(k) - W_m,ref)          (MixedWeight)
+    W_m(P) = W_m,ref + sum_k P_ik (W_m^(k) - W_m,ref)          (MixedLinear)
     L(P)   = mean over calibration positions of
              sum_v p_fp(v) (log p_fp(v) - log p_P(v))            (full vocabulary, fp32)
 
@@ -15,54 +15,76 @@ Candidates come from a per-layer database: one QuantizedWeight per option
 build_candidates below; cached_candidates keeps that database on disk, keyed by
 everything it depends on, so a rerun or a second benchmark skips the GPTQ pass).
 
-Memory plan
-  * deltas D_k = W^(k) - W_ref are stored per module in fp16 on CPU
-    ([K_opt, N, K] each); the mixed weight is materialised one layer at a time
-    inside MixedWeight (fp32), and its backward re-reads D_k instead of saving
-    fp32 copies.  SmolLM2-135M, 7 options: 106M quantized params * 7 * 2 B
-    ~= 1.5 GB; the fp32 model 0.54 GB.
+Memory plan (every tensor on the model's device)
+  * the database is a CandidateStore (store.py): b-bit codes plus group
+    parameters, sum(b) = 35 bits per weight for widths 2..8, no dense copies;
+  * MixedLinear replaces each quantized Linear's forward while the objective
+    runs: it dequantizes the chosen candidate in the forward, and saves only
+    the layer input x (which autograd keeps for any linear) and p; the backward
+    recomputes W(P) and dequantizes the candidates one at a time. So no layer's
+    mixed weight outlives its own forward or backward;
   * reference log-probs: cached in fp16 ([blocks, L, V]) when that fits
     `cache_bytes` (default 1 GiB; 8 x 256 tokens x 49152 vocab = 0.2 GB),
     otherwise recomputed under no_grad each time (one extra forward).
-  * 8B on one 80 GB GPU: 7B quantized params * 7 options * 2 B = 98 GB of
-    deltas does not fit; keep deltas in pinned CPU memory (or int8 codes +
-    scales and dequantize on the fly: ~7 * 7 GB at 8 bits) and stream them
-    per layer, model in bf16 (16 GB), activations with gradient checkpointing
-    per decoder block, reference log-probs recomputed (128k vocab makes a
-    cache 0.5 MB per token) -- roughly 30-40 GB of GPU memory for 8 x 512 tokens.
+  * So the peak is the model in its compute dtype + the store + one forward's
+    activations (benchmarks/slq_memory.py measures it and fits the model).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence
+import functools
+from contextlib import contextmanager
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.func import functional_call
-
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
 from .problem import AllocationProblem
+from .store import CandidateStore, StoredCandidate
 
 
-class MixedWeight(torch.autograd.Function):
-    """W_ref + sum_k p_k D_k with D stored in low precision; skips p_k == 0 in the forward."""
+def _mixed_weight(p: torch.Tensor, w_ref: torch.Tensor, candidates: Sequence[Optional[StoredCandidate]]
+                  ) -> torch.Tensor:
+    """W_ref + sum_k p_k (W^(k) - W_ref) in w_ref's dtype; options with p_k == 0 are never dequantized."""
+    w = w_ref
+    for k in torch.nonzero(p).flatten().tolist():
+        w = w + float(p[k]) * (candidates[k].dequantize(w_ref.dtype) - w_ref)
+    return w
+
+
+class MixedLinear(torch.autograd.Function):
+    """y = x W(p)^T + b, W(p) = W_ref + sum_k p_k (W^(k) - W_ref), candidates dequantized on the fly.
+
+    Nothing of weight size is saved for backward: it keeps x (which any linear
+    keeps) and p, and recomputes W(p) for dL/dx. The allocation's gradient
+        dL/dp_k = <dL/dW, W^(k) - W_ref>,   dL/dW = g^T x
+    dequantizes each candidate in turn, so the transient peak is a few dense
+    copies of this one layer in fp32.
+    """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, w_ref: torch.Tensor, deltas: torch.Tensor):
-        ctx.save_for_backward(deltas)
-        w = w_ref.clone()
-        for k in torch.nonzero(p).flatten().tolist():
-            w.add_(deltas[k].to(w.dtype), alpha=float(p[k]))
-        return w
+    def forward(ctx, x, p, w_ref, bias, candidates):
+        ctx.save_for_backward(x, p)
+        ctx.w_ref, ctx.candidates = w_ref, candidates
+        return torch.nn.functional.linear(x, _mixed_weight(p, w_ref, candidates), bias)
 
     @staticmethod
-    def backward(ctx, grad_w: torch.Tensor):
-        (deltas,) = ctx.saved_tensors
-        g = grad_w.to(torch.float32)
-        grad_p = torch.stack([(deltas[k].to(torch.float32) * g).sum() for k in range(deltas.shape[0])])
-        return grad_p, None, None
+    def backward(ctx, grad_y):
+        x, p = ctx.saved_tensors
+        w_ref, candidates = ctx.w_ref, ctx.candidates
+        grad_x = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _mixed_weight(p, w_ref, candidates).to(grad_y.dtype)
+        if ctx.needs_input_grad[1]:
+            n, k = w_ref.shape
+            grad_w = grad_y.reshape(-1, n).to(torch.float32).T @ x.reshape(-1, k).to(torch.float32)
+            w32 = w_ref.to(torch.float32)
+            grad_p = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            for j, c in enumerate(candidates):
+                if c is not None:
+                    grad_p[j] = ((c.dequantize(torch.float32) - w32) * grad_w).sum()
+        return grad_x, grad_p, None, None, None
 
 
 def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -164,49 +186,58 @@ def proxy_errors(model: torch.nn.Module, problem: AllocationProblem,
 class ModelKLObjective:
     """KL of the FP model's next-token distributions to the mixed model's, on calibration blocks.
 
-    model: HF causal LM (kept; its own weights are the references W_ref).
+    model: HF causal LM (kept; its own weights are the references W_ref). Every
+    tensor the objective makes lives on the model's device.
+    candidates: a CandidateStore, or a {module: {spec: QuantizedWeight}} database
+    (packed into a CandidateStore on the model's device).
     tokens: LongTensor [n_blocks, L] of calibration text.
     batch_blocks: blocks per RCO sample (one forward+backward each).
+    compute_dtype: the dtype the model is cast to for the objective (None keeps the
+    model's own); fp32 by default, since KL differences between allocations are
+    small and CPUs have no fast half-precision GEMM.
     """
 
     def __init__(self, model: torch.nn.Module, problem: AllocationProblem,
-                 candidates: dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
-                 batch_blocks: int = 2, delta_dtype: torch.dtype = torch.float16,
-                 cache_bytes: int = 1 << 30, compute_dtype: torch.dtype = torch.float32):
+                 candidates: CandidateStore | dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
+                 batch_blocks: int = 2, cache_bytes: int = 1 << 30,
+                 compute_dtype: Optional[torch.dtype] = torch.float32):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
-        self.model = model.to(compute_dtype).eval()
+        self.model = (model if compute_dtype is None else model.to(compute_dtype)).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.device = next(self.model.parameters()).device
         self.problem = problem
-        self.tokens = tokens
+        self.tokens = tokens.to(self.device)
         self.batch_blocks = max(1, min(batch_blocks, tokens.shape[0]))
+        self.store = candidates if isinstance(candidates, CandidateStore) \
+            else CandidateStore.from_database(candidates, self.device)
         mods = dict(self.model.named_modules())
-        self.w_ref: dict[str, torch.Tensor] = {}
-        self.deltas: dict[str, torch.Tensor] = {}
+        self.linears: dict[str, torch.nn.Linear] = {}
+        self.candidates: dict[str, list[Optional[StoredCandidate]]] = {}
         for i, g in enumerate(problem.groups):
             for m in g.modules:
-                if m.name not in mods:
-                    raise ValueError(f"module {m.name!r} of group {g.name!r} is not in the model")
-                W = mods[m.name].weight.detach()
+                if not isinstance(mods.get(m.name), torch.nn.Linear):
+                    raise ValueError(f"module {m.name!r} of group {g.name!r} is not a Linear of the model")
+                W = mods[m.name].weight
                 if tuple(W.shape) != (m.out_features, m.in_features):
                     raise ValueError(f"module {m.name!r}: weight shape {tuple(W.shape)} != problem's "
                                      f"{(m.out_features, m.in_features)}")
-                D = torch.zeros((problem.n_options, *W.shape), dtype=delta_dtype)
+                row: list[Optional[StoredCandidate]] = [None] * problem.n_options
                 for k, spec in enumerate(problem.options):
                     if problem.available[i, k]:
-                        if m.name not in candidates or spec not in candidates[m.name]:
+                        if m.name not in self.store or spec not in self.store.specs(m.name):
                             raise ValueError(f"database lacks {spec.short()} for module {m.name!r}")
-                        D[k] = (candidates[m.name][spec].dequantize(torch.float32) - W.float()).to(delta_dtype)
-                self.w_ref[m.name] = W
-                self.deltas[m.name] = D
+                        row[k] = self.store.get(m.name, spec)
+                self.linears[m.name] = mods[m.name]
+                self.candidates[m.name] = row
         vocab = self.model.config.vocab_size
         need = tokens.numel() * vocab * 2
         self._ref_logp = None
-        if need <= cache_bytes:
+        if need <= cache_bytes:  # else recomputed per step: never a dense [tokens, vocab] past the bound
             with torch.no_grad():
                 self._ref_logp = torch.cat([
-                    torch.log_softmax(self.model(input_ids=tokens[s:s + 1]).logits.float(), -1).to(torch.float16)
+                    torch.log_softmax(self.model(input_ids=self.tokens[s:s + 1]).logits.float(), -1).to(torch.float16)
                     for s in range(tokens.shape[0])])
 
     # ------------------------------------------------------------------ internals
@@ -216,15 +247,26 @@ class ModelKLObjective:
         with torch.no_grad():
             return torch.log_softmax(self.model(input_ids=self.tokens[idx]).logits.float(), -1)
 
-    def _weights(self, P: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, g in enumerate(self.problem.groups):
-            for m in g.modules:
-                out[f"{m.name}.weight"] = MixedWeight.apply(P[i], self.w_ref[m.name], self.deltas[m.name])
-        return out
+    @contextmanager
+    def _mixing(self, P: torch.Tensor):
+        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear)."""
+        P = P.to(self.device)
+        patched = []
+        try:
+            for i, g in enumerate(self.problem.groups):
+                for m in g.modules:
+                    lin = self.linears[m.name]
+                    lin.forward = functools.partial(_mixed_forward, lin, P[i], self.candidates[m.name])
+                    patched.append(lin)
+            yield
+        finally:
+            for lin in patched:
+                del lin.forward  # back to nn.Linear.forward
 
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, self._weights(P), args=(), kwargs={"input_ids": self.tokens[idx]}).logits
+        idx = idx.to(self.device)
+        with self._mixing(P):
+            logits = self.model(input_ids=self.tokens[idx]).logits
         return kl_full_vocab(self._ref(idx), logits)
 
     def batch_indices(self, step: int) -> torch.Tensor:
@@ -249,20 +291,20 @@ class ModelKLObjective:
             tot += float(self._kl(P, torch.tensor([s])))
         return tot / n
 
-    @torch.no_grad()
-    def weights_for(self, choice: np.ndarray) -> dict[str, torch.Tensor]:
-        return self._weights(self.problem.one_hot(choice))
+    def applied(self, choice: np.ndarray):
+        """Context: the model computes with the allocation `choice` (weights dequantized per call)."""
+        return self._mixing(self.problem.one_hot(choice))
 
     @torch.no_grad()
     def heldout_metrics(self, choice: np.ndarray, tokens: torch.Tensor) -> dict:
         """KL / EAR / top-1 on held-out blocks (teacher-forced, fp32 softmax, T=1)."""
-        weights = self.weights_for(choice)
+        tokens = tokens.to(self.device)
         kl, ear, top1 = [], [], []
         for s in range(tokens.shape[0]):
             ids = tokens[s:s + 1]
             logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
-            logq = torch.log_softmax(
-                functional_call(self.model, weights, args=(), kwargs={"input_ids": ids}).logits.float(), -1)
+            with self.applied(choice):
+                logq = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
             p, q = logp.exp(), logq.exp()
             kl.append((p * (logp - logq)).sum(-1).flatten())
             ear.append(torch.minimum(p, q).sum(-1).flatten())
@@ -271,6 +313,10 @@ class ModelKLObjective:
         return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
                 "ear_p5": float(torch.quantile(ear, 0.05)), "ear_p50": float(torch.quantile(ear, 0.5)),
                 "positions": int(kl.numel())}
+
+
+def _mixed_forward(linear: torch.nn.Linear, p: torch.Tensor, candidates, x: torch.Tensor) -> torch.Tensor:
+    return MixedLinear.apply(x, p, linear.weight, linear.bias, candidates)
 
 
 # ----------------------------------------------------------------- cached databases

@@ -34,6 +34,8 @@ from pydantic import Field, PrivateAttr, model_validator
 from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
 
+from vllm_slq.allocation.store import CandidateStore
+
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
 
 __all__ = ["SLQModifier"]
@@ -79,7 +81,7 @@ class SLQModifier(LayerwiseQuantModifier):
     database_cache: Optional[str] = None
     seed: int = 0
 
-    _db: dict[str, dict[QuantSpec, QuantizedWeight]] = PrivateAttr(default_factory=dict)
+    _db: CandidateStore = PrivateAttr(default_factory=CandidateStore)
     _w_ref: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _search_log: list[dict] = PrivateAttr(default_factory=list)
     _allocation: Any = PrivateAttr(default=None)
@@ -130,9 +132,9 @@ class SLQModifier(LayerwiseQuantModifier):
             self._cache_hits += int(hit)
         else:
             db = build_database(W, H, specs, layer=name, **gptq_kw)
-        self._db[name] = {s: QuantizedWeight(q.codes.cpu(), q.scale.cpu(),
-                                             None if q.zero_point is None else q.zero_point.cpu(),
-                                             q.spec, dict(q.meta)) for s, q in db.items()}
+        if not self._db:  # the store lives where the layers compute
+            self._db = CandidateStore(W.device)
+        self._db.put(name, db)
         return db[spec]
 
     # ---- allocation -----------------------------------------------------------------
@@ -197,7 +199,7 @@ class SLQModifier(LayerwiseQuantModifier):
                 for m in g.modules:
                     for k, s in enumerate(problem.options):
                         if problem.available[i, k]:
-                            errors[i, k] += float(self._db[m.name][s].meta.get("rel_err", 0.0))
+                            errors[i, k] += float(self._db.get(m.name, s).meta.get("rel_err", 0.0))
             init = sensitivity_logits(errors, problem.available)
         lo, hi = problem.feasible_range()
         if self.target_bpp is not None:
@@ -213,7 +215,7 @@ class SLQModifier(LayerwiseQuantModifier):
         specs = problem.module_specs(choice)
         with torch.no_grad():
             for name, spec in specs.items():
-                qw = self._db[name][spec]
+                qw = self._db.quantized(name, spec)
                 module = mods[name]
                 module.weight.data.copy_(qw.dequantize(module.weight.dtype).to(module.weight.device))
                 qw = QuantizedWeight(qw.codes, qw.scale, qw.zero_point, qw.spec,
@@ -269,18 +271,15 @@ class SLQModifier(LayerwiseQuantModifier):
     def _ear_accepts(self, model, objective):
         from vllm_slq.eval.metrics import position_metrics, summarize
 
-        tokens = self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len)
+        tokens = self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len).to(objective.device)
         with torch.no_grad():
             ref_logits = [model(input_ids=tokens[s:s + 1]).logits[0].float() for s in range(tokens.shape[0])]
 
         def accept(choice):
-            from torch.func import functional_call
-
-            weights = objective.weights_for(choice)
             seqs = []
-            with torch.no_grad():
+            with torch.no_grad(), objective.applied(choice):
                 for s in range(tokens.shape[0]):
-                    q = functional_call(model, weights, args=(), kwargs={"input_ids": tokens[s:s + 1]}).logits[0].float()
+                    q = model(input_ids=tokens[s:s + 1]).logits[0].float()
                     seqs.append(position_metrics(ref_logits[s], q))
             summ = summarize(seqs, seed=self.seed)
             lower = summ["ear_ci95"][0]
@@ -297,7 +296,6 @@ class SLQModifier(LayerwiseQuantModifier):
 
         tasks = list(self.tasks or LOCAL_TASKS)
         tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        mods = dict(model.named_modules())
 
         def run():
             return run_lm_eval("in-memory", tasks, backend="hf", batch_size=4,
@@ -306,19 +304,8 @@ class SLQModifier(LayerwiseQuantModifier):
         reference = run()
 
         def accept(choice):
-            weights = objective.weights_for(choice)
-            saved = {}
-            with torch.no_grad():
-                for key, w in weights.items():
-                    name = key.rsplit(".", 1)[0]
-                    saved[name] = mods[name].weight.data.clone()
-                    mods[name].weight.data.copy_(w)
-            try:
+            with objective.applied(choice):
                 verdict = compare(reference, run())
-            finally:
-                with torch.no_grad():
-                    for name, w in saved.items():
-                        mods[name].weight.data.copy_(w)
             ok = all(r["within_ci"] for r in verdict.values())
             return ok, {"tasks": {t: {k: r[k] for k in ("acc_reference", "acc_candidate", "tolerance",
                                                          "within_ci")} for t, r in verdict.items()}}
