@@ -161,3 +161,22 @@ def test_bit_planes_round_trip(bits, k):
     planes = pack_planes(u, bits)
     assert sum(p.numel() for p in planes) <= 5 * (k * bits + 3 * 7) // 8 + 5 * 3  # b bits per value, plus padding
     assert torch.equal(unpack_planes(planes, bits, k), u)
+
+
+def test_chunked_kl_matches_autograd_through_log_softmax(monkeypatch):
+    import vllm_slq.allocation.objective as objective
+
+    monkeypatch.setattr(objective, "_KL_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    g = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.randn(2, 7, 50, generator=g), -1).to(torch.float16)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.randn(2, 7, 50, generator=g).to(dtype).requires_grad_(True)
+        kl = objective.kl_full_vocab(ref, z)
+        kl.backward()
+        z2 = z.detach().float().requires_grad_(True)
+        r = ref.float()
+        want = (r.exp() * (r - torch.log_softmax(z2, -1))).sum(-1).mean()
+        want.backward()
+        assert torch.allclose(kl, want, rtol=1e-5, atol=1e-6)
+        tol = (1e-4 if dtype == torch.float32 else 1e-2) * float(z2.grad.abs().max())
+        assert z.grad.dtype == dtype and torch.allclose(z.grad.float(), z2.grad, atol=tol)

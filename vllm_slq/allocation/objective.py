@@ -47,8 +47,11 @@ from .store import CandidateStore, StoredCandidate
 def _mixed_weight(p: torch.Tensor, w_ref: torch.Tensor, candidates: Sequence[Optional[StoredCandidate]]
                   ) -> torch.Tensor:
     """W_ref + sum_k p_k (W^(k) - W_ref) in w_ref's dtype; options with p_k == 0 are never dequantized."""
+    chosen = torch.nonzero(p).flatten().tolist()
+    if len(chosen) == 1 and float(p[chosen[0]]) == 1.0:  # RCO's one-hot rows: the candidate itself
+        return candidates[chosen[0]].dequantize(w_ref.dtype)
     w = w_ref
-    for k in torch.nonzero(p).flatten().tolist():
+    for k in chosen:
         w = w + float(p[k]) * (candidates[k].dequantize(w_ref.dtype) - w_ref)
     return w
 
@@ -87,11 +90,53 @@ class MixedLinear(torch.autograd.Function):
         return grad_x, grad_p, None, None, None
 
 
+# positions per fp32 chunk of the KL: bounds its temporaries to ~chunk * vocab * 4 B each
+_KL_CHUNK_ELEMENTS = 1 << 24
+
+
+class _FullVocabKL(torch.autograd.Function):
+    """Mean over positions of KL(p_ref || softmax(z)) in fp32, a chunk of positions at a time.
+
+    dKL/dz = (softmax(z) sum_v p_ref - p_ref) / n, recomputed per chunk in the backward: the only
+    tensors kept are the logits and the reference themselves, never an fp32
+    [positions, vocab] copy (0.5 GB per copy at 128k vocab and 1k positions).
+    """
+
+    @staticmethod
+    def _chunks(n: int, vocab: int):
+        step = max(1, _KL_CHUNK_ELEMENTS // vocab)
+        return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+    @staticmethod
+    def forward(ctx, ref_logp, logits):
+        v = logits.shape[-1]
+        z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for a, b in _FullVocabKL._chunks(z.shape[0], v):
+            rl = r[a:b].to(torch.float32)
+            total += (rl.exp() * (rl - torch.log_softmax(z[a:b].to(torch.float32), -1))).sum()
+        ctx.save_for_backward(ref_logp, logits)
+        return total / z.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        ref_logp, logits = ctx.saved_tensors
+        v = logits.shape[-1]
+        z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
+        out = torch.empty_like(z)
+        scale = grad.to(torch.float32) / z.shape[0]
+        for a, b in _FullVocabKL._chunks(z.shape[0], v):
+            q = torch.softmax(z[a:b].to(torch.float32), -1)
+            p = r[a:b].to(torch.float32).exp()  # a cached fp16 reference sums to 1 only within rounding
+            out[a:b] = ((q * p.sum(-1, keepdim=True) - p) * scale).to(out.dtype)
+        return None, out.reshape(logits.shape)
+
+
 def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || softmax(logits)), full vocabulary, fp32."""
-    ref_logp = ref_logp.to(torch.float32)
-    logq = torch.log_softmax(logits.to(torch.float32), dim=-1)
-    return (ref_logp.exp() * (ref_logp - logq)).sum(-1).mean()
+    """Mean over positions of KL(p_ref || softmax(logits)), full vocabulary, fp32 (differentiable in logits)."""
+    if ref_logp.shape != logits.shape:
+        raise ValueError(f"kl_full_vocab: reference {tuple(ref_logp.shape)} and logits {tuple(logits.shape)} differ")
+    return _FullVocabKL.apply(ref_logp, logits)
 
 
 def fidelity_metrics(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
