@@ -80,6 +80,45 @@ def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_token
     assert abs(bits - report["bpp"]) < 1e-9
     assert not list(tmp_path.glob(".ckpt*"))  # no staging directory left behind
     assert "teacher_forced EAR" in (out / "slq_report.md").read_text()
+    # bpp over every parameter as stored: the untied fp16 embedding and lm_head, norms at 16 bits
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer)
+    n_all = sum(p.numel() for p in fp.parameters())
+    n_q = sum(q.codes.numel() for q in ck.quantized.values())
+    assert report["params_all"] == n_all and report["params_quantized"] == n_q
+    assert report["bpp_all_params"] == pytest.approx((bits * n_q + 16 * (n_all - n_q)) / n_all)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+    assert report["checkpoint_gb"] == pytest.approx(size) and size > 0
+    assert report["device"] == "cpu" and report["dtype"] == "float16"
+    assert "over all" in (out / "slq_report.md").read_text()
+
+
+@pytest.mark.llmcompressor
+def test_checkpoint_follows_a_bf16_models_dtype(tiny_with_tokenizer, tmp_path):
+    """A bf16 original gives a bf16 checkpoint (scales and dense tensors), not an fp16 one."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_with_tokenizer).save_pretrained(src)
+    out = tmp_path / "ck"
+    assert main(["quantize", str(src), "--method", "rtn", "--bits", "4", "--no-eval", "--output", str(out)]) == 0
+    dtypes = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if k.endswith(("weight_scale", "embed_tokens.weight", "lm_head.weight", "norm.weight")):
+                    dtypes[k.rsplit(".", 1)[-1]] = st.get_tensor(k).dtype
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    report = json.loads((out / "slq_report.json").read_text())
+    assert report["dtype"] == "bfloat16"
+    # --dtype overrides the model's own
+    assert main(["quantize", str(src), "--method", "rtn", "--bits", "4", "--no-eval", "--dtype", "float16",
+                 "--output", str(tmp_path / "ck16")]) == 0
+    assert json.loads((tmp_path / "ck16" / "config.json").read_text())["dtype"] == "float16"
 
 
 @pytest.mark.slow

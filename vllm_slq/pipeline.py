@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from vllm_slq.checkpoint.layout import EXTRA_KEY
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
 
 METHODS = ("slq", "gsq", "gptq", "rtn")
@@ -107,6 +108,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity report")
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
     g = p.add_argument_group("slq search (defaults: recipes/slq_*.yaml)")
     g.add_argument("--rco-steps", type=int, default=None)
     g.add_argument("--objective-blocks", type=int, default=None, help="calibration blocks for the RCO objective")
@@ -115,6 +117,42 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where every tensor lives and computes (auto: cuda when available); on a "
+                        "multi-GPU machine CUDA_VISIBLE_DEVICES picks the GPU")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16"),
+                   help="the checkpoint's dtype (scales and dense tensors) and the GPU compute dtype "
+                        "(auto: the model's own; float16 for an fp32 model)")
+
+
+def select_device(choice: str) -> str:
+    """'cpu' or 'cuda', checked; for cpu, GPUs are hidden from this process before anything
+    initialises CUDA, since llmcompressor computes on the first accelerator it sees."""
+    if choice == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TargetError("--device cuda: no CUDA device is visible to this process "
+                          "(a CPU-only torch, or CUDA_VISIBLE_DEVICES hides them)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(choice: str, model_path) -> "torch.dtype":
+    """--dtype, or the dtype the model's config.json declares (float16 for fp32/undeclared ones)."""
+    import torch
+    from transformers import AutoConfig
+
+    if choice != "auto":
+        return getattr(torch, choice)
+    declared = getattr(AutoConfig.from_pretrained(str(model_path)), "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if declared in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def _group(args) -> Optional[int]:
@@ -133,11 +171,11 @@ def _uniform_bits(args, target: Target) -> int:
     return DEFAULT_BITS[args.method]
 
 
-def build_modifier(args, target: Target):
+def build_modifier(args, target: Target, scale_dtype: Optional[str] = None):
     """The llmcompressor modifier for --method (registry by name, no if-chain beyond it)."""
     import vllm_slq.modifiers as mods
 
-    common = dict(group_size=_group(args), symmetric=args.symmetric)
+    common = dict(group_size=_group(args), symmetric=args.symmetric, scale_dtype=scale_dtype)
     if args.method == "slq":
         from vllm_slq.modifiers.slq import SLQModifier
 
@@ -166,7 +204,7 @@ def build_modifier(args, target: Target):
     if args.method == "gsq":
         from vllm_slq.modifiers.gsq import GSQModifier
 
-        return GSQModifier(bits=bits, group_size=_group(args))
+        return GSQModifier(bits=bits, group_size=_group(args), scale_dtype=scale_dtype)
     cls = {"gptq": mods.SLQGPTQModifier, "rtn": mods.RTNModifier}[args.method]
     return cls(bits=bits, **common)
 
@@ -178,6 +216,7 @@ def _default_output(args, target: Target) -> Path:
 
 
 def run_quantize(args) -> int:
+    device = select_device(getattr(args, "device", "auto"))  # before anything touches CUDA
     import torch
 
     target = parse_target(args.target, _group(args), args.symmetric)  # fail before any work
@@ -195,23 +234,27 @@ def run_quantize(args) -> int:
     from vllm_slq.data import calibration_dataset, resolve_model
     from vllm_slq.modifiers import quantized_weights
 
-    modifier = build_modifier(args, target)
+    model_path = resolve_model(args.model)
+    dtype = model_dtype(getattr(args, "dtype", "auto"), model_path)
+    modifier = build_modifier(args, target, scale_dtype=str(dtype).removeprefix("torch."))
     if args.method == "slq":
         target_text = target.describe()
     elif args.bits is not None:
         target_text = f"uniform {modifier.bits}-bit (--bits)"
     else:
         target_text = f"uniform {modifier.bits}-bit, the widest within {target.describe()}"
-    model_path = resolve_model(args.model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
-    # CPUs have no fast fp16 GEMM: calibrate in fp32 there (the checkpoint is still fp16)
-    work_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    # CPUs have no fast half-precision GEMM: compute in fp32 there (the checkpoint is still `dtype`);
+    # llmcompressor onloads each layer onto the GPU when there is one
+    work_dtype = dtype if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=work_dtype)
     dataset = calibration_dataset(tok, args.dataset, args.calib_samples, args.seq_len)
     print(f"[vllm-slq] {args.method} on {model_path} target {target_text}: "
-          f"{args.calib_samples} x {args.seq_len} calibration tokens from {args.dataset}", file=sys.stderr)
+          f"{args.calib_samples} x {args.seq_len} calibration tokens from {args.dataset}; "
+          f"{device}, compute {str(work_dtype).removeprefix('torch.')}, checkpoint "
+          f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     t0 = time.time()
     model = oneshot(model=model, tokenizer=tok, recipe=[modifier], dataset=dataset,
                     num_calibration_samples=args.calib_samples, max_seq_length=args.seq_len,
@@ -237,9 +280,14 @@ def run_quantize(args) -> int:
 
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
-        save_checkpoint(model, quantized, staging, tokenizer=tok, extra=extra)
+        save_checkpoint(model, quantized, staging, tokenizer=tok, extra=extra, dtype=dtype)
+        stored = json.loads((staging / "config.json").read_text())[EXTRA_KEY]
         report = {"model": str(args.model), "method": args.method, "target": target_text,
-                  "bpp": bpp, "quantize_seconds": quant_seconds, "layers": bit_map}
+                  "bpp": bpp, "bpp_all_params": stored["bpp_all_params"],
+                  "params_all": stored["params_all"], "params_quantized": stored["params_quantized"],
+                  "checkpoint_gb": sum(f.stat().st_size for f in staging.glob("*.safetensors")) / 1e9,
+                  "device": device, "dtype": str(dtype).removeprefix("torch."),
+                  "quantize_seconds": quant_seconds, "layers": bit_map}
         if search:
             report["search"] = search
         if allocation:
@@ -250,7 +298,7 @@ def run_quantize(args) -> int:
             report["fidelity"] = evaluate(reference=str(model_path), candidate=str(staging),
                                           dataset=args.dataset, n_tokens=args.eval_tokens,
                                           seq_len=args.seq_len, backend="hf", seed=args.seed,
-                                          label=out.name)
+                                          label=out.name, device=device)
             # scored in the staging directory; name the checkpoint it becomes
             report["fidelity"]["candidate"] = str(out)
         (staging / "slq_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -271,7 +319,10 @@ def run_quantize(args) -> int:
 def render_report(report: dict) -> str:
     lines = [f"# vllm-slq fidelity report", "",
              f"- model: {report['model']}", f"- method: {report['method']}",
-             f"- target: {report['target']}", f"- achieved bpp: {report['bpp']:.3f}",
+             f"- target: {report['target']}",
+             f"- achieved bpp: {report['bpp']:.3f} over the quantized linears"
+             + (f"; {report['bpp_all_params']:.3f} over all {report['params_all'] / 1e9:.3g}B parameters "
+                f"as stored; checkpoint {report['checkpoint_gb']:.3g} GB" if "bpp_all_params" in report else ""),
              f"- quantization wall-clock: {report['quantize_seconds']:.0f} s"]
     alloc = report.get("allocation")
     if alloc and alloc.get("seconds") is not None:

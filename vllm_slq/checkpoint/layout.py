@@ -54,7 +54,7 @@ from .errors import LayoutError, MixedFusedModuleError, QuantConfigError
 
 __all__ = [
     "QUANT_METHOD", "FORMAT_PACK_QUANTIZED", "FORMAT_MIXED_PRECISION", "STATUS_COMPRESSED",
-    "CT_LAYOUT_VERSION", "EXTRA_KEY", "WEIGHT_PACKED", "WEIGHT_SCALE", "WEIGHT_SHAPE",
+    "CT_LAYOUT_VERSION", "EXTRA_KEY", "QUANT_TENSOR_SUFFIXES", "WEIGHT_PACKED", "WEIGHT_SCALE", "WEIGHT_SHAPE",
     "WEIGHT_ZERO_POINT", "FUSED_MODULES", "TensorLayout", "expected_tensors", "expected_shapes",
     "encode_weight", "decode_weight", "quant_args", "spec_from_args", "build_quant_config",
     "GroupScheme", "ParsedQuantConfig", "parse_quant_config", "fused_groups",

@@ -103,13 +103,14 @@ class Evaluator:
                  seq_len: int = 512, seed: int = 0, dtype="float32",
                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, n_boot: int = 1000,
                  sample_prompts: int = 8, sample_prompt_len: int = 32, sample_new_tokens: int = 64,
-                 progress: bool = True, tokenizer=None, blocks: Optional[torch.Tensor] = None):
+                 progress: bool = True, tokenizer=None, blocks: Optional[torch.Tensor] = None,
+                 device: Optional[str] = None):
         if n_tokens <= 0 or seq_len < 2:
             raise EvalError(f"need n_tokens > 0 and seq_len >= 2 (got {n_tokens}, {seq_len})")
         self.seed, self.vocab_chunk, self.n_boot, self.progress = seed, vocab_chunk, n_boot, progress
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
         t0 = time.perf_counter()
-        model, tok, _ = load_hf_model(reference, dtype)
+        model, tok, _ = load_hf_model(reference, dtype, device)
         self.reference_name = _name(reference)
         self.tokenizer = tokenizer if tokenizer is not None else tok
         self.ref = HFRunner(model, "reference")
@@ -187,7 +188,7 @@ class Evaluator:
 
     def _candidate(self, candidate: ModelLike, backend: str, cand_dtype, topk: int, vllm_kwargs):
         if backend == "hf":
-            model, tok, _ = load_hf_model(candidate, cand_dtype or self.dtype)
+            model, tok, _ = load_hf_model(candidate, cand_dtype or self.dtype, self.device)
             runner = HFRunner(model, "candidate")
             limit = max_positions(model)
             cvocab = vocab_size(model)
@@ -270,7 +271,7 @@ def evaluate(reference: ModelLike, candidate: ModelLike, dataset: str = "brown",
              **kw) -> dict:
     """Fidelity of `candidate` against `reference` (see the module docstring for the protocol).
 
-    Extra keyword arguments go to `Evaluator` (dtype, vocab_chunk, n_boot,
+    Extra keyword arguments go to `Evaluator` (dtype, device, vocab_chunk, n_boot,
     sample_prompts, sample_prompt_len, sample_new_tokens, progress, tokenizer,
     blocks) or to `Evaluator.evaluate` (cand_dtype, topk, vllm_kwargs, label, meta).
     """

@@ -24,6 +24,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="HF compute dtype of the reference (and HF candidate)")
     p.add_argument("--candidate-dtype", default=None, help="candidate dtype (vLLM default: bfloat16 on CPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the HF reference (and HF candidate) run (auto: cuda when available)")
     p.add_argument("--vocab-chunk", type=int, default=8192)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--sample-prompts", type=int, default=8, help="0 disables the sampled protocol")
@@ -38,6 +40,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "(local: slq_brown_next_word slq_brown_next_sentence)")
     p.add_argument("--lm-eval-limit", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vllm-slq eval: error: --device cuda: no CUDA device is visible to this process")
+    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_eval(args) -> int:
@@ -55,7 +65,7 @@ def run_eval(args) -> int:
                           n_boot=args.n_boot, sample_prompts=args.sample_prompts,
                           sample_prompt_len=args.sample_prompt_len,
                           sample_new_tokens=args.sample_new_tokens, label=args.label, meta=meta,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, device=_device(args.device))
         if args.lm_eval_tasks:
             from .lmeval import task_lossless
 

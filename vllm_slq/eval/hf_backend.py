@@ -55,8 +55,9 @@ def torch_dtype(dtype) -> torch.dtype:
         raise EvalError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
-def load_hf_model(spec: ModelLike, dtype="float32"):
-    """(model, tokenizer or None, path or None) for an nn.Module, alias, directory or checkpoint."""
+def load_hf_model(spec: ModelLike, dtype="float32", device: Optional[str] = None):
+    """(model, tokenizer or None, path or None) for an nn.Module, alias, directory or checkpoint;
+    a loaded model is placed straight on `device` (None: transformers' default, the CPU)."""
     if isinstance(spec, torch.nn.Module):
         spec.eval()
         return spec, None, None
@@ -66,7 +67,8 @@ def load_hf_model(spec: ModelLike, dtype="float32"):
 
     path = resolve_model(str(spec))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype),
+                                                     **({} if device is None else {"device_map": str(device)}))
     except Exception as e:  # name the model in the error, keep the cause
         raise EvalError(f"cannot load model {spec!r} ({path}) with transformers: {e}") from e
     model.eval()

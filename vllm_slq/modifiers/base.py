@@ -161,6 +161,9 @@ class LayerwiseQuantModifier(Modifier):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     layer_specs: Optional[dict[str, Any] | str] = None
     attach_compressed_tensors: bool = True
+    # the dtype scales are rounded to (and stored in): the checkpoint's; None takes the
+    # module's half-precision dtype (fp16 for an fp32 module)
+    scale_dtype: Optional[str] = None
 
     # subclasses that need H set this True (and requires_calibration_data = True)
     needs_hessian: ClassVar[bool] = False
@@ -177,6 +180,13 @@ class LayerwiseQuantModifier(Modifier):
     @classmethod
     def _listify(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @field_validator("scale_dtype")
+    @classmethod
+    def _half_scale_dtype(cls, v):
+        if v is not None and v not in ("float16", "bfloat16"):
+            raise ValueError(f"scale_dtype {v!r}: scales are stored as 'float16' or 'bfloat16'")
+        return v
 
     # ---- what subclasses implement -------------------------------------------------
 
@@ -199,8 +209,10 @@ class LayerwiseQuantModifier(Modifier):
         return self._specs[name]
 
     def scale_dtype_for(self, module: torch.nn.Module) -> torch.dtype:
-        """Scales are rounded to the dtype they will be stored in: the model's
-        half-precision dtype (fp16 for fp32 models)."""
+        """Scales are rounded to the dtype they will be stored in: scale_dtype when set (the
+        pipeline sets the checkpoint's), else the module's half-precision dtype (fp16 for fp32)."""
+        if self.scale_dtype is not None:
+            return getattr(torch, self.scale_dtype)
         dt = module.weight.dtype
         return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
 

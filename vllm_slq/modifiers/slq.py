@@ -170,8 +170,9 @@ class SLQModifier(LayerwiseQuantModifier):
 
         from compressed_tensors.offload import remove_dispatch
 
-        # llmcompressor's pipeline leaves parameters in offload caches that copy an
-        # assigned tensor into the parameter, which would cut functional_call's graph
+        # llmcompressor's pipeline leaves parameters in offload caches that onload them on
+        # each access; the objective reads every weight at every step, so onload them once,
+        # onto the device the pipeline computed on
         remove_dispatch(model, onload_tensors=True)
         mods = dict(model.named_modules())
         dtype = next(model.parameters()).dtype
@@ -184,7 +185,7 @@ class SLQModifier(LayerwiseQuantModifier):
         objective = ModelKLObjective(model, problem, self._db,
                                      self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
                                                   from_end=True),
-                                     batch_blocks=2)
+                                     batch_blocks=2, compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
         self._sensitivities = None
         init = None  # with sensitivities, rco_allocate initialises from them
         if self.sensitivity_batches > 0:
