@@ -142,6 +142,21 @@ def select_device(choice: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (gloo on CPU, NCCL on GPU,
+    one GPU per local rank) that llmcompressor's and our modifiers' collectives use."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def model_dtype(choice: str, model_path) -> "torch.dtype":
     """--dtype, or the dtype the model's config.json declares (float16 for fp32/undeclared ones)."""
     import torch
@@ -219,6 +234,8 @@ def run_quantize(args) -> int:
     device = select_device(getattr(args, "device", "auto"))  # before anything touches CUDA
     import torch
 
+    rank, world = init_distributed(device)
+
     target = parse_target(args.target, _group(args), args.symmetric)  # fail before any work
     if target.kind == "task-lossless" and args.tasks:
         check_tasks(args.tasks)
@@ -251,18 +268,26 @@ def run_quantize(args) -> int:
     work_dtype = dtype if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=work_dtype)
     dataset = calibration_dataset(tok, args.dataset, args.calib_samples, args.seq_len)
+    if world > 1:  # data-parallel calibration: this rank's contiguous shard of the blocks
+        if args.calib_samples < world:
+            raise TargetError(f"--calib-samples {args.calib_samples}: fewer blocks than the {world} ranks")
+        dataset = dataset.shard(num_shards=world, index=rank, contiguous=True)
     print(f"[vllm-slq] {args.method} on {model_path} target {target_text}: "
           f"{args.calib_samples} x {args.seq_len} calibration tokens from {args.dataset}; "
           f"{device}, compute {str(work_dtype).removeprefix('torch.')}, checkpoint "
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     t0 = time.time()
     model = oneshot(model=model, tokenizer=tok, recipe=[modifier], dataset=dataset,
-                    num_calibration_samples=args.calib_samples, max_seq_length=args.seq_len,
+                    num_calibration_samples=len(dataset), max_seq_length=args.seq_len,
                     pipeline="sequential" if modifier.requires_calibration_data else "datafree")
     quant_seconds = time.time() - t0
+    peak_device_gb = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
     quantized = quantized_weights(model)
     if not quantized:
         raise RuntimeError("the recipe quantized no layers")
+    if rank != 0:  # every rank holds the same quantized model; rank 0 writes and evaluates it
+        torch.distributed.destroy_process_group()
+        return 0
 
     n_params = sum(qw.codes.numel() for qw in quantized.values())
     bpp = sum(qw.bits_total() for qw in quantized.values()) / n_params
@@ -287,7 +312,8 @@ def run_quantize(args) -> int:
                   "params_all": stored["params_all"], "params_quantized": stored["params_quantized"],
                   "checkpoint_gb": sum(f.stat().st_size for f in staging.glob("*.safetensors")) / 1e9,
                   "device": device, "dtype": str(dtype).removeprefix("torch."),
-                  "quantize_seconds": quant_seconds, "layers": bit_map}
+                  "quantize_seconds": quant_seconds, "peak_device_memory_gb": peak_device_gb,
+                  "layers": bit_map}
         if search:
             report["search"] = search
         if allocation:
@@ -313,6 +339,8 @@ def run_quantize(args) -> int:
     from vllm_slq.serve import serve_command
 
     print(f"checkpoint: {out}\nserve it:   {serve_command(str(out))}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -28,6 +28,12 @@ Memory plan (every tensor on the model's device)
     otherwise recomputed under no_grad each time (one extra forward).
   * So the peak is the model in its compute dtype + the store + one forward's
     activations (benchmarks/slq_memory.py measures it and fits the model).
+
+Under torch.distributed (torchrun), every rank holds the model and the store and
+scores its share of each call's blocks; values are all-reduced and dL/dP is
+summed over ranks in P's backward (_SumGradOverRanks), so RCO, the sensitivities
+and the bisection see the loss of all blocks and take identical steps on every
+rank from identical Gumbel draws.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
@@ -255,6 +262,7 @@ class ModelKLObjective:
         self.problem = problem
         self.tokens = tokens.to(self.device)
         self.batch_blocks = max(1, min(batch_blocks, tokens.shape[0]))
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.store = candidates if isinstance(candidates, CandidateStore) \
             else CandidateStore.from_database(candidates, self.device)
         mods = dict(self.model.named_modules())
@@ -309,10 +317,23 @@ class ModelKLObjective:
                 del lin.forward  # back to nn.Linear.forward
 
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.to(self.device)
-        with self._mixing(P):
+        """Mean KL over the blocks idx; data-parallel under torch.distributed: this rank scores
+        its share idx[rank::world], and the value and dL/dP are those of all of idx."""
+        if self.world == 1:
+            idx = idx.to(self.device)
+            with self._mixing(P):
+                logits = self.model(input_ids=self.tokens[idx]).logits
+            return kl_full_vocab(self._ref(idx), logits)
+        if len(idx) % self.world:
+            raise ValueError(f"{len(idx)} blocks per objective call do not split over {self.world} ranks; "
+                             f"make batch_blocks a multiple of the world size")
+        idx = idx[self.rank::self.world].to(self.device)
+        with self._mixing(_SumGradOverRanks.apply(P) if P.requires_grad else P):
             logits = self.model(input_ids=self.tokens[idx]).logits
-        return kl_full_vocab(self._ref(idx), logits)
+        local = kl_full_vocab(self._ref(idx), logits) / self.world
+        total = local.detach().clone()
+        dist.all_reduce(total)
+        return local + (total - local.detach())  # the mean over all ranks; its gradient flows locally
 
     def batch_indices(self, step: int) -> torch.Tensor:
         n, b = self.tokens.shape[0], self.batch_blocks
@@ -331,10 +352,17 @@ class ModelKLObjective:
         """Mean KL of a hard allocation on the first n_blocks calibration blocks (no grad)."""
         P = self.problem.one_hot(choice)
         n = self.tokens.shape[0] if n_blocks is None else min(n_blocks, self.tokens.shape[0])
-        tot = 0.0
-        for s in range(n):
-            tot += float(self._kl(P, torch.tensor([s])))
-        return tot / n
+        if self.world == 1:
+            return sum(float(self._kl(P, torch.tensor([s]))) for s in range(n)) / n
+        # data-parallel: blocks round-robin over ranks, one all-reduce of the sum
+        tot = torch.zeros((), dtype=torch.float64, device=self.device)
+        for s in range(self.rank, n, self.world):
+            idx = torch.tensor([s], device=self.device)
+            with self._mixing(P):
+                logits = self.model(input_ids=self.tokens[idx]).logits
+            tot += kl_full_vocab(self._ref(idx), logits).double()
+        dist.all_reduce(tot)
+        return float(tot) / n
 
     def applied(self, choice: np.ndarray):
         """Context: the model computes with the allocation `choice` (weights dequantized per call)."""
@@ -358,6 +386,21 @@ class ModelKLObjective:
         return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
                 "ear_p5": float(torch.quantile(ear, 0.05)), "ear_p50": float(torch.quantile(ear, 0.5)),
                 "positions": int(kl.numel())}
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity on P; its backward all-reduces dL/dP, so each rank's local backward yields
+    the gradient of the loss summed over every rank's token shard."""
+
+    @staticmethod
+    def forward(ctx, P):
+        return P.view_as(P)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def _mixed_forward(linear: torch.nn.Linear, p: torch.Tensor, candidates, x: torch.Tensor) -> torch.Tensor:

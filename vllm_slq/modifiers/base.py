@@ -13,7 +13,9 @@ same outer shape, which this module implements once in ``LayerwiseQuantModifier`
                             An accumulator is made on a module's first input, so
                             only the subgraph being calibrated holds any, and it
                             is shared by modules that read the very same input
-                            tensor (q/k/v, gate/up): one K x K matrix, not three
+                            tensor (q/k/v, gate/up): one K x K matrix, not three.
+                            Under torchrun each rank calibrates on its own token
+                            shard and the Hessians are all-reduced before GPTQ
     on_sequential_epoch_end for the Linears of the subgraph (one decoder layer)
                             just calibrated: qw = quantize_module(name, module, H,
                             spec); module.weight <- qw.dequantize(). The sequential
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
+from compressed_tensors.distributed import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
@@ -174,6 +177,7 @@ class LayerwiseQuantModifier(Modifier):
     # the input each accumulator last added, held so that a same-address test means same tensor
     _hessian_input: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _hessian_owner: dict[str, str] = PrivateAttr(default_factory=dict)
+    _hessian_reduced: set[int] = PrivateAttr(default_factory=set)
     _quantized: dict[str, QuantizedWeight] = PrivateAttr(default_factory=dict)
 
     @field_validator("targets", "ignore", mode="before")
@@ -276,6 +280,7 @@ class LayerwiseQuantModifier(Modifier):
         if not self.needs_hessian:
             return
         self._hessians, self._hessian_input, self._hessian_owner = {}, {}, {}
+        self._hessian_reduced = set()
         for module in self._names:
             self.register_hook(module, self._accumulate_hessian, "forward")
 
@@ -331,6 +336,20 @@ class LayerwiseQuantModifier(Modifier):
                              f"{missing[:8]}")
         return True
 
+    @staticmethod
+    @torch.no_grad()
+    def _all_reduce_hessian(acc: GPTQ) -> None:
+        """Data-parallel calibration (torchrun): every rank saw its own shard of the tokens;
+        H = sum_r n_r H_r / sum_r n_r, the Hessian of all of them, identical on every rank."""
+        import torch.distributed as dist
+
+        stats = torch.tensor([float(acc.nsamples)], dtype=torch.float64, device=acc.H.device)
+        acc.H.mul_(acc.nsamples)
+        dist.all_reduce(acc.H)
+        dist.all_reduce(stats)
+        acc.nsamples = int(stats.item())
+        acc.H.div_(max(acc.nsamples, 1))
+
     @torch.no_grad()
     def _quantize_and_write(self, name: str, module: torch.nn.Linear) -> None:
         H = None
@@ -339,6 +358,9 @@ class LayerwiseQuantModifier(Modifier):
             if acc is None or acc.nsamples == 0:
                 raise ValueError(f"{type(self).__name__}: layer {name!r} saw no calibration inputs; "
                                  "pass a dataset to oneshot")
+            if is_distributed() and id(acc) not in self._hessian_reduced:  # once per shared accumulator
+                self._all_reduce_hessian(acc)
+                self._hessian_reduced.add(id(acc))
             H = acc.H
         spec = self._specs[name]
         qw = self.quantize_module(name, module, H, spec)

@@ -185,7 +185,8 @@ class SLQModifier(LayerwiseQuantModifier):
         objective = ModelKLObjective(model, problem, self._db,
                                      self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
                                                   from_end=True),
-                                     batch_blocks=2, compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
+                                     batch_blocks=self._batch_blocks(),
+                                     compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
         self._sensitivities = None
         init = None  # with sensitivities, rco_allocate initialises from them
         if self.sensitivity_batches > 0:
@@ -238,6 +239,13 @@ class SLQModifier(LayerwiseQuantModifier):
         self._db.clear()
         self._w_ref.clear()
         logger.info(f"SLQModifier: allocated {problem.achieved_bpp(choice):.3f} bpp in {time.time() - t0:.0f} s")
+
+    @staticmethod
+    def _batch_blocks() -> int:
+        """Two blocks per objective call, or the fewest multiple of the world size above that
+        (under torchrun each rank scores its share of every call's blocks)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return -(-2 // world) * world
 
     def _rco(self, problem, objective, budget: float, init) -> np.ndarray:
         from vllm_slq.allocation.rco import RCOConfig, rco_allocate

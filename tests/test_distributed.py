@@ -1,0 +1,106 @@
+"""Data-parallel SLQ over torch.distributed (gloo on CPU): real processes, real collectives.
+
+torchrun with 2 ranks, each calibrating on half the blocks, against one process on all of
+them: Hessians all-reduced before GPTQ, the objective's blocks split over the ranks with
+dL/dP summed, one checkpoint written by rank 0.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vllm_slq.modifiers.base import LayerwiseQuantModifier
+from vllm_slq.quant.database import build_database
+from vllm_slq.quant.gptq import GPTQ
+from vllm_slq.quant.spec import QuantSpec
+
+K, N_TOKENS = 64, 96
+
+
+def _activations():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N_TOKENS, K, generator=g) * torch.linspace(0.1, 3.0, K)
+
+
+def _reduce_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x = _activations()
+        acc = GPTQ(K)
+        shard = x.tensor_split(world)[rank]  # unequal shards on purpose: 96 = 48 + 48 for 2, 32*3 for 3
+        for batch in shard.split(7):
+            acc.add_batch(batch)
+        LayerwiseQuantModifier._all_reduce_hessian(acc)
+        torch.save({"H": acc.H, "n": acc.nsamples}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduced_hessian_is_the_hessian_of_all_tokens(tmp_path, world):
+    mp.spawn(_reduce_rank, args=(world, _free_port(), str(tmp_path / "h")), nprocs=world, join=True)
+    full = GPTQ(K)
+    for batch in _activations().split(5):
+        full.add_batch(batch)
+    got = [torch.load(tmp_path / f"h.{r}") for r in range(world)]
+    for g in got:
+        assert g["n"] == N_TOKENS
+        assert torch.allclose(g["H"], full.H, rtol=1e-5, atol=1e-6)
+        assert torch.equal(g["H"], got[0]["H"])  # bit for bit the same on every rank
+    # so every rank builds the same database, and it matches the one-process database
+    W = torch.randn(32, K, generator=torch.Generator().manual_seed(1))
+    specs = [QuantSpec(b, 32, False) for b in (2, 4, 8)]
+    one = build_database(W, full.H, specs)
+    dp = build_database(W, got[0]["H"], specs)
+    for s in specs:
+        same = (one[s].codes == dp[s].codes).float().mean()
+        assert same >= 0.999, (s.short(), float(same))
+
+
+def _quantize(model_dir, out, nproc: int):
+    args = ["quantize", str(model_dir), "--target", "bpp=4.0", "--calib-samples", "4", "--seq-len", "64",
+            "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4", "--probe-seq-len", "64",
+            "--no-eval", "--output", str(out)]
+    launch = [sys.executable, "-m", "vllm_slq.cli"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+         str(_free_port()), "-m", "vllm_slq.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(launch + args, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.llmcompressor
+def test_torchrun_two_ranks_match_one_process(tmp_path, reference_model_dir):
+    from vllm_slq.checkpoint import load_checkpoint
+    from vllm_slq.testing import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", with_tokenizer=True, hidden=128, intermediate=256, layers=2)
+    _quantize(model, tmp_path / "one", 1)
+    r = _quantize(model, tmp_path / "two", 2)
+    assert r.stdout.count("checkpoint: ") == 1  # rank 0 alone writes and reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]  # no staging left
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    # the same allocation at the same seed
+    assert {n: q.spec for n, q in a.quantized.items()} == {n: q.spec for n, q in b.quantized.items()}
+    # the same database entries, up to the order of the Hessian's fp32 sums
+    codes = torch.cat([(a.quantized[n].codes == b.quantized[n].codes).flatten() for n in a.quantized])
+    assert codes.float().mean() >= 0.9999, float(codes.float().mean())
+    for n in a.quantized:
+        assert torch.allclose(a.quantized[n].scale.float(), b.quantized[n].scale.float(), rtol=1e-2), n
+    kl = [json.loads((tmp_path / d / "slq_report.json").read_text())["search"][0]["calib_kl"] for d in ("one", "two")]
+    assert kl[1] == pytest.approx(kl[0], rel=1e-2)
