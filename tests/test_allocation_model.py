@@ -180,3 +180,34 @@ def test_chunked_kl_matches_autograd_through_log_softmax(monkeypatch):
         assert torch.allclose(kl, want, rtol=1e-5, atol=1e-6)
         tol = (1e-4 if dtype == torch.float32 else 1e-2) * float(z2.grad.abs().max())
         assert z.grad.dtype == dtype and torch.allclose(z.grad.float(), z2.grad, atol=tol)
+
+
+def test_checkpointed_blocks_give_the_same_gradient_and_keep_fewer_activations(setup):
+    model, pb, cands, errors, obj, tokens = setup
+    ckpt = ModelKLObjective(model, pb, obj.store, tokens, batch_blocks=2, checkpoint_blocks=True)
+    assert len(ckpt.blocks) == model.config.num_hidden_layers
+
+    def run(o):
+        P = pb.one_hot(np.full(pb.n_groups, 1)).requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = o(P, 0)
+        loss.backward()
+        return float(loss.detach()), P.grad, sum(saved)
+
+    plain, chk = run(obj), run(ckpt)
+    assert chk[0] == pytest.approx(plain[0], rel=1e-6)
+    assert torch.allclose(chk[1], plain[1], rtol=1e-5, atol=1e-7)
+    assert chk[2] < 0.5 * plain[2], (chk[2], plain[2])
+    for blk in ckpt.blocks:  # the patch is gone after the call
+        assert "forward" not in vars(blk)
+    saved = model.__dict__.get("_no_split_modules", None)
+    model._no_split_modules = []
+    try:
+        with pytest.raises(ValueError, match="_no_split_modules"):
+            ModelKLObjective(model, pb, obj.store, tokens, checkpoint_blocks=True)
+    finally:
+        if saved is None:
+            del model._no_split_modules
+        else:
+            model._no_split_modules = saved

@@ -155,7 +155,7 @@ def test_database_cache_serves_a_second_target_without_gptq(tiny_with_tokenizer,
     assert _quantize(tiny_with_tokenizer, tmp_path / "a", "--target", "bpp=5.0", "--no-eval",
                      "--database-cache", str(cache)) == 0
     assert _quantize(tiny_with_tokenizer, tmp_path / "b", "--target", "bpp=3.0", "--no-eval",
-                     "--database-cache", str(cache)) == 0
+                     "--database-cache", str(cache), "--checkpoint-blocks") == 0
     first = json.loads((tmp_path / "a" / "slq_report.json").read_text())["allocation"]["database_cache"]
     second = json.loads((tmp_path / "b" / "slq_report.json").read_text())
     assert first["layers_read"] == 0

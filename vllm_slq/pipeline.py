@@ -117,6 +117,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
+    g.add_argument("--checkpoint-blocks", action="store_true", default=None,
+                   help="recompute decoder blocks in the objective's backward (less memory, one more forward)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -198,7 +200,7 @@ def build_modifier(args, target: Target, scale_dtype: Optional[str] = None):
         for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
                            ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
                            ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
-                           ("database_cache", "database_cache")):
+                           ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks")):
             if getattr(args, arg, None) is not None:
                 kw[field] = getattr(args, arg)
         kw["dataset"] = args.dataset

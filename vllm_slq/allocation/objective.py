@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
@@ -247,12 +248,16 @@ class ModelKLObjective:
     compute_dtype: the dtype the model is cast to for the objective (None keeps the
     model's own); fp32 by default, since KL differences between allocations are
     small and CPUs have no fast half-precision GEMM.
+    checkpoint_blocks: recompute each decoder block (the classes the model lists in
+    its `_no_split_modules`, as HF models do) in the backward instead of keeping
+    its activations: the saved activations shrink to one tensor per block, for one
+    more forward per step.
     """
 
     def __init__(self, model: torch.nn.Module, problem: AllocationProblem,
                  candidates: CandidateStore | dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
                  batch_blocks: int = 2, cache_bytes: int = 1 << 30,
-                 compute_dtype: Optional[torch.dtype] = torch.float32):
+                 compute_dtype: Optional[torch.dtype] = torch.float32, checkpoint_blocks: bool = False):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
         self.model = (model if compute_dtype is None else model.to(compute_dtype)).eval()
@@ -263,6 +268,13 @@ class ModelKLObjective:
         self.tokens = tokens.to(self.device)
         self.batch_blocks = max(1, min(batch_blocks, tokens.shape[0]))
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.blocks: list[torch.nn.Module] = decoder_blocks(self.model) if checkpoint_blocks else []
+        self._block_linears = {blk: set(m for m in blk.modules() if isinstance(m, torch.nn.Linear))
+                               for blk in self.blocks}
+        if checkpoint_blocks and not self.blocks:
+            raise ValueError(f"checkpoint_blocks: {type(self.model).__name__} names no decoder block class in "
+                             f"_no_split_modules ({getattr(self.model, '_no_split_modules', None)}); "
+                             f"pass checkpoint_blocks=False")
         self.store = candidates if isinstance(candidates, CandidateStore) \
             else CandidateStore.from_database(candidates, self.device)
         mods = dict(self.model.named_modules())
@@ -290,7 +302,7 @@ class ModelKLObjective:
         if need <= cache_bytes:  # else recomputed per step: never a dense [tokens, vocab] past the bound
             with torch.no_grad():
                 self._ref_logp = torch.cat([
-                    torch.log_softmax(self.model(input_ids=self.tokens[s:s + 1]).logits.float(), -1).to(torch.float16)
+                    torch.log_softmax(self._logits(self.tokens[s:s + 1]).float(), -1).to(torch.float16)
                     for s in range(tokens.shape[0])])
 
     # ------------------------------------------------------------------ internals
@@ -298,23 +310,24 @@ class ModelKLObjective:
         if self._ref_logp is not None:
             return self._ref_logp[idx]
         with torch.no_grad():
-            return torch.log_softmax(self.model(input_ids=self.tokens[idx]).logits.float(), -1)
+            return torch.log_softmax(self._logits(self.tokens[idx]).float(), -1)
 
     @contextmanager
     def _mixing(self, P: torch.Tensor):
-        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear)."""
+        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear);
+        with checkpoint_blocks (and grad enabled) every decoder block runs checkpointed, and its
+        recomputation in the backward installs its Linears' mixing again."""
         P = P.to(self.device)
-        patched = []
-        try:
-            for i, g in enumerate(self.problem.groups):
-                for m in g.modules:
-                    lin = self.linears[m.name]
-                    lin.forward = functools.partial(_mixed_forward, lin, P[i], self.candidates[m.name])
-                    patched.append(lin)
+        linears = [(self.linears[m.name], functools.partial(_mixed_forward, self.linears[m.name], P[i],
+                                                            self.candidates[m.name]))
+                   for i, g in enumerate(self.problem.groups) for m in g.modules]
+        blocks = []
+        if torch.is_grad_enabled():
+            for blk in self.blocks:
+                inner = [(lin, fwd) for lin, fwd in linears if lin in self._block_linears[blk]]
+                blocks.append((blk, functools.partial(_checkpointed, blk.forward, inner)))
+        with _patched_forwards(linears + blocks):
             yield
-        finally:
-            for lin in patched:
-                del lin.forward  # back to nn.Linear.forward
 
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Mean KL over the blocks idx; data-parallel under torch.distributed: this rank scores
@@ -322,18 +335,23 @@ class ModelKLObjective:
         if self.world == 1:
             idx = idx.to(self.device)
             with self._mixing(P):
-                logits = self.model(input_ids=self.tokens[idx]).logits
+                logits = self._logits(self.tokens[idx])
             return kl_full_vocab(self._ref(idx), logits)
         if len(idx) % self.world:
             raise ValueError(f"{len(idx)} blocks per objective call do not split over {self.world} ranks; "
                              f"make batch_blocks a multiple of the world size")
         idx = idx[self.rank::self.world].to(self.device)
         with self._mixing(_SumGradOverRanks.apply(P) if P.requires_grad else P):
-            logits = self.model(input_ids=self.tokens[idx]).logits
+            logits = self._logits(self.tokens[idx])
         local = kl_full_vocab(self._ref(idx), logits) / self.world
         total = local.detach().clone()
         dist.all_reduce(total)
         return local + (total - local.detach())  # the mean over all ranks; its gradient flows locally
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        # no KV cache: nothing here decodes, and a cache would be appended twice when a
+        # checkpointed block recomputes
+        return self.model(input_ids=ids, use_cache=False).logits
 
     def batch_indices(self, step: int) -> torch.Tensor:
         n, b = self.tokens.shape[0], self.batch_blocks
@@ -359,7 +377,7 @@ class ModelKLObjective:
         for s in range(self.rank, n, self.world):
             idx = torch.tensor([s], device=self.device)
             with self._mixing(P):
-                logits = self.model(input_ids=self.tokens[idx]).logits
+                logits = self._logits(self.tokens[idx])
             tot += kl_full_vocab(self._ref(idx), logits).double()
         dist.all_reduce(tot)
         return float(tot) / n
@@ -375,9 +393,9 @@ class ModelKLObjective:
         kl, ear, top1 = [], [], []
         for s in range(tokens.shape[0]):
             ids = tokens[s:s + 1]
-            logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
+            logp = torch.log_softmax(self._logits(ids).float(), -1)
             with self.applied(choice):
-                logq = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
+                logq = torch.log_softmax(self._logits(ids).float(), -1)
             p, q = logp.exp(), logq.exp()
             kl.append((p * (logp - logq)).sum(-1).flatten())
             ear.append(torch.minimum(p, q).sum(-1).flatten())
@@ -401,6 +419,38 @@ class _SumGradOverRanks(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: instances of the classes HF lists in _no_split_modules."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+@contextmanager
+def _patched_forwards(patches):
+    """Set each module's instance `forward` for the duration; restores whatever was there."""
+    previous = []
+    try:
+        for mod, forward in patches:
+            previous.append((mod, vars(mod).get("forward")))
+            mod.forward = forward
+        yield
+    finally:
+        for mod, old in reversed(previous):
+            if old is None:
+                del mod.forward
+            else:
+                mod.forward = old
+
+
+def _checkpointed(forward, linears, *args, **kwargs):
+    """A decoder block under activation checkpointing, its Linears mixing in forward and recompute."""
+    def run(*a, **kw):
+        with _patched_forwards(linears):
+            return forward(*a, **kw)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def _mixed_forward(linear: torch.nn.Linear, p: torch.Tensor, candidates, x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ class SLQModifier(LayerwiseQuantModifier):
     # RCO starts from KL sensitivities measured on the objective (allocation.sensitivity):
     # objective mini-batches per pass; 0 starts from GPTQ's relative errors instead
     sensitivity_batches: int = 2
+    # recompute each decoder block in the backward instead of keeping its activations
+    # (ModelKLObjective checkpoint_blocks): for long blocks or many per step
+    checkpoint_blocks: bool = False
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
     allocation_path: Optional[str] = None
@@ -185,7 +188,7 @@ class SLQModifier(LayerwiseQuantModifier):
         objective = ModelKLObjective(model, problem, self._db,
                                      self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
                                                   from_end=True),
-                                     batch_blocks=self._batch_blocks(),
+                                     batch_blocks=self._batch_blocks(), checkpoint_blocks=self.checkpoint_blocks,
                                      compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
         self._sensitivities = None
         init = None  # with sensitivities, rco_allocate initialises from them
