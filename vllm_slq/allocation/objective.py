@@ -329,21 +329,23 @@ class ModelKLObjective:
         with _patched_forwards(linears + blocks):
             yield
 
+    def _local_kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Mean KL over the blocks idx, in this process."""
+        idx = idx.to(self.device)
+        with self._mixing(P):
+            logits = self._logits(self.tokens[idx])
+        return kl_full_vocab(self._ref(idx), logits)
+
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Mean KL over the blocks idx; data-parallel under torch.distributed: this rank scores
         its share idx[rank::world], and the value and dL/dP are those of all of idx."""
         if self.world == 1:
-            idx = idx.to(self.device)
-            with self._mixing(P):
-                logits = self._logits(self.tokens[idx])
-            return kl_full_vocab(self._ref(idx), logits)
+            return self._local_kl(P, idx)
         if len(idx) % self.world:
             raise ValueError(f"{len(idx)} blocks per objective call do not split over {self.world} ranks; "
                              f"make batch_blocks a multiple of the world size")
-        idx = idx[self.rank::self.world].to(self.device)
-        with self._mixing(_SumGradOverRanks.apply(P) if P.requires_grad else P):
-            logits = self._logits(self.tokens[idx])
-        local = kl_full_vocab(self._ref(idx), logits) / self.world
+        local = self._local_kl(_SumGradOverRanks.apply(P) if P.requires_grad else P,
+                               idx[self.rank::self.world]) / self.world
         total = local.detach().clone()
         dist.all_reduce(total)
         return local + (total - local.detach())  # the mean over all ranks; its gradient flows locally
@@ -375,10 +377,7 @@ class ModelKLObjective:
         # data-parallel: blocks round-robin over ranks, one all-reduce of the sum
         tot = torch.zeros((), dtype=torch.float64, device=self.device)
         for s in range(self.rank, n, self.world):
-            idx = torch.tensor([s], device=self.device)
-            with self._mixing(P):
-                logits = self._logits(self.tokens[idx])
-            tot += kl_full_vocab(self._ref(idx), logits).double()
+            tot += self._local_kl(P, torch.tensor([s])).double()
         dist.all_reduce(tot)
         return float(tot) / n
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
+import torch.distributed as dist
 from compressed_tensors.distributed import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
@@ -177,7 +178,7 @@ class LayerwiseQuantModifier(Modifier):
     # the input each accumulator last added, held so that a same-address test means same tensor
     _hessian_input: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _hessian_owner: dict[str, str] = PrivateAttr(default_factory=dict)
-    _hessian_reduced: set[int] = PrivateAttr(default_factory=set)
+    _hessian_reduced: set[str] = PrivateAttr(default_factory=set)  # owners whose H is all-reduced
     _quantized: dict[str, QuantizedWeight] = PrivateAttr(default_factory=dict)
 
     @field_validator("targets", "ignore", mode="before")
@@ -330,6 +331,7 @@ class LayerwiseQuantModifier(Modifier):
             self.on_end(state, None)
         missing = [n for n in self._names.values() if n not in self._quantized]
         self._hessians, self._hessian_input, self._hessian_owner = {}, {}, {}
+        self._hessian_reduced = set()
         if missing:
             hint = " (it needs calibration data: pass a dataset to oneshot)" if self.needs_hessian else ""
             raise ValueError(f"{type(self).__name__} failed to quantize {len(missing)} module(s){hint}: "
@@ -341,8 +343,6 @@ class LayerwiseQuantModifier(Modifier):
     def _all_reduce_hessian(acc: GPTQ) -> None:
         """Data-parallel calibration (torchrun): every rank saw its own shard of the tokens;
         H = sum_r n_r H_r / sum_r n_r, the Hessian of all of them, identical on every rank."""
-        import torch.distributed as dist
-
         stats = torch.tensor([float(acc.nsamples)], dtype=torch.float64, device=acc.H.device)
         acc.H.mul_(acc.nsamples)
         dist.all_reduce(acc.H)
@@ -358,9 +358,10 @@ class LayerwiseQuantModifier(Modifier):
             if acc is None or acc.nsamples == 0:
                 raise ValueError(f"{type(self).__name__}: layer {name!r} saw no calibration inputs; "
                                  "pass a dataset to oneshot")
-            if is_distributed() and id(acc) not in self._hessian_reduced:  # once per shared accumulator
+            owner = self._hessian_owner[name]
+            if is_distributed() and owner not in self._hessian_reduced:  # once per shared accumulator
                 self._all_reduce_hessian(acc)
-                self._hessian_reduced.add(id(acc))
+                self._hessian_reduced.add(owner)
             H = acc.H
         spec = self._specs[name]
         qw = self.quantize_module(name, module, H, spec)

@@ -31,10 +31,9 @@ from llmcompressor.core import Event, State
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
+from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
-
-from vllm_slq.allocation.store import CandidateStore
 
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
 
