@@ -287,9 +287,12 @@ def run_quantize(args) -> int:
     quantized = quantized_weights(model)
     if not quantized:
         raise RuntimeError("the recipe quantized no layers")
-    if rank != 0:  # every rank holds the same quantized model; rank 0 writes and evaluates it
+    if world > 1:
+        # every rank holds the same quantized model: rank 0 alone writes and evaluates it, out of
+        # the group (compressed-tensors' loaders run collectives whenever a group exists)
         torch.distributed.destroy_process_group()
-        return 0
+        if rank != 0:
+            return 0
 
     n_params = sum(qw.codes.numel() for qw in quantized.values())
     bpp = sum(qw.bits_total() for qw in quantized.values()) / n_params
@@ -341,8 +344,6 @@ def run_quantize(args) -> int:
     from vllm_slq.serve import serve_command
 
     print(f"checkpoint: {out}\nserve it:   {serve_command(str(out))}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return 0
 
 
