@@ -130,18 +130,25 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                         "(auto: the model's own; float16 for an fp32 model)")
 
 
-def select_device(choice: str) -> str:
-    """'cpu' or 'cuda', checked; for cpu, GPUs are hidden from this process before anything
-    initialises CUDA, since llmcompressor computes on the first accelerator it sees."""
+def resolve_device(choice: str) -> str:
+    """--device auto|cpu|cuda as 'cpu' or 'cuda' (auto: cuda when one is visible), checked."""
     if choice == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return "cpu"
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
-        raise TargetError("--device cuda: no CUDA device is visible to this process "
-                          "(a CPU-only torch, or CUDA_VISIBLE_DEVICES hides them)")
+        raise ValueError("--device cuda: no CUDA device is visible to this process "
+                         "(a CPU-only torch, or CUDA_VISIBLE_DEVICES hides them)")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_device(choice: str) -> str:
+    """resolve_device; for cpu, GPUs are also hidden from this process before anything
+    initialises CUDA, since llmcompressor computes on the first accelerator it sees."""
+    device = resolve_device(choice)
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return device
 
 
 def init_distributed(device: str) -> tuple[int, int]:

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_slq.pipeline import resolve_device
+
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default="smollm2-135m", help="FP16 reference: alias, HF dir or hub id")
@@ -42,14 +44,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("vllm-slq eval: error: --device cuda: no CUDA device is visible to this process")
-    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_eval(args) -> int:
     from vllm_slq.data import DataError
 
@@ -65,7 +59,7 @@ def run_eval(args) -> int:
                           n_boot=args.n_boot, sample_prompts=args.sample_prompts,
                           sample_prompt_len=args.sample_prompt_len,
                           sample_new_tokens=args.sample_new_tokens, label=args.label, meta=meta,
-                          progress=not args.no_progress, device=_device(args.device))
+                          progress=not args.no_progress, device=resolve_device(args.device))
         if args.lm_eval_tasks:
             from .lmeval import task_lossless
 
