@@ -130,8 +130,8 @@ def reference_gptq(W, H, spec, percdamp=0.01):
 def test_matches_reference_algorithm_bit_for_bit(layer192, spec):
     w, gp, _ = layer192
     ref_codes, ref_q = reference_gptq(w, gp.H, spec)
-    # one block = no lazy batching: the same float operations as the reference
-    qw = gptq_quantize(w, gp.H, spec, scale_search="minmax", blocksize=w.shape[1])
+    # one block and one sub-block = no lazy batching: the same float operations as the reference
+    qw = gptq_quantize(w, gp.H, spec, scale_search="minmax", blocksize=w.shape[1], subblock=w.shape[1])
     assert torch.equal(qw.codes, ref_codes)
     assert torch.equal(qw.dequantize(), ref_q), "dequantize() must equal the fake-quant weight exactly"
     # lazy batches (blocks of 32, so groups of 48 straddle blocks) change only float rounding
@@ -143,6 +143,24 @@ def test_matches_reference_algorithm_bit_for_bit(layer192, spec):
     # inside a block and runs past it: they differ from the reference by rounding only
     rel = (blocked.scale.float() - qw.scale.float()).abs() / qw.scale.float().abs()
     assert float((rel > 2e-3).float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 48, False), QuantSpec(4, 24, True)], ids=lambda s: s.short())
+def test_subblocks_change_rounding_only(layer192, spec):
+    """Sub-blocks push each one's errors to the rest of the block as one product. A group
+    that starts inside a sub-block (48 and 24 against sub-blocks of 32 and 16) must still
+    get its parameters from exactly-current weights: pending errors of its sub-block and
+    of its block are added, so only float rounding differs from the unblocked loop."""
+    w, gp, _ = layer192
+    k = w.shape[1]
+    whole = gptq_quantize(w, gp.H, spec, scale_search="minmax", blocksize=k, subblock=k)
+    for blocksize, subblock in ((k, 32), (64, 16), (32, 32)):
+        part = gptq_quantize(w, gp.H, spec, scale_search="minmax", blocksize=blocksize, subblock=subblock)
+        assert part.meta["subblock"] == min(subblock, blocksize)
+        assert float((part.codes != whole.codes).float().mean()) < 0.02, (blocksize, subblock)
+        rel = (part.scale.float() - whole.scale.float()).abs() / whole.scale.float().abs()
+        assert float((rel > 2e-3).float().mean()) < 0.02, (blocksize, subblock)
+        assert part.meta["rel_err"] == pytest.approx(whole.meta["rel_err"], rel=0.02)
 
 
 def test_dequantize_in_fp16_matches_checkpoint_semantics(layer192):

@@ -19,6 +19,11 @@ and the map from paper to code below is:
                                 e_j   = (w_j - q_j) / U_jj
                                 W[:, j:blk_end] -= e_j U_j,j:blk_end       (within the block)
                               W[:, blk_end:] -= E U_blk,blk_end:          ("lazy batch" update)
+                            inside a block the same again at a finer scale: the per-column
+                            update reaches only the rest of its sub-block (`subblock`, 32
+                            columns), and each sub-block's errors reach the rest of the
+                            block as one matrix product, so most of the O(N K B) update
+                            work runs as GEMMs instead of elementwise passes
                             group parameters (scale, zero) are fixed when a group starts,
                             from the *current, error-updated* columns of that group, by
                             scale_search (optionally weighted by diag H). A group that
@@ -30,11 +35,12 @@ and the map from paper to code below is:
     hessian_relative_error  tr((W-Q) H (W-Q)^T) / tr(W H W^T), recorded in meta["rel_err"]
 
 The S specs of gptq_quantize_many share the factorisation and one pass over the
-columns on a batched [S, N, K] copy of W; every batched step is elementwise
-except the block-end update, which is done per spec with the same 2-D matmul a
-single-spec run uses, so a spec quantized in a batch gets bit-identical codes,
-scales and zeros to the same spec quantized alone (block boundaries are the
-multiples of `blocksize` whatever the specs).
+columns on a batched [S, K, N] copy of W (transposed, so that a column of every
+spec is one contiguous [S, N] slice); every batched step is elementwise except
+the sub-block and block-end updates, which are done per spec with the same 2-D
+matmul a single-spec run uses, so a spec quantized in a batch gets bit-identical
+codes, scales and zeros to the same spec quantized alone (block and sub-block
+boundaries are multiples of `blocksize` and `subblock` whatever the specs).
 
 Output: QuantizedWeight (codes int8, scale rounded to `scale_dtype` and held in
 that dtype, zero int8 | None) whose dequantize() equals, bit for bit, the
@@ -171,18 +177,25 @@ def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, *, layer: str = "", 
                     f"(damping {damp:.3g}); check the calibration activations")
 
 
-def _relative_error(W64: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor, whw: float) -> float:
-    E = W64 - Q.to(device=W64.device, dtype=torch.float64)
-    num = float(((E @ H64) * E).sum())
+def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, whw: float) -> float:
+    """tr((W-Q) H (W-Q)^T) / whw, with W, H fp32 on one device: an fp32 product, summed in
+    fp64 (about 1e-6 relative, ample for a sensitivity; fp64 GEMMs cost 2-30x more)."""
+    E = W - Q.to(device=W.device, dtype=torch.float32)
+    num = float(((E @ H) * E).sum(dtype=torch.float64))
     return num / whw if whw > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _weighted_norm(W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H W^T) for fp32 W, H (the denominator of every relative error of W)."""
+    return float(((W @ H) * W).sum(dtype=torch.float64))
 
 
 @torch.no_grad()
 def hessian_relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W-Q) H (W-Q)^T) / tr(W H W^T): the layer-output error the GPTQ objective measures."""
-    W = W.to(torch.float64)
-    H = H.to(device=W.device, dtype=torch.float64)
-    return _relative_error(W, Q, H, float(((W @ H) * W).sum()))
+    W = W.to(torch.float32)
+    H = H.to(device=W.device, dtype=torch.float32)
+    return _relative_error(W, Q, H, _weighted_norm(W, H))
 
 
 @torch.no_grad()
@@ -194,6 +207,7 @@ def gptq_quantize_many(
     layer: str = "",
     percdamp: float = 0.01,
     blocksize: int = 128,
+    subblock: int = 32,
     scale_search: str = "hessian",
     shrink_grid: Sequence[float] = DEFAULT_SHRINK_GRID,
     negative_scale: bool = True,
@@ -225,8 +239,8 @@ def gptq_quantize_many(
         raise GPTQError(f"{_where(layer)}no specs given")
     if scale_search not in SCALE_SEARCH_MODES:
         raise GPTQError(f"{_where(layer)}scale_search must be one of {SCALE_SEARCH_MODES}, got {scale_search!r}")
-    if blocksize <= 0:
-        raise GPTQError(f"{_where(layer)}blocksize must be positive, got {blocksize}")
+    if blocksize <= 0 or subblock <= 0:
+        raise GPTQError(f"{_where(layer)}blocksize and subblock must be positive, got {blocksize}, {subblock}")
     for spec in specs:
         check_weight(W, spec, layer)  # 2-D, float, G | K, finite (errors name the layer)
     n, k = W.shape
@@ -254,37 +268,52 @@ def gptq_quantize_many(
 
     S = len(specs)
     W0 = W.to(device=dev, dtype=torch.float32)
-    Wb = W0.unsqueeze(0).repeat(S, 1, 1)  # [S, N, K] working copies, updated in place
-    Wb[:, :, dead] = 0.0
-    W0z = Wb[0].clone() if static_groups else None  # original weight, dead columns zeroed
+    # working copies [S, K, N]: one column of every spec's weight is a contiguous [S, N]
+    # slice, so the per-column steps read and write contiguous memory
+    Wt = W0.t().unsqueeze(0).repeat(S, 1, 1)
+    Wt[:, dead, :] = 0.0
+    W0z = Wt[0].t().clone() if static_groups else None  # original weight [N, K], dead columns zeroed
     group = [spec.effective_group(k) for spec in specs]
     qmin = torch.tensor([float(s.qmin) for s in specs], device=dev).view(S, 1)
     qmax = torch.tensor([float(s.qmax) for s in specs], device=dev).view(S, 1)
     scale_cur = torch.ones(S, n, device=dev)
     zero_cur = torch.zeros(S, n, device=dev)  # 0 for symmetric specs: w/s + 0 == w/s exactly
-    codes = torch.empty(S, n, k, dtype=torch.int8, device=dev)
+    codes_t = torch.empty(S, k, n, dtype=torch.int8, device=dev)
     scales = [torch.empty(n, k // g, device=dev) for g in group]
     zeros = [None if sp.symmetric else torch.empty(n, k // g, dtype=torch.int8, device=dev)
              for sp, g in zip(specs, group)]
     losses = torch.zeros(S, device=dev, dtype=torch.float64)
+    sub = max(1, min(subblock, blocksize))
 
     group_starts: dict[int, list[int]] = {}  # column -> specs whose group starts there
     for si, g in enumerate(group):
         for c in range(0, k, g):
             group_starts.setdefault(c, []).append(si)
 
-    def current_group(si: int, col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
-        """Spec si's group starting at `col`, as it stands now (all earlier updates applied)."""
+    def current_group(si: int, col: int, i1: int, i2: int, j1: int, j2: int, W1: torch.Tensor,
+                      Err1: torch.Tensor) -> torch.Tensor:
+        """Spec si's group starting at `col` as it stands now (every earlier column's error
+        applied), [N, g]. Columns of the sub-block [i1+j1, i1+j2) are current; later ones
+        of the block still lack the sub-block's errors so far, and columns past the block
+        lack all of this block's."""
         g, i = group[si], col - i1
-        if col + g <= i2:
-            return W1[si, :, i:i + g]
-        # the group runs past this block: add the block's pending updates to those columns
-        beyond = Wb[si, :, i2:col + g]
-        if i > 0:
-            beyond = beyond - Err1[si, :, :i] @ U[i1:col, i2:col + g]
-        return torch.cat([W1[si, :, i:], beyond], dim=1)
+        end = col + g
+        parts = [W1[si, i:min(j2, i + g)]]
+        if end > i1 + j2:  # rest of the block
+            b_end = min(end, i2) - i1
+            part = W1[si, j2:b_end]
+            if i > j1:
+                part = part - U1[j1:i, j2:b_end].t() @ Err1[si, j1:i]
+            parts.append(part)
+        if end > i2:  # past the block
+            part = Wt[si, i2:end]
+            if i > 0:
+                part = part - U[i1:col, i2:end].t() @ Err1[si, :i]
+            parts.append(part)
+        return torch.cat(parts).t()
 
-    def fix_group_params(sis: list[int], col: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> None:
+    def fix_group_params(sis: list[int], col: int, i1: int, i2: int, j1: int, j2: int, W1: torch.Tensor,
+                         Err1: torch.Tensor) -> None:
         """Scale/zero of the groups starting at `col` for specs `sis`, from their current columns."""
         # specs that differ in bits only are searched in one stacked call
         batches: dict[tuple[int, bool], list[int]] = {}
@@ -295,7 +324,7 @@ def gptq_quantize_many(
             if static_groups:  # from the original weight, as llmcompressor's observer does
                 wgrp = W0z[:, col:col + g].unsqueeze(0).expand(len(members), -1, -1)
             else:
-                wgrp = torch.stack([current_group(si, col, i1, i2, W1, Err1) for si in members])
+                wgrp = torch.stack([current_group(si, col, i1, i2, j1, j2, W1, Err1) for si in members])
             if scale_search == "minmax":
                 pairs = [compute_qparams(wgrp[b], gs, layer=layer, scale_dtype=scale_dtype)
                          for b, gs in enumerate(gspecs)]
@@ -315,60 +344,69 @@ def gptq_quantize_many(
     col_scale = col_zero = None
     if perm is not None:
         # every group's parameters from the original W (static groups read W0z only, so
-        # the block arguments are unused), then per-column lookups in visit order
+        # the block arguments are unused), then per-column lookups in visit order, [S, K, N]
         for col, sis in sorted(group_starts.items()):
-            fix_group_params(sis, col, 0, k, Wb[:, :, :0], Wb[:, :, :0])
-        col_scale = torch.stack([scales[si].repeat_interleave(g, dim=1) for si, g in enumerate(group)])[:, :, perm]
-        col_zero = torch.stack([torch.zeros(n, k, device=dev) if zeros[si] is None
-                                else zeros[si].to(torch.float32).repeat_interleave(g, dim=1)
-                                for si, g in enumerate(group)])[:, :, perm]
-        Wb = Wb[:, :, perm].contiguous()
+            fix_group_params(sis, col, 0, k, 0, 0, Wt[:, :0], Wt[:, :0])
+        col_scale = torch.stack([scales[si].t().repeat_interleave(g, dim=0) for si, g in enumerate(group)])
+        col_zero = torch.stack([torch.zeros(k, n, device=dev) if zeros[si] is None
+                                else zeros[si].t().to(torch.float32).repeat_interleave(g, dim=0)
+                                for si, g in enumerate(group)])
+        col_scale, col_zero = col_scale[:, perm].contiguous(), col_zero[:, perm].contiguous()
+        Wt = Wt[:, perm].contiguous()
         group_starts = {}
 
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         cnt = i2 - i1
-        W1 = Wb[:, :, i1:i2].clone()
-        Err1 = torch.empty(S, n, cnt, device=dev)
+        W1 = Wt[:, i1:i2].clone()
+        Err1 = torch.empty(S, cnt, n, device=dev)
+        Q1 = torch.empty(S, cnt, n, device=dev)
         U1 = U[i1:i2, i1:i2]
-        for i in range(cnt):
-            if i1 + i in group_starts:
-                fix_group_params(group_starts[i1 + i], i1 + i, i1, i2, W1, Err1)
-            if col_scale is not None:
-                scale_cur, zero_cur = col_scale[:, :, i1 + i], col_zero[:, :, i1 + i]
-            w = W1[:, :, i]
-            d = U1[i, i]
-            q = torch.clamp(torch.round(w / scale_cur + zero_cur), qmin, qmax)
-            codes[:, :, i1 + i] = q.to(torch.int8)
-            dq = (q - zero_cur) * scale_cur  # = QuantizedWeight.dequantize() of this column
-            err = (w - dq) / d
-            losses += (err * err).sum(dim=1, dtype=torch.float64) / 2.0  # paper: (w - q)^2 / [H^-1]_jj / 2
-            # W1[:, :, i:] -= err (x) U1[i, i:], fused in place (no [S, N, cnt] temporary)
-            W1[:, :, i:].addcmul_(err.unsqueeze(-1), U1[i, i:], value=-1.0)
-            Err1[:, :, i] = err
-        if i2 < k:
-            U12 = U[i1:i2, i2:]
-            for si in range(S):  # same 2-D matmul as a single-spec run (bit-identical results)
-                Wb[si, :, i2:] -= Err1[si] @ U12
+        for j1 in range(0, cnt, sub):
+            j2 = min(j1 + sub, cnt)
+            for i in range(j1, j2):
+                if i1 + i in group_starts:
+                    fix_group_params(group_starts[i1 + i], i1 + i, i1, i2, j1, j2, W1, Err1)
+                if col_scale is not None:
+                    scale_cur, zero_cur = col_scale[:, i1 + i], col_zero[:, i1 + i]
+                w = W1[:, i]
+                q = torch.clamp(torch.round(w / scale_cur + zero_cur), qmin, qmax)
+                Q1[:, i] = q
+                # (w - dq) / U_ii with dq = (q - z) s = QuantizedWeight.dequantize() of this column
+                err = (w - (q - zero_cur) * scale_cur) / U1[i, i]
+                Err1[:, i] = err
+                # W[:, i+1:j2] -= err (x) U[i, i+1:j2] within the sub-block, fused in place
+                if i + 1 < j2:
+                    W1[:, i + 1:j2].addcmul_(U1[i, i + 1:j2].view(1, -1, 1), err.unsqueeze(1), value=-1.0)
+            if j2 < cnt:  # the sub-block's errors reach the rest of the block as one product per spec
+                for si in range(S):
+                    W1[si, j2:].addmm_(U1[j1:j2, j2:].t(), Err1[si, j1:j2], alpha=-1.0)
+        codes_t[:, i1:i2] = Q1.to(torch.int8)
+        losses += (Err1 * Err1).sum(dim=(1, 2), dtype=torch.float64) / 2.0  # paper: (w - q)^2 / [H^-1]_jj / 2
+        if i2 < k:  # "lazy batch": the block's errors reach the later columns
+            for si in range(S):  # one 2-D product per spec, as a single-spec run (bit-identical results)
+                Wt[si, i2:].addmm_(U[i1:i2, i2:].t(), Err1[si], alpha=-1.0)
 
+    codes = codes_t.transpose(1, 2)
     if perm is not None:
         codes = codes[:, :, torch.argsort(perm)]
+    codes = codes.contiguous()
     out: dict[QuantSpec, QuantizedWeight] = {}
-    Hdev = H.to(device=dev, dtype=torch.float64)
-    W64 = W0.to(torch.float64)
-    whw = float(((W64 @ Hdev) * W64).sum())  # tr(W H W^T), shared by every spec
+    H32 = H.to(device=dev, dtype=torch.float32)
+    whw = _weighted_norm(W0, H32)  # tr(W H W^T), shared by every spec
     for s, spec in enumerate(specs):
         qw = QuantizedWeight(codes=codes[s].clone(), scale=scales[s].to(scale_dtype), zero_point=zeros[s],
                              spec=spec, meta={})
         qw.meta.update({
             "method": "gptq",
             "layer": layer,
-            "rel_err": _relative_error(W64, qw.dequantize(torch.float32), Hdev, whw),
+            "rel_err": _relative_error(W0, qw.dequantize(torch.float32), H32, whw),
             "gptq_loss": float(losses[s]),
             "percdamp": factor.percdamp,
             "dead_columns": int(dead.sum()),
             "scale_search": scale_search,
             "blocksize": blocksize,
+            "subblock": sub,
             "static_groups": static_groups,
             "act_order": act_order,
         })
