@@ -38,15 +38,14 @@ from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
 from vllm_slq.allocation.baselines import (EvolutionConfig, PenaltyConfig, evolution_allocate, penalty_allocate,
                                            proxy_dp_allocate, uniform_allocate)
 from vllm_slq.allocation.dp import solve_budget
+from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
 from vllm_slq.fileio import atomic_write_json
-from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ASYM = [QuantSpec(b, 64, False) for b in range(2, 9)]
-SLQ_SHRINK_GRID = list(COARSE_SHRINK_GRID)  # SLQModifier's database search
 
 
 # ------------------------------------------------------------------------------ (a)
@@ -133,7 +132,6 @@ def run_synthetic(n_instances=5, steps=200):
 def run_model(args):
     from vllm_slq.allocation.objective import (ModelKLObjective, build_candidates, cached_candidates,
                                                collect_hessians, database_errors, proxy_errors)
-    from vllm_slq.allocation.sensitivity import kl_sensitivities
     from vllm_slq.data import cache_dir, load_model, load_text, token_blocks
 
     t_all = time.perf_counter()
@@ -150,8 +148,7 @@ def run_model(args):
     if db == "gptq":
         # the same on-disk database as benchmarks/slq.py when tokens and GPTQ options match
         cands, info = cached_candidates(model, pb, calib, args.cache_dir or (cache_dir() / "databases"),
-                                        key_extra={"model": "smollm2-135m"}, shrink_grid=SLQ_SHRINK_GRID,
-                                        act_order=args.act_order)
+                                        key_extra={"model": "smollm2-135m"}, **{**SLQ_GPTQ, "act_order": args.act_order})
         errors = database_errors(pb, cands)
         print(f"  gptq database: {info['built_layers']} layers built, {info['loaded_layers']} loaded "
               f"from {info['path']}", flush=True)
@@ -161,10 +158,12 @@ def run_model(args):
         errors = proxy_errors(model, pb, cands, H)
     t_db = time.perf_counter() - t
     obj = ModelKLObjective(model, pb, cands, objective_tokens, batch_blocks=1)
+    engine = AllocationEngine(pb, obj, rco=RCOConfig(steps=args.rco_steps, samples=args.rco_samples),
+                              sensitivity_batches=args.sensitivity_blocks,
+                              sensitivity_kw={"max_pass_loss": args.max_pass_loss})
     # RCO's initialisation, measured once on the objective and charged in full to
     # every budget's RCO wall-clock (it does not depend on the budget)
-    sens, sens_info = kl_sensitivities(pb, obj, n_batches=args.sensitivity_blocks,
-                                       max_pass_loss=args.max_pass_loss)
+    sens, sens_info = engine.sensitivities(), engine.sensitivity_info
     print(f"  KL sensitivities: {sens_info['passes']} passes x {args.sensitivity_blocks} blocks, "
           f"{sens_info['wall_s']:.0f} s", flush=True)
     settings = {"model": "smollm2-135m", "database": db, "act_order": args.act_order, "options": [o.short() for o in ASYM],
@@ -195,9 +194,7 @@ def run_model(args):
             elif method == "sensitivity_dp":  # RCO's starting point alone (ablation)
                 r = proxy_dp_allocate(pb, B, sens)
             elif method == "rco":
-                r = rco_allocate(pb, B, obj, sensitivities=sens,
-                                 config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples),
-                                 select=lambda ch: obj.evaluate(ch))
+                r = engine.allocate(B)
                 extra = {"rounding": r.extra["rounding"], "rounding_scores": r.extra["rounding_scores"],
                          "sensitivity_s": sens_info["wall_s"]}
                 save_allocation(allocation_from_choice(pb, r.choice, "rco", B), RESULTS / f"allocation_rco_{B}.json")
@@ -260,7 +257,8 @@ def main():
     ap.add_argument("--instances", type=int, default=5)
     ap.add_argument("--budgets", type=float, nargs="+", default=[3.5, 4.5, 6.0])
     ap.add_argument("--database", default="gptq", choices=("gptq", "rtn"))
-    ap.add_argument("--act-order", action="store_true", help="GPTQ database with act-order (static groups)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=SLQ_GPTQ["act_order"],
+                    help="GPTQ database with act-order (static groups), as SLQModifier's")
     ap.add_argument("--cache-dir", type=Path, default=None, help="GPTQ database cache (default: the data cache)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-blocks", type=int, default=8)

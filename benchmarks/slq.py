@@ -53,10 +53,9 @@ import torch
 
 from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.rco import RCOConfig, rco_allocate
-from vllm_slq.allocation.sensitivity import kl_sensitivities
+from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
+from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.fileio import atomic_write_json
-from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
 from vllm_slq.quant.spec import QuantSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,7 +65,6 @@ TARGETS = (0.98, 0.99)
 DEFAULT_BUDGETS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0]
 # SLQModifier's default range-shrink grid (11 points 1.0 .. 0.5, Hessian-weighted):
 # the benchmark measures the database the product builds
-SLQ_SHRINK_GRID = list(COARSE_SHRINK_GRID)  # SLQModifier's database search
 CURVES = {
     "uniform_asym": "uniform asymmetric GPTQ g64",
     "slq_asym": "SLQ (asym, RCO)",
@@ -316,7 +314,8 @@ def main():
     ap.add_argument("--bisect-steps", type=int, default=3,
                     help="distribution-lossless budget bisection steps per EAR target on slq_asym (0: off)")
     ap.add_argument("--bisect-tolerance", type=float, default=0.05, help="stop bisecting below this bpp bracket")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ databases with act-order (static groups)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=SLQ_GPTQ["act_order"],
+                    help="GPTQ databases with act-order (static groups), as SLQModifier's")
     ap.add_argument("--skip-sym", action="store_true", help="no symmetric database / curves")
     ap.add_argument("--max-layers", type=int, default=None, help="quantize only decoder layers < N (smoke runs)")
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -362,7 +361,7 @@ def main():
     evaluator = HeldoutEvaluator(model, held, args.n_boot, args.seed)
     stages["load_s"] = time.perf_counter() - t
     db_root = args.cache_dir or (cache_dir() / "databases")
-    gptq_kw = {"shrink_grid": SLQ_SHRINK_GRID, "act_order": args.act_order}
+    gptq_kw = {**SLQ_GPTQ, "act_order": args.act_order}  # SLQModifier's database options
 
     settings = {
         "model": "smollm2-135m", "dtype": "float32", "text": "brown (calibration / evaluation splits)",
@@ -372,8 +371,7 @@ def main():
         "options": {k: [o.short() for o in p.options] for k, p in problems.items()},
         "feasible_bpp": {k: list(p.feasible_range()) for k, p in problems.items()},
         "gptq": {"hessians": "collect_hessians on the FP model, calibration blocks (same tokens for both databases)",
-                 "scale_search": "hessian", "shrink_grid": SLQ_SHRINK_GRID, "percdamp": 0.01,
-                 "act_order": args.act_order,
+                 "scale_search": "hessian", **json.loads(json.dumps(gptq_kw)),
                  "blocksize": 128, "cache_dir": str(db_root)},
         "rco": {"steps": args.rco_steps, "samples": args.rco_samples, "blocks_per_sample": 1, "lr": 0.1,
                 "tau": "1.0->0.01 exponential",
@@ -448,18 +446,13 @@ def main():
 
         t = time.perf_counter()
         obj = ModelKLObjective(model, pb, cands, objective_tokens, batch_blocks=1)
+        # sensitivities are measured on the first allocation only (a --resume that only
+        # adds the other database's curves skips them)
+        engine = AllocationEngine(pb, obj, rco=RCOConfig(steps=args.rco_steps, samples=args.rco_samples,
+                                                         seed=args.seed),
+                                  sensitivity_batches=args.sensitivity_batches)
         stages[f"objective_{kind}_s"] = time.perf_counter() - t
         lo, hi = pb.feasible_range()
-        sens_cache = {}
-
-        def sensitivities():
-            # measured once per database, and only when a point is actually allocated
-            # (a --resume that only adds the other database's curves skips them)
-            if "C" not in sens_cache:
-                sens_cache["C"], info = kl_sensitivities(pb, obj, n_batches=args.sensitivity_batches)
-                stages[f"sensitivities_{kind}"] = {k: v for k, v in info.items() if k != "pass_loss_sum"}
-                print(f"KL sensitivities {kind}: {info['passes']} passes, {info['wall_s']:.0f} s", flush=True)
-            return sens_cache["C"]
 
         def run_point(budget, probe=False):
             if (f"slq_{kind}", None, budget) in previous:
@@ -467,10 +460,13 @@ def main():
                 add_row(row)
                 return row
             t = time.perf_counter()
-            r = rco_allocate(pb, budget, obj, sensitivities=sensitivities(),
-                             config=RCOConfig(steps=args.rco_steps, samples=args.rco_samples, seed=args.seed),
-                             select=lambda ch: obj.evaluate(ch))
+            measured = engine.sensitivity_info is not None
+            r = engine.allocate(budget)
             t_alloc = time.perf_counter() - t
+            if not measured and engine.sensitivity_info is not None:
+                stages[f"sensitivities_{kind}"] = engine.sensitivity_info
+                print(f"KL sensitivities {kind}: {engine.sensitivity_info['passes']} passes, "
+                      f"{engine.sensitivity_info['wall_s']:.0f} s", flush=True)
             t = time.perf_counter()
             m = evaluator(pb, cands, r.choice)
             scores = r.extra.get("rounding_scores", {})
@@ -500,17 +496,15 @@ def main():
                     b_hi = min(ok)
                     below = [r["budget"] for r in curve if r["budget"] < b_hi and r["ear_lcb"] < target]
                     b_lo = max(below) if below else lo
-                    for _ in range(args.bisect_steps):
-                        if b_hi - b_lo <= args.bisect_tolerance:
-                            break
-                        mid = 0.5 * (b_lo + b_hi)
-                        row = run_point(mid, probe=True)
-                        probes.append({"budget": mid, "bpp": row["achieved_bpp"], "ear_lcb": row["ear_lcb"],
+
+                    def probe(budget, target=target):
+                        row = run_point(budget, probe=True)
+                        probes.append({"budget": budget, "bpp": row["achieved_bpp"], "ear_lcb": row["ear_lcb"],
                                        "accepted": row["ear_lcb"] >= target})
-                        if row["ear_lcb"] >= target:
-                            b_hi = mid
-                        else:
-                            b_lo = mid
+                        return row["ear_lcb"] >= target
+
+                    b_lo, b_hi, _ = bisect_budget(b_lo, b_hi, probe, steps=args.bisect_steps,
+                                                  tolerance=args.bisect_tolerance)
                 curve = [r for r in rows if r["curve"] == "slq_asym"]
                 acc = sorted((r for r in curve if r["ear_lcb"] >= target), key=lambda r: r["achieved_bpp"])
                 lossless[str(target)] = (
@@ -521,7 +515,7 @@ def main():
                      "at_bpp": max(curve, key=lambda r: r["ear_lcb"])["achieved_bpp"]})
                 result["distribution_lossless"] = lossless
                 save()
-        del obj, cands
+        engine = obj = cands = None  # free this database before the next one is built
         result["stages"][f"curves_{kind}_s"] = sum(r.get("alloc_s", 0) + r.get("eval_s", 0)
                                                    for r in rows if r["curve"] in (f"uniform_{kind}", f"slq_{kind}"))
 

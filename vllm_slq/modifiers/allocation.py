@@ -21,10 +21,10 @@ import torch
 from vllm_slq.allocation.artifact import Allocation, allocation_from_choice, save_allocation
 from vllm_slq.allocation.baselines import (EvolutionConfig, evolution_allocate, proxy_dp_allocate,
                                            uniform_allocate)
+from vllm_slq.allocation.engine import AllocationEngine
 from vllm_slq.allocation.objective import ModelKLObjective, build_candidates, collect_hessians, proxy_errors
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.rco import RCOConfig, rco_allocate
-from vllm_slq.allocation.sensitivity import kl_sensitivities
+from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.quant.spec import QuantSpec
 
 DEFAULT_OPTIONS = tuple(QuantSpec(b, 64, False) for b in range(2, 9))
@@ -50,8 +50,8 @@ def allocate_model(model: torch.nn.Module, tokens: torch.Tensor, budget_bpp: flo
         elif method in ("rco", "evolution"):
             obj = ModelKLObjective(model, problem, cands, tokens)
             if method == "rco":
-                sens, _ = kl_sensitivities(problem, obj, n_batches=min(4, tokens.shape[0]))
-                res = rco_allocate(problem, budget_bpp, obj, config=rco, select=obj.evaluate, sensitivities=sens)
+                res = AllocationEngine(problem, obj, rco=rco,
+                                       sensitivity_batches=min(4, tokens.shape[0])).allocate(budget_bpp)
             else:
                 start = proxy_dp_allocate(problem, budget_bpp, errors).choice
                 stages = [1, tokens.shape[0]]

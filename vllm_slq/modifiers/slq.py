@@ -5,9 +5,10 @@
                (vllm_slq.quant.database.build_database); the sequential pipeline
                propagates the widest entry, so later layers calibrate on inputs
                that are already (near-losslessly) quantized
-    allocate   per-layer widths by RCO (vllm_slq.allocation.rco) minimising the
-               true model KL(p_fp || p_q) under an exact bpp budget; q/k/v and
-               gate/up are tied so vLLM's fused layers can serve the result
+    allocate   per-layer widths by the allocation engine (vllm_slq.allocation.engine:
+               KL sensitivities, then RCO) minimising the true model KL(p_fp || p_q)
+               under an exact bpp budget; q/k/v and gate/up are tied so vLLM's fused
+               layers can serve the result
     modes      target_bpp:   one RCO run at that budget
                target_ear:   the fewest bpp whose held-out EAR lower 95% bound
                              reaches the target: bisect the budget, running RCO
@@ -21,18 +22,27 @@ symmetric=True gives the gamma-squared ablation (the same search on a symmetric 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
-from llmcompressor.core import Event, State
+from compressed_tensors.offload import remove_dispatch
+from llmcompressor.core import State
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
+from transformers import AutoTokenizer
 
+from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
+from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
+from vllm_slq.allocation.objective import ModelKLObjective
+from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
+from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.allocation.store import CandidateStore
-from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
+from vllm_slq.data import load_text, token_blocks
+from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
+from vllm_slq.eval.metrics import position_metrics, summarize
+from vllm_slq.quant.database import LayerDatabase, build_database
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
 
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
@@ -53,10 +63,10 @@ class SLQModifier(LayerwiseQuantModifier):
     task_lossless: bool = False
     tasks: Optional[list[str]] = None
     tie_fused: bool = True
-    dampening_frac: float = 0.01
-    act_order: bool = True  # GPTQ column order for the database (see SLQGPTQModifier)
+    dampening_frac: float = SLQ_GPTQ["percdamp"]
+    act_order: bool = SLQ_GPTQ["act_order"]  # GPTQ column order for the database (see SLQGPTQModifier)
     # range-shrink factors tried per group (Hessian-weighted)
-    shrink_grid: list[float] = Field(default_factory=lambda: list(COARSE_SHRINK_GRID))
+    shrink_grid: list[float] = Field(default_factory=lambda: list(SLQ_GPTQ["shrink_grid"]))
     # the allocation objective and the EAR probes read their own token blocks
     dataset: str = "brown"
     objective_blocks: int = 8
@@ -87,7 +97,6 @@ class SLQModifier(LayerwiseQuantModifier):
     _w_ref: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _search_log: list[dict] = PrivateAttr(default_factory=list)
     _allocation: Any = PrivateAttr(default=None)
-    _sensitivities: Any = PrivateAttr(default=None)
     _sensitivity_info: Any = PrivateAttr(default=None)
     _store: Any = PrivateAttr(default=None)
     _cache_hits: int = PrivateAttr(default=0)
@@ -120,13 +129,11 @@ class SLQModifier(LayerwiseQuantModifier):
     # ---- database -----------------------------------------------------------------
     def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
                         spec: QuantSpec) -> QuantizedWeight:
-        from vllm_slq.quant.database import LayerDatabase, build_database
-
         W = module.weight.data.to(torch.float32)
         self._w_ref[name] = module.weight.data.detach().to("cpu", copy=True)
         specs = [s for s in self.options if W.shape[1] % s.effective_group(W.shape[1]) == 0]
-        gptq_kw = dict(percdamp=self.dampening_frac, scale_dtype=self.scale_dtype_for(module),
-                       negative_scale=False, shrink_grid=self.shrink_grid, act_order=self.act_order)
+        gptq_kw = dict(SLQ_GPTQ, percdamp=self.dampening_frac, scale_dtype=self.scale_dtype_for(module),
+                       shrink_grid=self.shrink_grid, act_order=self.act_order)
         if self.database_cache:
             if self._store is None:
                 self._store = LayerDatabase(self.database_cache)
@@ -156,22 +163,11 @@ class SLQModifier(LayerwiseQuantModifier):
         """n_blocks token blocks of `split`: its first ones, or with from_end its last ones
         (the allocation objective must not read the tokens GPTQ's Hessians came from,
         which are the calibration split's first blocks)."""
-        from transformers import AutoTokenizer
-
-        from vllm_slq.data import load_text, token_blocks
-
         tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
         text = load_text(self.dataset)
         return token_blocks(tok, getattr(text, split), seq_len, n_blocks, from_end=from_end)
 
     def _allocate(self, model: torch.nn.Module) -> None:
-        from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
-        from vllm_slq.allocation.objective import ModelKLObjective
-        from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
-        from vllm_slq.allocation.rco import sensitivity_logits
-
-        from compressed_tensors.offload import remove_dispatch
-
         # llmcompressor's pipeline leaves parameters in offload caches that onload them on
         # each access; the objective reads every weight at every step, so onload them once,
         # onto the device the pipeline computed on
@@ -189,32 +185,26 @@ class SLQModifier(LayerwiseQuantModifier):
                                                   from_end=True),
                                      batch_blocks=self._batch_blocks(), checkpoint_blocks=self.checkpoint_blocks,
                                      compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
-        self._sensitivities = None
-        init = None  # with sensitivities, rco_allocate initialises from them
-        if self.sensitivity_batches > 0:
-            from vllm_slq.allocation.sensitivity import kl_sensitivities
-
-            self._sensitivities, info = kl_sensitivities(problem, objective, n_batches=self.sensitivity_batches,
-                                                         seed=self.seed)
-            self._sensitivity_info = {k: v for k, v in info.items() if k != "pass_loss_sum"}
-        else:  # GPTQ's relative layer errors, recorded in the database
-            errors = np.zeros((problem.n_groups, problem.n_options))
-            for i, g in enumerate(problem.groups):
-                for m in g.modules:
-                    for k, s in enumerate(problem.options):
-                        if problem.available[i, k]:
-                            errors[i, k] += float(self._db.get(m.name, s).meta.get("rel_err", 0.0))
-            init = sensitivity_logits(errors, problem.available)
-        lo, hi = problem.feasible_range()
+        engine = AllocationEngine(problem, objective,
+                                  rco=RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr,
+                                                seed=self.seed),
+                                  sensitivity_batches=self.sensitivity_batches,
+                                  init_errors=None if self.sensitivity_batches > 0 else self._database_errors(problem))
         if self.target_bpp is not None:
             problem.check_budget(self.target_bpp)
-            choice = self._rco(problem, objective, self.target_bpp, init)
-            self._search_log.append({"budget": self.target_bpp, "bpp": problem.achieved_bpp(choice),
-                                     "calib_kl": objective.evaluate(choice)})
+            choice = engine.allocate(self.target_bpp).choice
         else:
             accept = self._ear_accepts(model, objective) if self.target_ear is not None \
                 else self._tasks_accept(model, objective)
-            choice = self._search(problem, objective, init, accept, lo, hi)
+            lo, hi = problem.feasible_range()
+            res, ok = engine.search(accept, lo, hi, steps=self.search_steps, tolerance=self.search_tolerance_bpp)
+            if not ok:
+                logger.warning(f"SLQModifier: even the richest allocation ({hi:.3f} bpp) misses the target: "
+                               f"{engine.log[-1]}")
+            choice = res.choice
+        choice = np.asarray(choice)
+        self._search_log = engine.log
+        self._sensitivity_info = engine.sensitivity_info
         model.to(dtype)
         specs = problem.module_specs(choice)
         with torch.no_grad():
@@ -249,39 +239,18 @@ class SLQModifier(LayerwiseQuantModifier):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         return -(-2 // world) * world
 
-    def _rco(self, problem, objective, budget: float, init) -> np.ndarray:
-        from vllm_slq.allocation.rco import RCOConfig, rco_allocate
-
-        cfg = RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr, seed=self.seed)
-        return np.asarray(rco_allocate(problem, budget, objective, init_logits=init, config=cfg,
-                                       select=lambda ch: objective.evaluate(ch),
-                                       sensitivities=self._sensitivities).choice)
-
-    def _search(self, problem, objective, init, accept, lo: float, hi: float) -> np.ndarray:
-        """Fewest bpp in [lo, hi] that `accept`s; bisection on the budget (monotone in practice)."""
-        best = self._rco(problem, objective, hi, init)
-        ok, info = accept(best)
-        self._search_log.append({"budget": hi, "bpp": problem.achieved_bpp(best), "accepted": ok, **info})
-        if not ok:
-            logger.warning(f"SLQModifier: even the richest allocation ({hi:.3f} bpp) misses the target: {info}")
-            return best
-        a, b = lo, hi
-        for _ in range(self.search_steps):
-            if b - a <= self.search_tolerance_bpp:
-                break
-            mid = 0.5 * (a + b)
-            choice = self._rco(problem, objective, mid, init)
-            ok, info = accept(choice)
-            self._search_log.append({"budget": mid, "bpp": problem.achieved_bpp(choice), "accepted": ok, **info})
-            if ok:
-                best, b = choice, mid
-            else:
-                a = mid
-        return best
+    def _database_errors(self, problem: AllocationProblem) -> np.ndarray:
+        """GPTQ's relative layer errors per (group, option), summed over a group's members:
+        RCO's start when no KL sensitivities are measured."""
+        errors = np.zeros((problem.n_groups, problem.n_options))
+        for i, g in enumerate(problem.groups):
+            for m in g.modules:
+                for k, s in enumerate(problem.options):
+                    if problem.available[i, k]:
+                        errors[i, k] += float(self._db.get(m.name, s).meta.get("rel_err", 0.0))
+        return errors
 
     def _ear_accepts(self, model, objective):
-        from vllm_slq.eval.metrics import position_metrics, summarize
-
         tokens = self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len).to(objective.device)
         with torch.no_grad():
             ref_logits = [model(input_ids=tokens[s:s + 1]).logits[0].float() for s in range(tokens.shape[0])]
@@ -301,10 +270,6 @@ class SLQModifier(LayerwiseQuantModifier):
 
     def _tasks_accept(self, model, objective):
         """lm-eval (HF backend, this in-memory model) on the original once, then on each probe."""
-        from transformers import AutoTokenizer
-
-        from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
-
         tasks = list(self.tasks or LOCAL_TASKS)
         tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
 
