@@ -331,12 +331,24 @@ def run_quantize(args) -> int:
         if allocation:
             report["allocation"] = allocation
         if not args.no_eval:
+            from llmcompressor.core import reset_session
+
             from vllm_slq.eval.api import evaluate
 
+            # The evaluation loads the reference and the written checkpoint afresh: let the
+            # quantized model go first (llmcompressor's session holds it too), or an 8B run
+            # would hold three models at once. On a GPU both are scored in the checkpoint's
+            # dtype, as vLLM serves them (two fp32 8B models alone would fill an 80 GB GPU);
+            # the CPU keeps fp32, its fast path.
+            reset_session()
+            del model, quantized, modifier
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            eval_dtype = "float32" if device == "cpu" else str(dtype).removeprefix("torch.")
             report["fidelity"] = evaluate(reference=str(model_path), candidate=str(staging),
                                           dataset=args.dataset, n_tokens=args.eval_tokens,
                                           seq_len=args.seq_len, backend="hf", seed=args.seed,
-                                          label=out.name, device=device)
+                                          label=out.name, device=device, dtype=eval_dtype)
             # scored in the staging directory; name the checkpoint it becomes
             report["fidelity"]["candidate"] = str(out)
         (staging / "slq_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
