@@ -108,7 +108,8 @@ def compare_greedy(vllm_tokens, hf_results, tol=NEAR_TIE):
 
 
 def layer_schemes(llm):
-    """{scheme class name: count} and {kernel name: count} of the engine's linear layers."""
+    """{scheme class name: count} and {kernel name: count} of the engine's linear layers
+    (a layer vLLM serves itself counts as "vllm:<its kernel class>")."""
     def probe(model):
         schemes, kernels = {}, {}
         for mod in model.modules():
@@ -116,9 +117,10 @@ def layer_schemes(llm):
             if s is None:
                 continue
             schemes[type(s).__name__] = schemes.get(type(s).__name__, 0) + 1
-            k = getattr(s, "kernel", None)
+            stock = getattr(s, "stock", None)  # a layer the plugin handed to vLLM's own kernel
+            k = getattr(stock if stock is not None else s, "kernel", None)
             if k is not None:
-                kn = getattr(k, "name", type(k).__name__)
+                kn = f"vllm:{type(k).__name__}" if stock is not None else getattr(k, "name", type(k).__name__)
                 kernels[kn] = kernels.get(kn, 0) + 1
         return schemes, kernels
 

