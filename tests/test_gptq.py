@@ -324,6 +324,21 @@ def test_content_keyed_store_reuses_equal_inputs_only(tmp_path, layer192, monkey
         dbmod.database_key(w, gp.H, specs, factor=torch.eye(2))
 
 
+def test_read_only_rank_sees_the_writers_entries_and_writes_nothing(tmp_path, layer192):
+    """Under torchrun rank 0 writes the content-keyed cache; the other ranks open it
+    too, pick up entries the writer stored after they opened it, and never write."""
+    w, gp, _ = layer192
+    specs = [QuantSpec(b, 64, False) for b in (3, 4)]
+    reader = LayerDatabase(tmp_path / "db")  # opened before anything is stored
+    entries, hit = reader.build_cached(w, gp.H, specs, layer="a", write=False, act_order=True)
+    assert not hit and len(reader) == 0 and not (tmp_path / "db" / "index.json").exists()
+    writer = LayerDatabase(tmp_path / "db")
+    _, hit = writer.build_cached(w, gp.H, specs, layer="a", act_order=True)
+    assert not hit and len(writer) == 1
+    again, hit = reader.build_cached(w, gp.H, specs, layer="a", write=False, act_order=True)
+    assert hit and all(torch.equal(again[s].codes, entries[s].codes) for s in specs)
+
+
 def test_layer_database_bad_index(tmp_path):
     d = tmp_path / "db"
     d.mkdir()

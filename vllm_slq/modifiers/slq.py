@@ -137,7 +137,10 @@ class SLQModifier(LayerwiseQuantModifier):
         if self.database_cache:
             if self._store is None:
                 self._store = LayerDatabase(self.database_cache)
-            db, hit = self._store.build_cached(W, H, specs, layer=name, **gptq_kw)
+            # under torchrun every rank builds the same entries (all-reduced Hessians); rank 0
+            # alone writes them, so the ranks never race on the cache's index
+            writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            db, hit = self._store.build_cached(W, H, specs, layer=name, write=writer, **gptq_kw)
             self._cache_hits += int(hit)
         else:
             db = build_database(W, H, specs, layer=name, **gptq_kw)

@@ -297,15 +297,19 @@ class LayerDatabase:
         return entries
 
     def build_cached(self, W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
-                     **gptq_kw) -> tuple[dict[QuantSpec, QuantizedWeight], bool]:
+                     write: bool = True, **gptq_kw) -> tuple[dict[QuantSpec, QuantizedWeight], bool]:
         """(entries, hit): the stored entries under database_key(W, H, specs, ...) if
-        present, else build_database's, stored under that key. A store used this way
-        is keyed by content, not by layer name."""
+        present, else build_database's, stored under that key unless write=False (the
+        ranks of a torchrun other than the writer build the same entries and only read).
+        A store used this way is keyed by content, not by layer name."""
         key = database_key(W, H, specs, **gptq_kw)
+        if not write and self._index_path.exists():  # see what the writer has stored since
+            self._index = self._read_index()
         if key in self and all(s.short() in self._layer_entry(key)["entries"] for s in specs):
             return {s: self.get(key, s) for s in specs}, True
         entries = build_database(W, H, specs, layer=layer, **gptq_kw)
-        self.put(key, entries, merge=False)
+        if write:
+            self.put(key, entries, merge=False)
         return entries, False
 
     def __repr__(self) -> str:
