@@ -211,3 +211,63 @@ def test_checkpointed_blocks_give_the_same_gradient_and_keep_fewer_activations(s
             del model._no_split_modules
         else:
             model._no_split_modules = saved
+
+
+def test_kl_from_hidden_matches_the_full_logits_kl(monkeypatch):
+    import vllm_slq.allocation.objective as objective
+
+    monkeypatch.setattr(objective, "_KL_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Linear(16, 50, bias=dtype == torch.float32).to(dtype)
+        ref = torch.randn(2, 7, 16, generator=g).to(dtype)
+        h = torch.randn(2, 7, 16, generator=g).to(dtype).requires_grad_(True)
+        kl = objective.kl_from_hidden(ref, h, head)
+        kl.backward()
+        h2 = h.detach().clone().requires_grad_(True)
+        lp = torch.log_softmax(head(ref).float(), -1)
+        want = (lp.exp() * (lp - torch.log_softmax(head(h2).float(), -1))).sum(-1).mean()
+        want.backward()
+        assert torch.allclose(kl, want, rtol=1e-4, atol=1e-6)
+        tol = (1e-4 if dtype == torch.float32 else 2e-2) * float(h2.grad.abs().max())
+        assert h.grad.dtype == dtype and torch.allclose(h.grad.float(), h2.grad.float(), atol=tol)
+
+
+def test_fused_head_objective_equals_full_logits_and_keeps_no_vocab_tensor(setup):
+    model, pb, cands, errors, obj, tokens = setup
+    assert obj.head is model.lm_head and obj._ref_logp is None  # the default on a plain-head model
+    # the logits path with its reference recomputed in fp32 (its fp16 log-prob cache is
+    # itself 8% off at this model's KL of 1.6e-4: the hidden-state reference is exact)
+    full = ModelKLObjective(model, pb, obj.store, tokens, batch_blocks=2, fused_head=False, cache_bytes=0)
+    assert full.head is None and full._ref_logp is None
+    vocab = model.config.vocab_size
+
+    def run(o):
+        P = pb.one_hot(np.full(pb.n_groups, 1)).requires_grad_(True)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            loss = o(P, 0)
+        loss.backward()
+        return float(loss.detach()), P.grad, shapes
+
+    fused, plain = run(obj), run(full)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-5)
+    assert torch.allclose(fused[1], plain[1], rtol=1e-4, atol=1e-7)
+    assert any(s and s[-1] == vocab for s in plain[2])  # the logits path keeps [.., vocab] tensors
+    assert not any(s and s[-1] == vocab for s in fused[2]), [s for s in fused[2] if s and s[-1] == vocab]
+    assert obj.evaluate(np.full(pb.n_groups, 0)) == pytest.approx(full.evaluate(np.full(pb.n_groups, 0)), rel=1e-5)
+
+
+def test_a_capped_head_is_recognised_and_keeps_the_full_logits():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from vllm_slq.allocation.objective import plain_output_head
+
+    cfg = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    capped = Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    assert plain_output_head(capped, ids) is None
+    capped.config.final_logit_softcapping = None
+    assert plain_output_head(capped, ids) is capped.lm_head

@@ -23,9 +23,11 @@ Memory plan (every tensor on the model's device)
     the layer input x (which autograd keeps for any linear) and p; the backward
     recomputes W(P) and dequantizes the candidates one at a time. So no layer's
     mixed weight outlives its own forward or backward;
-  * reference log-probs: cached in fp16 ([blocks, L, V]) when that fits
-    `cache_bytes` (default 1 GiB; 8 x 256 tokens x 49152 vocab = 0.2 GB),
-    otherwise recomputed under no_grad each time (one extra forward).
+  * the reference: the FP model's final hidden states ([blocks, L, hidden]) when
+    its logits are a plain output head, and the KL from hidden states a chunk of
+    positions at a time (kl_from_hidden), so no [tokens, vocab] tensor exists
+    beyond one chunk; for other heads, log-probs cached in fp16 when they fit
+    `cache_bytes` (default 1 GiB), otherwise recomputed under no_grad each time.
   * So the peak is the model in its compute dtype + the store + one forward's
     activations (benchmarks/slq_memory.py measures it and fits the model).
 
@@ -147,6 +149,77 @@ def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return _FullVocabKL.apply(ref_logp, logits)
 
 
+class _HeadKL(torch.autograd.Function):
+    """Mean over positions of KL(softmax(r W^T + b) || softmax(h W^T + b)) from final hidden states.
+
+    The output head is applied a chunk of positions at a time, to the reference's
+    hidden states r and the mixed model's h alike, so no [positions, vocab] tensor
+    exists beyond one chunk, and the reference costs [positions, hidden] instead of
+    its log-probs (Llama-3.1-8B, 16k tokens: 0.13 GB instead of 4 GB). The backward
+    recomputes both chunks' logits: dKL/dh = ((q sum_v p - p) / n) W.
+    """
+
+    @staticmethod
+    def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(torch.float32)
+
+    @staticmethod
+    def forward(ctx, ref_h, h, weight, bias):
+        hidden = h.shape[-1]
+        x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
+            lp = torch.log_softmax(_HeadKL._logits(r[a:b], weight, bias), -1)
+            lq = torch.log_softmax(_HeadKL._logits(x[a:b], weight, bias), -1)
+            total += (lp.exp() * (lp - lq)).sum()
+        ctx.save_for_backward(ref_h, h, weight, bias)
+        return total / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        ref_h, h, weight, bias = ctx.saved_tensors
+        hidden = h.shape[-1]
+        x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
+        out = torch.empty_like(x)
+        scale = grad.to(torch.float32) / x.shape[0]
+        for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
+            p = torch.softmax(_HeadKL._logits(r[a:b], weight, bias), -1)
+            q = torch.softmax(_HeadKL._logits(x[a:b], weight, bias), -1)
+            dz = ((q * p.sum(-1, keepdim=True) - p) * scale).to(weight.dtype)
+            out[a:b] = (dz @ weight).to(out.dtype)
+        return None, out.reshape(h.shape), None, None
+
+
+def kl_from_hidden(ref_hidden: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """Mean over positions of KL(p_ref || p) with both distributions from the output head applied
+    to final hidden states, chunked (differentiable in `hidden`; the head is frozen)."""
+    if ref_hidden.shape != hidden.shape:
+        raise ValueError(f"kl_from_hidden: reference {tuple(ref_hidden.shape)} and hidden "
+                         f"{tuple(hidden.shape)} differ")
+    return _HeadKL.apply(ref_hidden, hidden, head.weight, head.bias)
+
+
+def plain_output_head(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.nn.Linear]:
+    """The model's output Linear when its logits are exactly head(decoder(ids)), else None.
+
+    Checked on `ids` against the model's own forward, so a model that scales or caps
+    its logits (Gemma-2's softcapping, Cohere's logit_scale, ...) or has no separate
+    decoder is recognised by what it computes, not by its name."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+        return None
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        ours = head(hidden)
+    if ours.shape != full.shape:
+        return None
+    tol = 1e-4 if full.dtype == torch.float32 else 2e-2
+    scale = float(full.float().abs().max()) or 1.0
+    return head if float((ours.float() - full.float()).abs().max()) <= tol * scale else None
+
+
 def fidelity_metrics(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     """KL(p||q), EAR = sum_v min(p, q), top-1 agreement, per position then averaged (fp32, T=1)."""
     logp = torch.log_softmax(ref_logits.to(torch.float32), -1)
@@ -252,12 +325,18 @@ class ModelKLObjective:
     its `_no_split_modules`, as HF models do) in the backward instead of keeping
     its activations: the saved activations shrink to one tensor per block, for one
     more forward per step.
+    fused_head: when the model's logits are exactly its output head applied to its
+    decoder's hidden states (plain_output_head checks this on a block), keep the
+    reference as hidden states and compute the KL from hidden states chunk by chunk
+    (kl_from_hidden): no [tokens, vocab] tensor at all, for three head products per
+    chunk instead of one. Otherwise (or False) the full logits and cached log-probs.
     """
 
     def __init__(self, model: torch.nn.Module, problem: AllocationProblem,
                  candidates: CandidateStore | dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
                  batch_blocks: int = 2, cache_bytes: int = 1 << 30,
-                 compute_dtype: Optional[torch.dtype] = torch.float32, checkpoint_blocks: bool = False):
+                 compute_dtype: Optional[torch.dtype] = torch.float32, checkpoint_blocks: bool = False,
+                 fused_head: bool = True):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
         self.model = (model if compute_dtype is None else model.to(compute_dtype)).eval()
@@ -296,11 +375,17 @@ class ModelKLObjective:
                         row[k] = self.store.get(m.name, spec)
                 self.linears[m.name] = mods[m.name]
                 self.candidates[m.name] = row
-        vocab = self.model.config.vocab_size
-        need = tokens.numel() * vocab * 2
-        self._ref_logp = None
-        if need <= cache_bytes:  # else recomputed per step: never a dense [tokens, vocab] past the bound
-            with torch.no_grad():
+        # the reference: the FP model's final hidden states when its logits are a plain output
+        # head (kept, [tokens, hidden]), else its log-probs (kept up to cache_bytes, else
+        # recomputed per step): never a dense [tokens, vocab] past that bound
+        self.head = plain_output_head(self.model, self.tokens[:1]) if fused_head else None
+        if self.head is not None and any(lin is self.head for lin in self.linears.values()):
+            self.head = None  # a quantized head mixes like any Linear: through the full logits
+        self._ref_hidden = self._ref_logp = None
+        with torch.no_grad():
+            if self.head is not None:
+                self._ref_hidden = torch.cat([self._hidden(self.tokens[s:s + 1]) for s in range(tokens.shape[0])])
+            elif tokens.numel() * self.model.config.vocab_size * 2 <= cache_bytes:
                 self._ref_logp = torch.cat([
                     torch.log_softmax(self._logits(self.tokens[s:s + 1]).float(), -1).to(torch.float16)
                     for s in range(tokens.shape[0])])
@@ -332,6 +417,10 @@ class ModelKLObjective:
     def _local_kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Mean KL over the blocks idx, in this process."""
         idx = idx.to(self.device)
+        if self.head is not None:
+            with self._mixing(P):
+                hidden = self._hidden(self.tokens[idx])
+            return kl_from_hidden(self._ref_hidden[idx], hidden, self.head)
         with self._mixing(P):
             logits = self._logits(self.tokens[idx])
         return kl_full_vocab(self._ref(idx), logits)
@@ -354,6 +443,9 @@ class ModelKLObjective:
         # no KV cache: nothing here decodes, and a cache would be appended twice when a
         # checkpointed block recomputes
         return self.model(input_ids=ids, use_cache=False).logits
+
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
 
     def batch_indices(self, step: int) -> torch.Tensor:
         n, b = self.tokens.shape[0], self.batch_blocks
