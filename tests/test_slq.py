@@ -170,3 +170,14 @@ def test_unknown_task_is_rejected_before_work(tmp_path, capsys):
                "--output", str(tmp_path / "o")])
     assert rc == 2 and "no_such_task_xyz" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_fp_weight_copy_is_half_precision_when_exact():
+    from vllm_slq.modifiers.slq import _host_copy
+
+    w16 = torch.randn(8, 16).to(torch.bfloat16).float()  # a CPU run's fp32 upcast of a bf16 file
+    c = _host_copy(w16, torch.bfloat16)
+    assert c.dtype == torch.bfloat16 and torch.equal(c.float(), w16)
+    w32 = torch.randn(8, 16)  # not representable in bf16: kept whole
+    c = _host_copy(w32, torch.bfloat16)
+    assert c.dtype == torch.float32 and torch.equal(c, w32) and c.data_ptr() != w32.data_ptr()
