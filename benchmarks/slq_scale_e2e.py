@@ -57,7 +57,7 @@ def peak_rss_gb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
+                return int(line.split()[1]) * 1024 / 1e9  # kB -> GB, as the other sizes here
     except OSError:
         return None
     return None
