@@ -104,6 +104,16 @@ class MixedLinear(torch.autograd.Function):
 _KL_CHUNK_ELEMENTS = 1 << 24
 
 
+def _chunk_kl_sum(ref_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum over a chunk of positions of KL(p_ref || softmax(z)), fp32 inputs."""
+    return (ref_logp.exp() * (ref_logp - torch.log_softmax(z, -1))).sum()
+
+
+def _chunk_kl_grad(ref_p: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d/dz of the chunk's KL sum times scale: softmax(z) sum_v p_ref - p_ref (fp32)."""
+    return (torch.softmax(z, -1) * ref_p.sum(-1, keepdim=True) - ref_p) * scale
+
+
 class _FullVocabKL(torch.autograd.Function):
     """Mean over positions of KL(p_ref || softmax(z)) in fp32, a chunk of positions at a time.
 
@@ -123,8 +133,7 @@ class _FullVocabKL(torch.autograd.Function):
         z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for a, b in _FullVocabKL._chunks(z.shape[0], v):
-            rl = r[a:b].to(torch.float32)
-            total += (rl.exp() * (rl - torch.log_softmax(z[a:b].to(torch.float32), -1))).sum()
+            total += _chunk_kl_sum(r[a:b].to(torch.float32), z[a:b].to(torch.float32))
         ctx.save_for_backward(ref_logp, logits)
         return total / z.shape[0]
 
@@ -136,9 +145,8 @@ class _FullVocabKL(torch.autograd.Function):
         out = torch.empty_like(z)
         scale = grad.to(torch.float32) / z.shape[0]
         for a, b in _FullVocabKL._chunks(z.shape[0], v):
-            q = torch.softmax(z[a:b].to(torch.float32), -1)
             p = r[a:b].to(torch.float32).exp()  # a cached fp16 reference sums to 1 only within rounding
-            out[a:b] = ((q * p.sum(-1, keepdim=True) - p) * scale).to(out.dtype)
+            out[a:b] = _chunk_kl_grad(p, z[a:b].to(torch.float32), scale).to(out.dtype)
         return None, out.reshape(logits.shape)
 
 
@@ -169,9 +177,8 @@ class _HeadKL(torch.autograd.Function):
         x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
-            lp = torch.log_softmax(_HeadKL._logits(r[a:b], weight, bias), -1)
-            lq = torch.log_softmax(_HeadKL._logits(x[a:b], weight, bias), -1)
-            total += (lp.exp() * (lp - lq)).sum()
+            total += _chunk_kl_sum(torch.log_softmax(_HeadKL._logits(r[a:b], weight, bias), -1),
+                                   _HeadKL._logits(x[a:b], weight, bias))
         ctx.save_for_backward(ref_h, h, weight, bias)
         return total / x.shape[0]
 
@@ -184,8 +191,7 @@ class _HeadKL(torch.autograd.Function):
         scale = grad.to(torch.float32) / x.shape[0]
         for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
             p = torch.softmax(_HeadKL._logits(r[a:b], weight, bias), -1)
-            q = torch.softmax(_HeadKL._logits(x[a:b], weight, bias), -1)
-            dz = ((q * p.sum(-1, keepdim=True) - p) * scale).to(weight.dtype)
+            dz = _chunk_kl_grad(p, _HeadKL._logits(x[a:b], weight, bias), scale).to(weight.dtype)
             out[a:b] = (dz @ weight).to(out.dtype)
         return None, out.reshape(h.shape), None, None
 
