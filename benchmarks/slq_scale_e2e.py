@@ -86,7 +86,9 @@ def run(size: str, args) -> dict:
                    bpp_all_params=rep["bpp_all_params"], checkpoint_gb=rep["checkpoint_gb"],
                    fp16_gb=2 * rep["params_all"] / 1e9, quantize_s=rep["quantize_seconds"],
                    allocation_s=alloc.get("seconds"), widths=sorted(set(rep["layers"].values())),
-                   kl=fid.get("kl"), ear=fid.get("ear"))
+                   kl=fid.get("kl"), ear=fid.get("ear"),
+                   sensitivity_passes=(alloc.get("kl_sensitivities") or {}).get("passes"),
+                   sensitivity_capped_options=(alloc.get("kl_sensitivities") or {}).get("capped_options"))
     return row
 
 

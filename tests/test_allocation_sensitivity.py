@@ -85,6 +85,22 @@ def test_subsets_grow_as_options_get_cheaper():
     assert by_bits[0] > 1
 
 
+def test_max_subsets_caps_the_passes_of_each_option_and_names_the_capped_ones():
+    pb = problem(n=16, seed=1)
+    objective, _ = quadratic_objective(pb, seed=1)
+    _, free = kl_sensitivities(pb, objective, n_batches=1, max_pass_loss=0.05, progress=False)
+    assert free["capped_options"] == []
+    over = [k for k, n in free["subsets"].items() if n > 3]
+    assert over  # the rule alone asks for more than 3 passes somewhere
+    C, capped = kl_sensitivities(pb, objective, n_batches=1, max_pass_loss=0.05, max_subsets=3, progress=False)
+    assert max(capped["subsets"].values()) == 3
+    assert sorted(capped["capped_options"]) == sorted(over)
+    assert capped["passes"] == sum(min(n, 3) for n in free["subsets"].values())
+    assert np.isfinite(C).all() and (C >= 0).all()
+    with pytest.raises(ValueError, match="max_subsets"):
+        kl_sensitivities(pb, objective, max_subsets=0, progress=False)
+
+
 def test_monotone_costs_and_subset_counts():
     pb = problem(n=3)
     raw = np.array([[0.5, 0.9, 0.2, 0.1, 0.0, -0.1, 0.0]] * 3)

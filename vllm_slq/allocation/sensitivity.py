@@ -20,7 +20,11 @@ random sign that grows with |S| and with how far the pass leaves the quadratic
 regime. So cheap options get split over more, smaller subsets: going from the
 richest option down, option k's subsets are sized so that the loss a pass is
 predicted to reach (the measured loss of the previous option's passes, scaled by
-4 per bit removed, the quantisation-noise rule) stays under `max_pass_loss`.
+4 per bit removed, the quantisation-noise rule) stays under `max_pass_loss`,
+with at most `max_subsets` subsets (passes) per option: on large models whose
+cheapest option is far from the quadratic regime (random weights at 2 bits),
+the rule alone asks for one pass per group, hours on a CPU. A capped option is
+named in the returned info, and its estimates carry more cross-term noise.
 Finally each row is made monotone (a cheaper option never costs less) and
 non-negative.
 
@@ -57,7 +61,8 @@ def monotone_costs(values: np.ndarray, problem: AllocationProblem) -> np.ndarray
 
 
 def kl_sensitivities(problem: AllocationProblem, objective: Objective, n_batches: int = 4,
-                     max_pass_loss: float = 0.25, seed: int = 0, progress: bool = True) -> tuple[np.ndarray, dict]:
+                     max_pass_loss: float = 0.25, max_subsets: int = 32, seed: int = 0,
+                     progress: bool = True) -> tuple[np.ndarray, dict]:
     """C [G, K]: estimated loss of switching group i alone to option k (see module docstring).
 
     objective(P, step) -> loss, differentiable in P [G, K]; `step` 0..n_batches-1 selects
@@ -68,6 +73,8 @@ def kl_sensitivities(problem: AllocationProblem, objective: Objective, n_batches
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     if not max_pass_loss > 0:
         raise ValueError(f"max_pass_loss must be > 0, got {max_pass_loss}")
+    if max_subsets < 1:
+        raise ValueError(f"max_subsets must be >= 1, got {max_subsets}")
     t0 = time.perf_counter()
     G, K = problem.n_groups, problem.n_options
     rng = np.random.default_rng(seed)
@@ -77,7 +84,7 @@ def kl_sensitivities(problem: AllocationProblem, objective: Objective, n_batches
     order = np.argsort(-mean_bpp, kind="stable")
     C = np.zeros((G, K))
     measured = {}
-    subsets = {}
+    subsets, capped = {}, []
     prev_loss, prev_bpp = 0.0, None
     steps = order.tolist()
     if progress:
@@ -90,6 +97,9 @@ def kl_sensitivities(problem: AllocationProblem, objective: Objective, n_batches
         else:
             predicted = prev_loss * 4.0 ** max(prev_bpp - mean_bpp[k], 0.0)
             n_sub = int(subset_counts(np.array([predicted]), max_pass_loss, max(len(groups), 1))[0])
+            if n_sub > max_subsets:
+                capped.append(int(k))
+                n_sub = max_subsets
         perm = rng.permutation(groups)
         total = 0.0
         for S in np.array_split(perm, n_sub):
@@ -108,5 +118,6 @@ def kl_sensitivities(problem: AllocationProblem, objective: Objective, n_batches
         prev_loss, prev_bpp = total, mean_bpp[k]
     C = monotone_costs(C, problem)
     info = {"passes": int(sum(subsets.values())), "batches_per_pass": n_batches, "subsets": subsets,
-            "pass_loss_sum": measured, "max_pass_loss": max_pass_loss, "wall_s": time.perf_counter() - t0}
+            "pass_loss_sum": measured, "max_pass_loss": max_pass_loss, "max_subsets": max_subsets,
+            "capped_options": capped, "wall_s": time.perf_counter() - t0}
     return C, info
