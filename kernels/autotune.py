@@ -33,6 +33,8 @@ from .layout import container_format
 CONFIG_DIR = Path(__file__).with_name("configs")
 CACHE_VERSION = 1
 GEMV_MAX_M = 1  # M == 1: the GEMV kernel; M > 1: the tl.dot kernel
+DOT_SMALL_MAX_M = 16  # M in 2..16: the "dot_small" tile, with split-K
+DOT_SMALL_WAVES = 4  # programs per SM the small-M split-K aims for
 
 # Used when no shipped file matches the GPU (and on CPU under TRITON_INTERPRET=1).
 # "gemv" is keyed by bits: BLOCK_N = 32 lanes x num_warps x one 128-bit load of
@@ -54,7 +56,7 @@ _FALLBACK_DEFAULTS = {
 # split-K > 1 so that the atomic path is exercised by the CPU tests.
 _CPU_CONFIGS = {
     "gemv": {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
-    "gemm": {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1},
+    "gemm": {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -147,23 +149,34 @@ def cached_entries(name: str) -> dict:
 
 def heuristic_config(bits: int, m: int, n: int, k: int, num_sms: int = 132,
                      defaults: Optional[dict] = None) -> dict:
-    """Block sizes from `defaults`; for M == 1 a split-K that runs >= 2 waves of programs."""
+    """Block sizes from `defaults`, plus a split-K for M <= 16: the GEMV (M == 1) runs
+    >= 2 waves of programs, the small-M tensor-core path >= DOT_SMALL_WAVES (its
+    programs hold fewer weight bytes in flight each, kernel_model.py)."""
     d = copy.deepcopy(_FALLBACK_DEFAULTS)
     for key, v in (defaults or {}).items():
         if key == "gemv":
             d["gemv"].update(v)
         else:
             d[key] = v
+    k_tiles = -(-k // container_format(bits).tile_k)
     if m <= GEMV_MAX_M:
         cfg = dict(d["gemv"][str(bits)])
-        n_tiles = max(1, -(-n // cfg["BLOCK_N"]))
-        k_tiles = -(-k // container_format(bits).tile_k)
-        split = 1
-        while n_tiles * split < 2 * num_sms and split * 2 <= k_tiles and split < 64:
-            split *= 2
-        cfg["SPLIT_K"] = split
+        cfg["SPLIT_K"] = _fill_split(max(1, -(-n // cfg["BLOCK_N"])), k_tiles, 2 * num_sms)
         return cfg
-    return dict(d["dot_small" if m <= 16 else "dot"])
+    if m > DOT_SMALL_MAX_M:
+        return dict(d["dot"])
+    cfg = dict(d["dot_small"])
+    tiles = max(1, -(-n // cfg["BLOCK_N"])) * -(-m // cfg["BLOCK_M"])
+    cfg["SPLIT_K"] = _fill_split(tiles, k_tiles, DOT_SMALL_WAVES * num_sms)
+    return cfg
+
+
+def _fill_split(programs: int, k_tiles: int, want: int) -> int:
+    """The smallest power-of-two split-K (<= 64, <= K tiles) giving >= want programs."""
+    split = 1
+    while programs * split < want and split * 2 <= k_tiles and split < 64:
+        split *= 2
+    return split
 
 
 @functools.lru_cache(maxsize=4096)

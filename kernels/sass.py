@@ -168,10 +168,13 @@ def compile_variant(path: str, bits: int, symmetric: bool, group_size: int, cfg:
         fn, div = tw._wna16_gemv_kernel, ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "NP", "K")
     elif path == "dot":
         sig = {"x_ptr": f"*{act}", "w_ptr": wty, "s_ptr": f"*{act}", "z_ptr": f"*{act}", "y_ptr": f"*{act}",
-               "M": "i32", "N": "i32", "NP": "i32", "K": "i32", "TILES": "i32", "stride_xm": "i32",
-               "stride_ym": "i32"}
+               "M": "i32", "N": "i32", "NP": "i32", "K": "i32", "TILES": "i32", "TILES_PER_PROG": "i32",
+               "stride_xm": "i32", "stride_ym": "i32"}
+        split = int(cfg.get("SPLIT_K", 1))
+        if split > 1:
+            sig["y_ptr"] = "*fp32"  # split-K partial tiles meet in an fp32 buffer
         const = dict(common, BLOCK_M=int(cfg["BLOCK_M"]), BLOCK_N=int(cfg["BLOCK_N"]),
-                     GROUP_M=int(cfg.get("GROUP_M", 8)), DOT_FP32=False)
+                     GROUP_M=int(cfg.get("GROUP_M", 8)), SPLIT_K=split, DOT_FP32=False)
         fn = tw._wna16_dot_kernel
         div = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "NP", "K", "stride_xm", "stride_ym")
     else:

@@ -24,7 +24,8 @@ multiply-add per weight.
     grouped program order. The packed container tile is what is loaded (and what
     Triton's pipeliner stages in shared memory); each slab is dequantised in
     registers to the activation dtype, (q - z) * s with one rounding, and fed to
-    tl.dot as a K = 16 operand.
+    tl.dot as a K = 16 operand. For small M the grid also splits K (fp32 atomics, as
+    the GEMV), since a few rows give too few [BLOCK_M, BLOCK_N] tiles to fill the SMs.
 
 Padding makes every weight load unmasked: N_pad is a multiple of 64 and the
 launcher picks BLOCK_N dividing it; K_pad is a multiple of the tile. Only the
@@ -145,9 +146,9 @@ def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES
 
 
 @triton.jit
-def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, stride_xm, stride_ym,
+def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TILES_PER_PROG, stride_xm, stride_ym,
                       BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
                       DOT_FP32: tl.constexpr, EMU_BF16: tl.constexpr):
     R: tl.constexpr = 16
     C: tl.constexpr = CBITS // BITS
@@ -172,7 +173,9 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, str
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(0, TILES):
+    t_lo = tl.program_id(1) * TILES_PER_PROG
+    t_hi = tl.minimum(t_lo + TILES_PER_PROG, TILES)
+    for t in range(t_lo, t_hi):
         w = tl.load(w_ptr + (t * R + offs_r)[:, None] * NP + offs_n[None, :], eviction_policy="evict_first")
         for j in tl.static_range(C):
             k0 = t * KT + j * R
@@ -193,7 +196,11 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, str
             else:
                 acc = tl.dot(x, wq, acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)  # y is an fp32 buffer, zeroed by the launcher
 
 
 # --------------------------------------------------------------------------- launchers
@@ -205,6 +212,13 @@ def _block_n(np_: int, want: int) -> int:
     while np_ % b:
         b //= 2
     return b
+
+
+def _split(tiles: int, want: int) -> tuple[int, int]:
+    """(programs along K, K tiles per program) for a wanted split-K: no program without tiles."""
+    split_k = max(1, min(want, tiles))
+    per_prog = -(-tiles // split_k)
+    return -(-tiles // per_prog), per_prog
 
 
 def _check_inputs(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -243,10 +257,7 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     if x2.shape[0] != 1:
         raise ValueError(f"gemv path takes M == 1, got M={x2.shape[0]}")
     args = _common(x2, packed, scale, zero, bits, group_size, k, n)
-    tiles = args["TILES"]
-    split_k = max(1, min(int(cfg["SPLIT_K"]), tiles))
-    per_prog = -(-tiles // split_k)
-    split_k = -(-tiles // per_prog)  # no program without tiles
+    split_k, per_prog = _split(args["TILES"], int(cfg["SPLIT_K"]))
     block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
     y = (torch.zeros(1, n, device=x2.device, dtype=torch.float32) if split_k > 1
          else torch.empty(1, n, device=x2.device, dtype=x2.dtype))
@@ -258,21 +269,28 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
 
 def launch_dot(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                bits: int, group_size: int, k: int, n: int, cfg: dict) -> torch.Tensor:
-    """Tensor-core path (any M; chosen for M > 1). x2 [M, K] -> [M, N] in x2.dtype."""
+    """Tensor-core path (any M; chosen for M > 1). x2 [M, K] -> [M, N] in x2.dtype.
+
+    cfg["SPLIT_K"] (small M): K is cut into that many ranges, one program each, whose
+    partial [BLOCK_M, BLOCK_N] tiles are summed by fp32 atomics, so that a batch of a few
+    rows still runs enough programs to keep every SM's loads in flight.
+    """
     m = x2.shape[0]
-    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    args = _common(x2, packed, scale, zero, bits, group_size, k, n)
+    split_k, per_prog = _split(args["TILES"], int(cfg.get("SPLIT_K", 1)))
+    y = (torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split_k > 1
+         else torch.empty(m, n, device=x2.device, dtype=x2.dtype))
     block_m = int(cfg["BLOCK_M"])
     block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
-    grid = (triton.cdiv(m, block_m) * (packed.shape[1] // block_n),)
+    grid = (triton.cdiv(m, block_m) * (packed.shape[1] // block_n), split_k)
     _wna16_dot_kernel[grid](
-        y_ptr=y, M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0),
-        **_common(x2, packed, scale, zero, bits, group_size, k, n),
-        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=int(cfg.get("GROUP_M", 8)),
+        y_ptr=y, M=m, TILES_PER_PROG=per_prog, stride_xm=x2.stride(0), stride_ym=y.stride(0), **args,
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=int(cfg.get("GROUP_M", 8)), SPLIT_K=split_k,
         # bf16 tl.dot is wrong in the interpreter; fp16 and all GPU paths keep the native dtype.
         DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16,
         num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)),
     )
-    return y
+    return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
 def wna16_matmul_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],

@@ -22,7 +22,7 @@ import torch
 from vllm_slq.fileio import atomic_write_json
 
 from . import autotune
-from .autotune import GEMV_MAX_M, AutotuneError, cache_path, config_key, device_name, m_bucket
+from .autotune import DOT_SMALL_MAX_M, GEMV_MAX_M, AutotuneError, cache_path, config_key, device_name, m_bucket
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[dict]:
@@ -32,10 +32,13 @@ def candidate_configs(m: int, n: int, k: int) -> list[dict]:
                                                           (1, 2, 4, 8), (1, 2, 3)):
             out.append({"BLOCK_N": bn, "SPLIT_K": split, "num_warps": warps, "num_stages": stages})
     else:
-        for bm, bn, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
+        splits = (1, 2, 4, 8, 16, 32) if m <= DOT_SMALL_MAX_M else (1,)
+        for bm, bn, split, warps, stages in itertools.product((16, 32, 64, 128), (64, 128, 256), splits, (4, 8),
+                                                               (2, 3, 4)):
             if bm > 2 * m_bucket(m):
                 continue
-            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": warps, "num_stages": stages})
+            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split, "num_warps": warps,
+                        "num_stages": stages})
     return out
 
 

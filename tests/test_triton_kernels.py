@@ -321,7 +321,7 @@ def test_shipped_configs_parse_and_match_hopper_names():
     for t in tables:
         for m in (1, 4, 16, 64, 512):
             cfg = autotune.heuristic_config(4, m, 4096, 14336, t["num_sms"], t["defaults"])
-            assert "BLOCK_N" in cfg and ("SPLIT_K" in cfg) == (m == 1)
+            assert "BLOCK_N" in cfg and ("SPLIT_K" in cfg) == (m <= 16)
 
 
 def test_heuristic_split_k_fills_the_gpu():
@@ -329,20 +329,23 @@ def test_heuristic_split_k_fills_the_gpu():
     assert one["SPLIT_K"] > 1 and (4096 // one["BLOCK_N"]) * one["SPLIT_K"] >= 132
     tiny = autotune.heuristic_config(4, 1, 576, 64, num_sms=132)
     assert tiny["SPLIT_K"] == 1  # never more splits than K tiles
+    small = autotune.heuristic_config(4, 16, 4096, 4096, num_sms=132)  # batched decode: 32 tiles alone
+    assert small["SPLIT_K"] > 1 and (4096 // small["BLOCK_N"]) * small["SPLIT_K"] >= 4 * 132
+    assert "SPLIT_K" not in autotune.heuristic_config(4, 64, 4096, 4096, num_sms=132)
 
 
 def test_cache_wins_over_shipped_and_heuristic(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_SLQ_CACHE_DIR", str(tmp_path))
     name = "NVIDIA H100 80GB HBM3"
-    src, cfg = autotune._lookup(name, 4, 1, 4096, 4096, 0.0)
+    src, cfg = autotune._lookup(name, 4, 1, 5120, 5120, 0.0)
     assert src == "heuristic" and cfg["BLOCK_N"] == 1024
     tuned = {"BLOCK_N": 32, "SPLIT_K": 4, "num_warps": 2, "num_stages": 4}
-    tune.write_cache(autotune.cache_path(), {name: {"4|1|4096|4096": tuned}})
+    tune.write_cache(autotune.cache_path(), {name: {"4|1|5120|5120": tuned}})
     stamp = autotune.cache_path().stat().st_mtime
-    assert autotune._lookup(name, 4, 1, 4096, 4096, stamp) == ("cache", tuned)
+    assert autotune._lookup(name, 4, 1, 5120, 5120, stamp) == ("cache", tuned)
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temp files left behind
     autotune.cache_path().write_text("{not json")
-    assert autotune._lookup(name, 4, 1, 4096, 4096, stamp + 1)[0] == "heuristic"
+    assert autotune._lookup(name, 4, 1, 5120, 5120, stamp + 1)[0] == "heuristic"
 
 
 def test_config_validation_names_the_field():
