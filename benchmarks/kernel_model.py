@@ -13,10 +13,12 @@ ideal speedup over fp16 on H100 and H200:
     t_flight  = weight bytes / min(BW, SMs * bytes_in_flight_per_SM / latency)
     fraction  = t_ideal / max(t_mem, t_issue, t_flight)
 
-bytes in flight per SM = resident warps (registers, grid) x one iteration's
-weight loads per warp (all issued before first use). Device constants (stated,
-not measured): H100 SXM 3.35 TB/s, H200 4.8 TB/s, 132 SMs, 4 schedulers x
-1.98 GHz, 600 ns DRAM latency, 64K registers per SM. The loop's instruction
+bytes in flight per SM = resident warps (registers, shared memory, grid) x one
+iteration's weight loads per warp (all issued before first use). With split-K
+(M == 1 and M <= 16) the fp32 partial tiles are counted in t_mem as if they went
+to DRAM, an upper bound on the atomics' cost. Device constants (stated, not
+measured): H100 SXM 3.35 TB/s, H200 4.8 TB/s, 132 SMs, 4 schedulers x 1.98 GHz,
+600 ns DRAM latency, 64K registers and 228 KB shared memory per SM. The loop's instruction
 count is exact (from SASS); everything outside the loop is ignored.
 
     python benchmarks/kernel_model.py            # -> benchmarks/results/kernel_model.{json,png}
@@ -51,6 +53,8 @@ SCHEDULERS = 4
 LATENCY_S = 600e-9
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
+SMEM_PER_SM = 228 * 1024  # Hopper: shared memory per SM, of which each CTA also reserves 1 KB
+SMEM_PER_CTA = 1024
 
 # (name, K, N) -- N = out_features, K = in_features
 LLAMA_8B = [("q/o_proj", 4096, 4096), ("k/v_proj", 4096, 1024), ("gate/up_proj", 4096, 14336),
@@ -62,33 +66,36 @@ def ideal_bits(bits: int, group: int, symmetric: bool) -> float:
     return bits + 16 / group + (0 if symmetric else bits / group)
 
 
-def actual_bytes(bits: int, group: int, symmetric: bool, k: int, n: int, m: int) -> float:
+def actual_bytes(bits: int, group: int, symmetric: bool, k: int, n: int, m: int, split: int = 1) -> float:
+    """Bytes moved: padded containers, scales (and zeros), x, y; with split-K the fp32 y
+    buffer is zeroed, receives `split` partial tiles by atomics and is read back once. The
+    atomics reduce in L2; counting them at DRAM bandwidth is an upper bound on their cost."""
     fmt = container_format(bits)
     npad, kpad = padded_n(n), fmt.padded_k(k)
     groups = -(-kpad // group)
     w = fmt.container_rows(k) * npad * fmt.container_bits / 8
     meta = groups * npad * 2 * (1 if symmetric else 2)
-    return w + meta + m * k * 2 + m * n * (4 if m == 1 else 2)
+    y = m * n * 2 if split == 1 else m * n * 4 * (split + 2)
+    return w + meta + m * k * 2 + y
 
 
 def predict(v, dev: dict, bits: int, group: int, symmetric: bool, k: int, n: int, m: int, cfg: dict) -> dict:
     bw, sms, clock = dev["bw"], dev["sms"], dev["clock"]
     fmt = container_format(bits)
     w_bytes = fmt.container_rows(k) * padded_n(n) * fmt.container_bits / 8
+    tiles = fmt.padded_k(k) // fmt.tile_k
+    split = max(1, min(int(cfg.get("SPLIT_K", 1)), tiles))
     t_ideal = n * k * ideal_bits(bits, group, symmetric) / 8 / bw
-    t_mem = actual_bytes(bits, group, symmetric, k, n, m) / bw
+    t_mem = actual_bytes(bits, group, symmetric, k, n, m, split) / bw
     bytes_per_warp_iter = v.unique_weight_bytes_per_thread * 32
     warp_iters = w_bytes / bytes_per_warp_iter
     t_issue = v.loop_instructions * warp_iters / (sms * SCHEDULERS * clock)
     block_n = int(cfg["BLOCK_N"])
     n_tiles = padded_n(n) // block_n
-    if m == 1:
-        tiles = fmt.padded_k(k) // fmt.tile_k
-        programs = n_tiles * max(1, min(int(cfg.get("SPLIT_K", 1)), tiles))
-    else:
-        programs = n_tiles * -(-m // int(cfg["BLOCK_M"]))
+    programs = n_tiles * split * (1 if m == 1 else -(-m // int(cfg["BLOCK_M"])))
     reg_warps = REGS_PER_SM // max(1, v.registers * 32)
-    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, max(1, programs * v.num_warps // sms))
+    smem_warps = SMEM_PER_SM // (v.shared_bytes + SMEM_PER_CTA) * v.num_warps  # resident CTAs x warps
+    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, programs * v.num_warps // sms))
     inflight = warps_per_sm * bytes_per_warp_iter
     t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
     t = max(t_mem, t_issue, t_flight)
@@ -99,8 +106,81 @@ def predict(v, dev: dict, bits: int, group: int, symmetric: bool, k: int, n: int
 
 
 def config_for(device: str, bits: int, m: int, n: int, k: int) -> dict:
+    """What a launch on `device` gets from the shipped data: its entry for the shape, else the heuristic."""
     table = autotune.device_table(device)
+    entry = table["entries"].get(autotune.config_key(bits, m, n, k))
+    if entry is not None:
+        return dict(entry)
     return autotune.heuristic_config(bits, m, n, k, table["num_sms"], table["defaults"])
+
+
+# Block configs the search tries for the small-M tensor-core path (BLOCK_M 16: one mma tile of rows).
+DOT_SMALL_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": bn, "GROUP_M": 8, "num_warps": 4, "num_stages": st}
+                        for bn in (64, 128, 256) for st in (2, 3)]
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
+SEARCH_M = (1, 2, 4, 8, 16)  # the M buckets of the GEMV and small-M paths
+
+
+def best_configs(device: str, shapes, bits_list, cache: dict, arch: int = 90) -> dict:
+    """Per (bits, M bucket, N, K): the launch config with the best predicted fraction of
+    the ideal (time-weighted over sym and asym), among those the CI gates accept (0
+    spills, each weight word loaded once). GEMV: the shipped BLOCK_N per width, split-K
+    searched; M 2..16: DOT_SMALL_CANDIDATES x split-K. The model of a split-K > 1 program
+    also stands for split 1 (same loop; the epilogue differs)."""
+    dev, table = DEVICES[device], autotune.device_table("NVIDIA " + device)
+    entries = {}
+    jobs = [(name, k, n, b, m) for name, k, n in shapes for b in bits_list for m in SEARCH_M]
+    for name, k, n, b, m in tqdm(jobs, desc=f"config search {device}", file=sys.stderr):
+        group = 128 if k % 128 == 0 else 64
+        tiles = container_format(b).padded_k(k) // container_format(b).tile_k
+        if m <= autotune.GEMV_MAX_M:
+            path, blocks = "gemv", [autotune.heuristic_config(b, 1, n, k, table["num_sms"], table["defaults"])]
+        else:
+            path, blocks = "dot", DOT_SMALL_CANDIDATES
+        best = None
+        for block in blocks:
+            variants = [compiled(cache, path, b, sym, group, dict(block, SPLIT_K=2), arch) for sym in (True, False)]
+            if any(v.spill_bytes or abs(v.weight_request_ratio - 1.0) > 1e-6 for v in variants):
+                continue
+            for split in SPLITS:
+                if split > tiles:
+                    break
+                cfg = dict(block, SPLIT_K=split)
+                preds = [predict(v, dev, b, group, sym, k, n, m, cfg) for v, sym in zip(variants, (True, False))]
+                score = sum(p["t_ideal_us"] for p in preds) / sum(p["t_ideal_us"] / p["predicted_fraction_of_ideal"]
+                                                                   for p in preds)
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, cfg)
+        if best is None:
+            raise RuntimeError(f"no candidate config passes the gates for {b} bits, M={m}, {k}x{n} on {device}")
+        entries[autotune.config_key(b, m, n, k)] = best[1]
+    return entries
+
+
+def export_configs(bits_list) -> dict:
+    """Write the model's best configs into kernels/configs/<device>.json "entries" (atomic write)."""
+    cache, written = {}, {}
+    for device, dev in DEVICES.items():
+        path = autotune.CONFIG_DIR / f"{dev['config']}.json"
+        data = json.loads(path.read_text())
+        found = best_configs(device, LLAMA_8B + REFERENCE, bits_list, cache)
+        data["entries"] = dict(sorted({**data["entries"], **found}.items()))
+        data["entries_source"] = ("MODEL, not measured: benchmarks/kernel_model.py --export-configs picked each "
+                                  "entry as the best predicted config for Llama-3-8B and reference-model shapes; "
+                                  "a measured `benchmarks/kernels.py --tune --export-configs` run replaces them")
+        atomic_write_json(path, data)
+        written[str(path)] = len(found)
+    autotune.shipped_configs.cache_clear()
+    return written
+
+
+def compiled(cache: dict, path: str, bits: int, sym: bool, group: int, cfg: dict, arch: int):
+    """compile_variant, memoised; split-K only changes the code between 1 (store) and > 1 (atomics)."""
+    ccfg = _code_config(path, cfg)
+    key = (path, bits, sym, group, arch, tuple(sorted(ccfg.items())))
+    if key not in cache:
+        cache[key] = compile_variant(path, bits, sym, group, ccfg, arch=arch)
+    return cache[key]
 
 
 def run(shapes: dict, bits_list, ms, archs, symmetries) -> list[dict]:
@@ -111,10 +191,7 @@ def run(shapes: dict, bits_list, ms, archs, symmetries) -> list[dict]:
         group = 128 if k % 128 == 0 else 64
         cfg = config_for("NVIDIA " + dev, b, m, n, k)
         path = "gemv" if m <= autotune.GEMV_MAX_M else "dot"
-        key = (path, b, sym, group, arch, tuple(sorted(cfg.items())))
-        if key not in cache:
-            cache[key] = compile_variant(path, b, sym, group, cfg, arch=arch)
-        v = cache[key]
+        v = compiled(cache, path, b, sym, group, cfg, arch)
         pred = predict(v, DEVICES[dev], b, group, sym, k, n, m, cfg)
         rows.append(dict(kernel="ours", device=dev, arch=f"sm_{arch}", family=fam, layer=name, bits=b,
                          symmetric=sym, m=m, shape=f"{k}x{n}", group_size=group, path=path,
@@ -189,8 +266,16 @@ def shipped_variants() -> list[tuple[str, int, dict]]:
         for key, cfg in t.get("entries", {}).items():
             b, mb = int(key.split("|")[0]), int(key.split("|")[1])
             out.append(("gemv" if mb <= autotune.GEMV_MAX_M else "dot", b, dict(cfg)))
-    uniq = {(p, b, tuple(sorted(c.items()))): (p, b, c) for p, b, c in out}
+    # split-K only changes the compiled code between 1 and > 1 (kernel_model.compiled)
+    uniq = {(p, b, tuple(sorted(_code_config(p, c).items()))): (p, b, _code_config(p, c)) for p, b, c in out}
     return list(uniq.values())
+
+
+def _code_config(path: str, cfg: dict) -> dict:
+    out = dict(cfg)
+    if "SPLIT_K" in out:
+        out["SPLIT_K"] = 1 if int(out["SPLIT_K"]) == 1 and path == "dot" else 2
+    return out
 
 
 def gate_rows(archs=(80, 90)) -> list[dict]:
@@ -214,8 +299,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=list(range(2, 9)))
     ap.add_argument("--gates", action="store_true",
                     help="compile every shipped config for sm_80/sm_90 and write only those rows (CI)")
+    ap.add_argument("--export-configs", action="store_true",
+                    help="write the model's best config per Llama-8B/reference shape into kernels/configs (MODEL)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    if args.export_configs:
+        for path, count in export_configs(args.bits).items():
+            print(f"wrote {count} model-picked entries into {path}")
     if args.gates:
         atomic_write_json(args.out, {"gates": gate_rows(), "wall_s": round(time.time() - t0, 1)})
         print(f"wrote {args.out}")
