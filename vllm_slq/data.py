@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_slq.fileio import atomic_dir, atomic_write
+
 REFERENCE_MODEL = "smollm2-135m"
 
 
@@ -106,14 +108,9 @@ def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.float16)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model(spec: str = REFERENCE_MODEL) -> Path | str:
@@ -199,9 +196,7 @@ def _brown_documents() -> list[tuple[str, str]]:
                     if m.isfile() and re.fullmatch(r"c[a-r]\d\d", name):
                         raw = tf.extractfile(m).read().decode("utf-8", errors="replace")
                         docs.append({"id": name, "text": _brown_detokenize(raw)})
-        tmpf = cached.with_suffix(".tmp")
-        tmpf.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        os.replace(tmpf, cached)
+        atomic_write(cached, "".join(json.dumps(d) + "\n" for d in docs))
     return [(d["id"], d["text"]) for d in map(json.loads, cached.read_text().splitlines())]
 
 
@@ -248,10 +243,7 @@ def _sampled_documents(n_docs: int = 32, tokens: int = 192, seed: int = 0) -> li
                                  temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
                                  min_new_tokens=tokens, pad_token_id=tok.pad_token_id)
         docs.append({"id": f"s{i}", "text": tok.decode(out[0], skip_special_tokens=True)})
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    os.replace(tmp, cached)
+    atomic_write(cached, "".join(json.dumps(d) + "\n" for d in docs))
     return [(d["id"], d["text"]) for d in docs]
 
 

@@ -17,15 +17,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from vllm_slq.checkpoint.layout import EXTRA_KEY
+from vllm_slq.fileio import atomic_dir
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
 
 METHODS = ("slq", "gsq", "gptq", "rtn")
@@ -315,9 +314,10 @@ def run_quantize(args) -> int:
         "seconds": alloc.extra.get("seconds"), "kl_sensitivities": alloc.extra.get("kl_sensitivities"),
         "database_cache": alloc.extra.get("database_cache")}
 
-    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        save_checkpoint(model, quantized, staging, tokenizer=tok, extra=extra, dtype=dtype)
+    # checkpoint and report are staged together and published with one rename; an existing
+    # output (--overwrite) is deleted only once the new one is in place
+    with atomic_dir(out, replace=args.overwrite) as staging:
+        save_checkpoint(model, quantized, staging, tokenizer=tok, extra=extra, dtype=dtype, overwrite=True)
         stored = json.loads((staging / "config.json").read_text())[EXTRA_KEY]
         report = {"model": str(args.model), "method": args.method, "target": target_text,
                   "bpp": bpp, "bpp_all_params": stored["bpp_all_params"],
@@ -353,12 +353,6 @@ def run_quantize(args) -> int:
             report["fidelity"]["candidate"] = str(out)
         (staging / "slq_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (staging / "slq_report.md").write_text(render_report(report))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(render_report(report))
     from vllm_slq.serve import serve_command
 

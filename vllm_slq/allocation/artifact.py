@@ -14,17 +14,16 @@
 accepts the whole file, it unwraps "layer_specs"). A user may edit it; load_allocation
 recomputes the achieved bpp from the edited specs (module_bpp is informational),
 checks that tied modules still agree, and says which module/field is wrong.
-Writes are atomic (temp file in the same directory + os.replace).
+Writes are atomic (vllm_slq.fileio).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from vllm_slq.fileio import atomic_write
 from vllm_slq.quant.spec import QuantSpec, QuantSpecError
 
 from .problem import AllocationProblem, exact_cost_bits
@@ -87,16 +86,7 @@ def save_allocation(alloc: Allocation, path: Union[str, Path]) -> Path:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
     return path
 
 

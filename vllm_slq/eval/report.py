@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from vllm_slq.fileio import atomic_path
 from vllm_slq.fileio import atomic_write as _atomic_write
 
 
@@ -261,11 +261,9 @@ def plot_fidelity(runs: Sequence[dict], path) -> Optional[Path]:
         a.legend()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

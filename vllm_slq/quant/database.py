@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,6 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..fileio import atomic_path, atomic_write
 from .gptq import gptq_quantize_many
 from .spec import QuantizedWeight, QuantSpec
 
@@ -130,19 +130,6 @@ def _jsonable(v):
     return repr(v)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """write(tmp_path) then os.replace into `path`: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class LayerDatabase:
     """A directory of quantized layer variants: put() once per layer, get() lazily later.
 
@@ -177,7 +164,7 @@ class LayerDatabase:
 
     def _write_index(self) -> None:
         text = json.dumps(self._index, indent=1, sort_keys=True)
-        _atomic_write_bytes(self._index_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self._index_path, text)
 
     def _file_for(self, layer: str) -> str:
         if layer in self._index["layers"]:
@@ -285,7 +272,8 @@ class LayerDatabase:
                 tensors[f"{key}.zero_point"] = qw.zero_point.detach().cpu().contiguous()
             index_entries[key] = {**_spec_to_json(spec), "meta": _jsonable(qw.meta)}
         file = self._file_for(layer)
-        _atomic_write_bytes(self.path / file, lambda tmp: save_file(tensors, tmp, metadata={"layer": layer}))
+        with atomic_path(self.path / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"layer": layer})
         self._index["layers"][layer] = {"file": file, "shape": list(shape), "entries": index_entries}
         self._write_index()
 
