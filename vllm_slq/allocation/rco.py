@@ -33,7 +33,6 @@ the model objective uses it to pick the calibration mini-batch.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional

@@ -63,7 +63,6 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, in_features: int) -> to
     """Inverse of pack_planes: the planes -> uint8 [N, K] values in [0, 2^b)."""
     out = None
     for w, word in zip(PLANE_SPLITS[bits], planes):
-        per = 8 // w
         shifts = torch.arange(0, 8, w, dtype=torch.uint8, device=word.device)
         vals = ((word.unsqueeze(-1) >> shifts) & ((1 << w) - 1)).reshape(word.shape[0], -1)[:, :in_features]
         out = vals if out is None else (out << w) | vals

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -135,8 +134,6 @@ class VLLMCandidate:
 
     def topk_logprobs(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T-1, k'] token ids, padded with -1; [T-1, k'] log-probs) for positions 0..T-2."""
-        import numpy as np
-
         tok, lp, starts, ends = self._rows(ids)
         width = int((ends - starts).max()) if len(starts) else 0
         out_ids = torch.full((len(starts), width), -1, dtype=torch.long)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from llmcompressor.core import Event, State

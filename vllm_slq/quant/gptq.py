@@ -49,7 +49,7 @@ fake-quantized weight the error feedback was computed against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
