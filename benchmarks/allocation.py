@@ -43,6 +43,7 @@ from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_li
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
 from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.spec import QuantSpec
+from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ASYM = [QuantSpec(b, 64, False) for b in range(2, 9)]
@@ -247,7 +248,7 @@ def plot(model_rows, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main():

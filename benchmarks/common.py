@@ -1,15 +1,15 @@
-"""What every benchmark here shares: peak-RSS sampling, a plain-text table, atomic JSON."""
+"""What every benchmark here shares: peak-RSS sampling, a plain-text table, atomic JSON and PNG."""
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
 
-from vllm_slq.fileio import atomic_write_json
+from vllm_slq.fileio import atomic_path, atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "current_rss_mb", "PeakSampler", "DevicePeak", "print_table", "write_json"]
+__all__ = ["RESULTS", "current_rss_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure"]
 
 
 def current_rss_mb() -> float:
@@ -93,3 +93,14 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def write_json(path: Path | str, obj) -> Path:
     atomic_write_json(path, obj)
     return Path(path)
+
+
+def save_figure(fig, path: Path | str, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

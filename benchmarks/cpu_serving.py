@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_slq.fileio import atomic_write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_serving.json"
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
            "def fibonacci(n):", "The three primary colors are"]
@@ -108,11 +110,7 @@ def main() -> None:
                 "equals the dense model; tokens/s should match dense up to noise.",
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmpf = tempfile.mkstemp(dir=RESULTS.parent, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmpf, RESULTS)
+    atomic_write_json(RESULTS, payload, indent=2)
     print(f"wrote {RESULTS}")
 
 

@@ -38,7 +38,7 @@ import sys
 import time
 
 import torch
-from common import RESULTS, print_table, write_json
+from common import RESULTS, print_table, save_figure, write_json
 
 ARMS = ("llmcompressor-w4", "ours-w4", "slq-database")
 TARGET_RATIO = 2.0  # issue #18: the 7-width database within 2x llmcompressor's one width
@@ -169,8 +169,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlim(0, 1.25 * max(c + x for c, x in zip(cal, q)))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

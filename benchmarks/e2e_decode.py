@@ -99,46 +99,46 @@ def model_bpp(cfg: dict, spec) -> float:
 
 
 def write_quantized_checkpoint(path: Path, cfg: dict, spec, seed: int = 0) -> None:
-    """Random pack-quantized checkpoint (atomic: written to a temp dir, then renamed)."""
+    """Random pack-quantized checkpoint, written atomically (vllm_slq.fileio.atomic_dir)."""
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from vllm_slq.checkpoint.layout import build_quant_config, expected_tensors
+    from vllm_slq.fileio import atomic_dir
 
     gen = torch.Generator().manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    weight_map = {}
+    with atomic_dir(path) as tmp:
+        h, v = cfg["hidden_size"], cfg["vocab_size"]
+        weight_map = {}
 
-    def rand_f16(*shape, scale=0.02):
-        return (torch.randn(*shape, generator=gen) * scale).half()
+        def rand_f16(*shape, scale=0.02):
+            return (torch.randn(*shape, generator=gen) * scale).half()
 
-    dense = {"model.embed_tokens.weight": rand_f16(v, h), "lm_head.weight": rand_f16(v, h),
-             "model.norm.weight": torch.ones(h, dtype=torch.float16)}
-    save_file(dense, str(tmp / "model-dense.safetensors"))
-    weight_map.update({k: "model-dense.safetensors" for k in dense})
-    for i in tqdm(range(cfg["num_hidden_layers"]), desc=f"writing {spec.short()} layers"):
-        tensors = {f"model.layers.{i}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
-                   f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
-        for p, shape in PROJ.items():
-            n, k = shape(cfg)
-            name = f"model.layers.{i}.{p}"
-            for suffix, lay in expected_tensors(n, k, spec, module=name).items():
-                if lay.dtype == torch.int32:  # packed codes / zero points: any bit pattern is valid
-                    t = torch.randint(-2**31, 2**31, lay.shape, generator=gen, dtype=torch.int64).to(torch.int32)
-                elif lay.dtype == torch.int64:  # weight_shape
-                    t = torch.tensor([n, k], dtype=torch.int64)
-                else:  # scales: small so activations stay finite through 32 random layers
-                    t = (torch.rand(*lay.shape, generator=gen) * 1e-3 + 1e-4).to(lay.dtype)
-                tensors[f"{name}.{suffix}"] = t
-        fname = f"model-{i:05d}.safetensors"
-        save_file(tensors, str(tmp / fname))
-        weight_map.update({k: fname for k in tensors})
-    full = dict(cfg, quantization_config=build_quant_config(linear_specs(cfg, spec), ignore=["lm_head"]))
-    (tmp / "config.json").write_text(json.dumps(full, indent=1))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    os.replace(tmp, path)
+        dense = {"model.embed_tokens.weight": rand_f16(v, h), "lm_head.weight": rand_f16(v, h),
+                 "model.norm.weight": torch.ones(h, dtype=torch.float16)}
+        save_file(dense, str(tmp / "model-dense.safetensors"))
+        weight_map.update({k: "model-dense.safetensors" for k in dense})
+        for i in tqdm(range(cfg["num_hidden_layers"]), desc=f"writing {spec.short()} layers"):
+            tensors = {f"model.layers.{i}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
+                       f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
+            for p, shape in PROJ.items():
+                n, k = shape(cfg)
+                name = f"model.layers.{i}.{p}"
+                for suffix, lay in expected_tensors(n, k, spec, module=name).items():
+                    if lay.dtype == torch.int32:  # packed codes / zero points: any bit pattern is valid
+                        t = torch.randint(-2**31, 2**31, lay.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+                    elif lay.dtype == torch.int64:  # weight_shape
+                        t = torch.tensor([n, k], dtype=torch.int64)
+                    else:  # scales: small so activations stay finite through 32 random layers
+                        t = (torch.rand(*lay.shape, generator=gen) * 1e-3 + 1e-4).to(lay.dtype)
+                    tensors[f"{name}.{suffix}"] = t
+            fname = f"model-{i:05d}.safetensors"
+            save_file(tensors, str(tmp / fname))
+            weight_map.update({k: fname for k in tensors})
+        full = dict(cfg, quantization_config=build_quant_config(linear_specs(cfg, spec), ignore=["lm_head"]))
+        (tmp / "config.json").write_text(json.dumps(full, indent=1))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def write_fp16_config(path: Path, cfg: dict) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from vllm_slq.data import REFERENCE_MODEL, load_model
 from vllm_slq.eval.api import Evaluator
 from vllm_slq.eval.report import format_table
+from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.grid import rtn
 from vllm_slq.quant.spec import QuantSpec
 
@@ -53,13 +52,6 @@ def rtn_copy(model: torch.nn.Module, spec: QuantSpec) -> tuple[torch.nn.Module, 
                 bits += qw.bits_total()
                 params += mod.weight.numel()
     return cand, bits / params
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -95,7 +87,7 @@ def main(argv=None) -> int:
         r["runtime_s"]["positions_per_s"] = round(r["teacher_forced"]["n_positions"] / tf, 2)
         out["runs"][name] = r
         out["total_runtime_s"] = round(time.perf_counter() - t0, 1)
-        _write(Path(args.out), out)
+        atomic_write_json(Path(args.out), out)
         rows.append(r)
         print(format_table(rows), flush=True)
     from vllm_slq.eval.report import gather

@@ -40,6 +40,7 @@ from vllm_slq.quant.database import build_database
 from vllm_slq.quant.gptq import gptq_quantize, hessian_relative_error
 from vllm_slq.quant.grid import rtn
 from vllm_slq.quant.spec import QuantSpec
+from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"q_proj/o_proj 576x576": (576, 576), "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536)}
@@ -225,8 +226,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.set_title("Hessian-weighted relative error")
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

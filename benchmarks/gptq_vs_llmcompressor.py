@@ -21,7 +21,6 @@ Prints a table, writes benchmarks/results/gptq_vs_llmcompressor.json and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from vllm_slq.fileio import atomic_write_json
+from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -182,8 +184,7 @@ def plot(per_layer: dict, out_png: Path):
         ax.set_title(f"{key}: {sum(a <= b for a, b in zip(y, x))}/{len(x)} layers ours <= llmcompressor")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def main():
@@ -353,9 +354,7 @@ def main():
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if k != "out"),
     }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     png = out.with_suffix(".png")
     plot(per_layer, png)
     print(f"wrote {out} and {png}")

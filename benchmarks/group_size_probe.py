@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RULES = {
@@ -120,8 +121,7 @@ def plot(rows, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

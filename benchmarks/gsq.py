@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, PeakSampler
+from common import PeakSampler, RESULTS, save_figure
 
 MLP = ["re:.*mlp\\.(gate_proj|up_proj|down_proj)$"]
 
@@ -238,8 +238,7 @@ def plot(rows, path, args):
     which = "all decoder linears" if args.include_attention else "MLP"
     fig.suptitle(f"SmolLM2-135M, {which}, symmetric G={args.group_size}: RTN vs GPTQ vs GSQ")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import save_figure  # noqa: E402
+from vllm_slq.fileio import atomic_path, atomic_write_json  # noqa: E402
+
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -161,8 +164,7 @@ def plot(payload, path):
                  f"steps/block, logit lr {st['logit_lr']:g}, scale lr {st['scale_lr']:g}, strength {st['init_strength']:g}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -217,10 +219,8 @@ def main(argv=None):
         items, H = capture_layers(model, calib, args.layers)
         held_items, _ = capture_layers(model, held, args.layers)
         data = {"items": items, "H": H, "held": held_items}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            torch.save(data, tmp)
 
     cfg = GSQConfig(tau_start=args.tau[0], tau_end=args.tau[1], kappa_start=args.kappa[0], kappa_end=args.kappa[1],
                     logit_lr=args.logit_lr, logit_weight_decay=args.weight_decay, scale_lr=args.scale_lr,
@@ -238,11 +238,8 @@ def main(argv=None):
               f"{r['codes_changed_frac']:7.3f}", flush=True)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"settings": vars(args), "config": {k: v for k, v in vars(cfg).items()}, "blocks": rows}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, out)
+        atomic_write_json(out, payload, indent=2, default=str)
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")
 

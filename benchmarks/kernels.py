@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import math
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from vllm_slq.fileio import atomic_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -355,10 +355,9 @@ def plot(rows: list[dict], path: Path, kernels: list[str]) -> None:
         ax.set_ylabel("speedup over fp16 (geomean over shapes)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
 from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.spec import QuantSpec
+from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS = list(range(2, 9))
@@ -266,12 +266,7 @@ def plot(result: dict, path: Path) -> None:
     st = result["settings"]
     fig.suptitle(f"{st['model']}: {st['n_modules']} linears, held-out {st['eval_blocks']}x{st['seq_len']} tokens")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_table(rows) -> None:

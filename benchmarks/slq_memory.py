@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, DevicePeak, print_table, write_json
+from common import DevicePeak, RESULTS, print_table, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -197,7 +197,7 @@ def plot(rows: list[dict], model_fit: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def exact_rss() -> None:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, print_table, write_json
+from common import RESULTS, print_table, save_figure, write_json
 
 from vllm_slq.testing import save_tiny_llama
 
@@ -113,8 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.legend(fontsize=8)
     fig.suptitle("vllm-slq quantize --target bpp=4.0 on random-weight Llamas (CPU)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
