@@ -49,6 +49,32 @@ def tiny_with_tokenizer(tmp_path_factory, reference_model_dir):
                            hidden=128, intermediate=256, layers=2)
 
 
+def test_group_size_that_does_not_divide_a_layer_fails_before_loading_weights(tiny_with_tokenizer, tmp_path, capsys):
+    """hidden 128 / intermediate 256: group 96 divides neither; the error names a layer and the model."""
+    t0 = time.time()
+    rc = main(["quantize", str(tiny_with_tokenizer), "--group-size", "96", "--target", "bpp=4",
+               "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--group-size 96 does not divide in_features=128" in err
+    assert "model.layers.0." in err and str(tiny_with_tokenizer) in err
+    assert time.time() - t0 < 30 and not (tmp_path / "o").exists()
+
+
+def test_per_channel_bpp_range_uses_the_models_own_input_widths():
+    from vllm_slq.allocation.problem import LinearShape
+    from vllm_slq.pipeline import feasible_bpp, parse_target, uniform_bpp
+
+    assert feasible_bpp(None, False) is None  # per-channel: unknown until the shapes are read
+    shapes = [LinearShape("a", 64, 128), LinearShape("b", 128, 256)]
+    lo, hi = feasible_bpp(None, False, shapes)
+    # 2-bit asym per-channel: 2 + (16 + 2) / K, weighted by params (8192 at K=128, 32768 at K=256)
+    assert lo == pytest.approx((8192 * (2 + 18 / 128) + 32768 * (2 + 18 / 256)) / 40960)
+    assert uniform_bpp(4, 64, False) == pytest.approx(4 + 20 / 64)  # grouped: the same for any K
+    parse_target("bpp=2.1", None, False)  # per-channel without shapes: checked later, not here
+    with pytest.raises(TargetError, match="feasible range"):
+        parse_target("bpp=2.05", None, False, shapes)
+
+
 def _quantize(path, out, *extra):
     return main(["quantize", str(path), "--calib-samples", "4", "--seq-len", "64",
                  "--eval-tokens", "256", "--rco-steps", "4", "--objective-blocks", "2",

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vllm_slq.eval.cli import add_eval_args, add_report_args, run_eval, run_report
+from vllm_slq.pipeline import add_quantize_args
+
 
 def _cmd_prepare(args) -> int:
     from vllm_slq.data import load_text, resolve_model
@@ -51,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=1024)
     q.set_defaults(func=_cmd_ppl)
 
-    from vllm_slq.pipeline import add_quantize_args
-
     q = sub.add_parser("quantize", help="quantize a model to a fidelity target (main job)")
     add_quantize_args(q)
     q.set_defaults(func=_cmd_quantize)
@@ -63,17 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("vllm_args", nargs=argparse.REMAINDER)
     q.set_defaults(func=_cmd_serve)
 
-    try:
-        from vllm_slq.eval.cli import add_eval_args, add_report_args, run_eval, run_report
-    except ImportError:  # eval not installed in this checkout
-        pass
-    else:
-        q = sub.add_parser("eval", help="EAR / KL / top-1 / PPL of a candidate against the FP16 reference")
-        add_eval_args(q)
-        q.set_defaults(func=run_eval)
-        q = sub.add_parser("report", help="gather eval runs into a fidelity-vs-bpp table and plot")
-        add_report_args(q)
-        q.set_defaults(func=run_report)
+    q = sub.add_parser("eval", help="EAR / KL / top-1 / PPL of a candidate against the FP16 reference")
+    add_eval_args(q)
+    q.set_defaults(func=run_eval)
+    q = sub.add_parser("report", help="gather eval runs into a fidelity-vs-bpp table and plot")
+    add_report_args(q)
+    q.set_defaults(func=run_report)
     return p
 
 

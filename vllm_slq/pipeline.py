@@ -21,11 +21,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from vllm_slq.checkpoint.layout import EXTRA_KEY
 from vllm_slq.fileio import atomic_dir
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from vllm_slq.allocation.problem import LinearShape
+
+# torch, transformers and llmcompressor are imported inside the functions that run the job:
+# the CLI builds its parser from this module, and `vllm-slq --help` or a bad --target must
+# answer in well under a second, not after a 10 s llmcompressor import.
 
 METHODS = ("slq", "gsq", "gptq", "rtn")
 DEFAULT_BITS = {"gptq": 4, "rtn": 4, "gsq": 2}
@@ -44,13 +53,50 @@ class Target:
         return self.kind if self.value is None else f"{self.kind}={self.value:g}"
 
 
-def feasible_bpp(group_size: Optional[int], symmetric: bool, in_features: int = 4096) -> tuple[float, float]:
-    lo = QuantSpec(MIN_BITS, group_size, symmetric).bpp(in_features)
-    hi = QuantSpec(MAX_BITS, group_size, symmetric).bpp(in_features)
-    return lo, hi
+def uniform_bpp(bits: int, group_size: Optional[int], symmetric: bool,
+                shapes: Optional[Sequence[LinearShape]] = None) -> Optional[float]:
+    """bpp of one width over the quantized linears (parameter-weighted). A grouped spec's
+    overhead is per group, the same for any K it divides, so it needs no shapes; a
+    per-channel one depends on each layer's K: None until the shapes are known."""
+    spec = QuantSpec(bits, group_size, symmetric)
+    if shapes is None:
+        return None if group_size is None else spec.bpp(group_size)
+    return sum(spec.bpp(s.in_features) * s.params for s in shapes) / sum(s.params for s in shapes)
 
 
-def parse_target(text: str, group_size: Optional[int] = 64, symmetric: bool = False) -> Target:
+def feasible_bpp(group_size: Optional[int], symmetric: bool,
+                 shapes: Optional[Sequence[LinearShape]] = None) -> Optional[tuple[float, float]]:
+    """[bpp at 2 bits, bpp at 8 bits] over the quantized linears (None: per-channel without shapes)."""
+    lo = uniform_bpp(MIN_BITS, group_size, symmetric, shapes)
+    return None if lo is None else (lo, uniform_bpp(MAX_BITS, group_size, symmetric, shapes))
+
+
+def model_linears(model_path) -> list[LinearShape]:
+    """The linears a method quantizes (all but lm_head), from config.json alone: the model is
+    built on the meta device, so no weight is read and any architecture works."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm_slq.allocation.problem import linear_shapes
+
+    config = AutoConfig.from_pretrained(str(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return linear_shapes(model)
+
+
+def check_group_size(group_size: Optional[int], shapes: Sequence[LinearShape], model_path) -> None:
+    """--group-size must divide every quantized linear's in_features: said before any weight loads."""
+    bad = [s for s in shapes if group_size and s.in_features % group_size]
+    if bad:
+        s = bad[0]
+        raise TargetError(f"--group-size {group_size} does not divide in_features={s.in_features} of layer "
+                          f"{s.name!r} in {model_path} ({len(bad)} of {len(shapes)} linears); pick a divisor "
+                          f"of every layer's input width, or 0 for per-channel scales")
+
+
+def parse_target(text: str, group_size: Optional[int] = 64, symmetric: bool = False,
+                 shapes: Optional[Sequence[LinearShape]] = None) -> Target:
     text = text.strip().lower()
     if text in ("task-lossless", "task_lossless", "task"):
         return Target("task-lossless")
@@ -64,8 +110,9 @@ def parse_target(text: str, group_size: Optional[int] = 64, symmetric: bool = Fa
         raise TargetError(f"--target {text!r}: {raw!r} is not a number") from None
     if kind == "ear" and not (0.0 < value <= 1.0):
         raise TargetError(f"--target ear={raw}: EAR is a probability; it must lie in (0, 1]")
-    if kind == "bpp":
-        lo, hi = feasible_bpp(group_size, symmetric)
+    feasible = feasible_bpp(group_size, symmetric, shapes) if kind == "bpp" else None
+    if feasible is not None:
+        lo, hi = feasible
         if not (lo <= value <= hi):
             g = "per-channel" if group_size is None else f"group {group_size}"
             raise TargetError(
@@ -182,54 +229,68 @@ def _group(args) -> Optional[int]:
     return None if args.group_size in (0, None) else args.group_size
 
 
-def _uniform_bits(args, target: Target) -> int:
+def _uniform_bits(args, target: Target, shapes: Sequence[LinearShape]) -> int:
     if args.bits is not None:
         if not (MIN_BITS <= args.bits <= MAX_BITS):
             raise TargetError(f"--bits {args.bits}: must be in {MIN_BITS}..{MAX_BITS}")
         return args.bits
     if target.kind == "bpp":
         fits = [b for b in range(MIN_BITS, MAX_BITS + 1)
-                if QuantSpec(b, _group(args), args.symmetric).bpp(4096) <= target.value + 1e-9]
+                if uniform_bpp(b, _group(args), args.symmetric, shapes) <= target.value + 1e-9]
         return max(fits)
     return DEFAULT_BITS[args.method]
 
 
-def build_modifier(args, target: Target, scale_dtype: Optional[str] = None):
-    """The llmcompressor modifier for --method (registry by name, no if-chain beyond it)."""
-    import vllm_slq.modifiers as mods
+def _slq_modifier(args, target: Target, shapes, scale_dtype):
+    from vllm_slq.modifiers.slq import SLQModifier
 
-    common = dict(group_size=_group(args), symmetric=args.symmetric, scale_dtype=scale_dtype)
-    if args.method == "slq":
-        from vllm_slq.modifiers.slq import SLQModifier
+    kw = dict(group_size=_group(args), symmetric=args.symmetric, scale_dtype=scale_dtype,
+              dataset=args.dataset, seed=args.seed)
+    for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
+                       ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
+                       ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
+                       ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks")):
+        if getattr(args, arg, None) is not None:
+            kw[field] = getattr(args, arg)
+    if target.kind == "bpp":
+        kw["target_bpp"] = target.value
+    elif target.kind == "ear":
+        kw["target_ear"] = target.value
+    else:
+        kw["task_lossless"] = True
+        if args.tasks:
+            kw["tasks"] = list(args.tasks)
+    return SLQModifier(**kw)
 
-        kw = dict(common)
-        for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
-                           ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
-                           ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
-                           ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks")):
-            if getattr(args, arg, None) is not None:
-                kw[field] = getattr(args, arg)
-        kw["dataset"] = args.dataset
-        kw["seed"] = args.seed
-        if target.kind == "bpp":
-            kw["target_bpp"] = target.value
-        elif target.kind == "ear":
-            kw["target_ear"] = target.value
-        else:
-            kw["task_lossless"] = True
-            if args.tasks:
-                kw["tasks"] = list(args.tasks)
-        return SLQModifier(**kw)
-    if target.kind != "bpp":
-        raise TargetError(f"--target {target.describe()} needs --method slq (the search); "
-                          f"{args.method} quantizes at a fixed width: use --target bpp=<b> or --bits")
-    bits = _uniform_bits(args, target)
-    if args.method == "gsq":
-        from vllm_slq.modifiers.gsq import GSQModifier
 
-        return GSQModifier(bits=bits, group_size=_group(args), scale_dtype=scale_dtype)
-    cls = {"gptq": mods.SLQGPTQModifier, "rtn": mods.RTNModifier}[args.method]
-    return cls(bits=bits, **common)
+def _uniform_modifier(class_name: str, **fixed):
+    """A builder for a fixed-width method (a modifier vllm_slq.modifiers exports): the widest
+    width within --target bpp, or --bits; `fixed` maps modifier fields to argument names."""
+    def build(args, target: Target, shapes, scale_dtype):
+        import vllm_slq.modifiers
+
+        if target.kind != "bpp":
+            raise TargetError(f"--target {target.describe()} needs --method slq (the search); "
+                              f"{args.method} quantizes at a fixed width: use --target bpp=<b> or --bits")
+        cls = getattr(vllm_slq.modifiers, class_name)
+        return cls(bits=_uniform_bits(args, target, shapes), group_size=_group(args), scale_dtype=scale_dtype,
+                   **{k: getattr(args, v) for k, v in fixed.items()})
+    return build
+
+
+# --method -> builder(args, target, shapes, scale_dtype) of its llmcompressor modifier
+MODIFIER_BUILDERS = {
+    "slq": _slq_modifier,
+    "gsq": _uniform_modifier("GSQModifier"),
+    "gptq": _uniform_modifier("SLQGPTQModifier", symmetric="symmetric"),
+    "rtn": _uniform_modifier("RTNModifier", symmetric="symmetric"),
+}
+assert tuple(MODIFIER_BUILDERS) == METHODS
+
+
+def build_modifier(args, target: Target, shapes: Sequence[LinearShape], scale_dtype: Optional[str] = None):
+    """The llmcompressor modifier for --method (MODIFIER_BUILDERS)."""
+    return MODIFIER_BUILDERS[args.method](args, target, shapes, scale_dtype)
 
 
 def _default_output(args, target: Target) -> Path:
@@ -260,8 +321,11 @@ def run_quantize(args) -> int:
     from vllm_slq.modifiers import quantized_weights
 
     model_path = resolve_model(args.model)
+    shapes = model_linears(model_path)  # the config's linears: checked before any weight loads
+    check_group_size(_group(args), shapes, model_path)
+    target = parse_target(args.target, _group(args), args.symmetric, shapes)  # per-channel bpp needs the K's
     dtype = model_dtype(getattr(args, "dtype", "auto"), model_path)
-    modifier = build_modifier(args, target, scale_dtype=str(dtype).removeprefix("torch."))
+    modifier = build_modifier(args, target, shapes, scale_dtype=str(dtype).removeprefix("torch."))
     if args.method == "slq":
         target_text = target.describe()
     elif args.bits is not None:
@@ -361,7 +425,7 @@ def run_quantize(args) -> int:
 
 
 def render_report(report: dict) -> str:
-    lines = [f"# vllm-slq fidelity report", "",
+    lines = ["# vllm-slq fidelity report", "",
              f"- model: {report['model']}", f"- method: {report['method']}",
              f"- target: {report['target']}",
              f"- achieved bpp: {report['bpp']:.3f} over the quantized linears"
