@@ -37,7 +37,8 @@ def register_modifiers(*classes) -> None:
 
 register_modifiers()
 
-# SLQ needs the allocation and eval packages; registered here so YAML recipes resolve it.
+# SLQ and GSQ import this package's base module; they are registered here, once, so that
+# YAML recipes resolve them (the modules themselves never import the package: no cycle).
 from .gsq import GSQModifier  # noqa: E402
 from .slq import SLQModifier  # noqa: E402
 

@@ -49,7 +49,6 @@ from vllm_slq.quant.gptq import gptq_quantize
 from vllm_slq.quant.gsq import GSQConfig, GSQWeight, gptq_ternary, refine
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
-from . import register_modifiers
 from .base import LayerwiseQuantModifier, SpecResolutionError
 
 __all__ = ["GSQModifier", "MLP_TARGETS", "ATTENTION_TARGETS"]
@@ -320,6 +319,3 @@ class GSQModifier(LayerwiseQuantModifier):
         logger.info(f"GSQ {block_name}: block-output MSE {res.init_hard_loss:.4g} (GPTQ) -> "
                     f"{res.final_hard_loss:.4g} ({res.kept}), {res.steps} steps, {stats['seconds']:.1f}s")
         del gsq, items
-
-
-register_modifiers(GSQModifier)

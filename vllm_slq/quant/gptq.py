@@ -66,7 +66,6 @@ __all__ = [
     "gptq_quantize_best",
     "gptq_quantize_many",
     "hessian_relative_error",
-    "build_database",
 ]
 
 SCALE_SEARCH_MODES = ("minmax", "mse", "hessian")
@@ -436,10 +435,3 @@ def gptq_quantize_best(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, lay
             best = qw
     best.meta["scale_search_tried"] = tried
     return best
-
-
-def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "", **kw):
-    """See vllm_slq.quant.database.build_database (re-exported here for the shared API)."""
-    from .database import build_database as _build
-
-    return _build(W, H, specs, layer=layer, **kw)
