@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from .dp import solve_budget, solve_mckp
-from .manifold import budget_normal, budget_value, masked_softmax, project_tangent, retract
+from .manifold import (budget_normal, budget_value, masked_softmax, project_tangent, retract,
+                       transport_momentum)
 from .problem import AllocationProblem
 
 Objective = Callable[[torch.Tensor, int], torch.Tensor]
@@ -60,10 +61,6 @@ class RCOConfig:
     dp_max_units: int = 20000       # grid for the in-loop hard assignment (conservative, see dp.py)
     final_max_units: int = 1 << 20  # exact-budget rounding at the end
     progress: bool = True
-    # "global": one second moment for the whole logit matrix (Adam's step is then a
-    # rescaled projected gradient, so alpha stays in the span the Lagrangian predicts);
-    # "elementwise": textbook Adam.
-    second_moment: str = "elementwise"
 
 
 @dataclass
@@ -253,16 +250,13 @@ def rco_allocate(problem: AllocationProblem, budget_bpp: float, objective: Objec
         normal = budget_normal(alpha, costs, weights, mask)
         g = project_tangent(grad, normal)
         m = b1 * m + (1 - b1) * g
-        if config.second_moment == "global":
-            v = b2 * v + (1 - b2) * (g * g).sum() / mask.sum()
-        else:
-            v = b2 * v + (1 - b2) * g * g
+        v = b2 * v + (1 - b2) * g * g
         mhat = m / (1 - b1 ** (step + 1))
         vhat = v / (1 - b2 ** (step + 1))
         stepped = alpha - config.lr * mhat / (vhat.sqrt() + config.eps)
         alpha = retract(stepped, costs, weights, budget_bpp, mask)
         shift_total += float(((alpha - stepped) * costs).sum() / (costs * costs).sum())
-        m = project_tangent(m, budget_normal(alpha, costs, weights, mask))  # vector transport
+        m = transport_momentum(m, alpha, costs, weights, mask)
         rec = {"step": step, "tau": tau, "loss": float(np.mean(losses)),
                "relaxed_bpp": float(budget_value(alpha, costs, weights, mask)),
                "time_s": time.perf_counter() - t0}
