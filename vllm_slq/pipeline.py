@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from vllm_slq.checkpoint.layout import EXTRA_KEY
+from vllm_slq.eval.report import format_table, protocol_markdown
 from vllm_slq.fileio import atomic_dir
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantSpec
 
@@ -439,18 +440,8 @@ def render_report(report: dict) -> str:
                      + (f"; GPTQ database read from the cache for {cache['layers_read']} of {cache['layers']} layers"
                         if cache else ""))
     fid = report.get("fidelity")
-    if fid:
-        lines.append(f"- evaluation: {fid.get('backend')} backend; {fid.get('protocol')}")
-        for proto in ("teacher_forced", "sampled"):
-            m = fid.get(proto)
-            if not m:
-                continue
-            ci = m.get("ear_ci95")
-            lines.append(f"- {proto} EAR: {m['ear']:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
-                         + f", {m.get('n_positions')} positions")
-            for key in sorted(k for k in m if k in ("kl", "top1", "ear_p5", "ear_p50", "ear_pow100")
-                              or k.startswith("ppl")):
-                lines.append(f"  - {key}: {m[key]:.6g}" if isinstance(m[key], float) else f"  - {key}: {m[key]}")
+    if fid:  # an eval result: formatted by eval.report, as `vllm-slq eval` prints it
+        lines += ["", "## Fidelity against the original", "", format_table([fid]), "", protocol_markdown(fid)]
     counts: dict[str, int] = {}
     for s in report["layers"].values():
         counts[s] = counts.get(s, 0) + 1
