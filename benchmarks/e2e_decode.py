@@ -33,20 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-
-def _load_kernels_bench():
-    """benchmarks/kernels.py by path (its module name would clash with the repo's kernels/ package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_kernels", Path(__file__).resolve().with_name("kernels.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_kb = _load_kernels_bench()
-versions = _kb.versions
+from kernel_timing import versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

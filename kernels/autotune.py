@@ -109,7 +109,7 @@ def shipped_configs() -> tuple[dict, ...]:
 
 
 def _validate(cfg: dict, where: str, partial: bool = False) -> None:
-    for name in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "GROUP_M"):
+    for name in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "GROUP_M", "VEC_N"):
         v = cfg.get(name)
         if v is None:
             continue

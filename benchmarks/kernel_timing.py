@@ -25,9 +25,9 @@ matmul (max relative error in the JSON) so a miscompiled config cannot win.
 Writes benchmarks/results/kernels_<device>.json (+ .png) with the device name
 and package versions, and prints a table.
 
-    python benchmarks/kernels.py                      # GPU
-    python benchmarks/kernels.py --tune --export-configs   # tune, then time
-    python benchmarks/kernels.py --dry-run --out /tmp/k.json   # CPU: tables + ideal math only
+    python benchmarks/kernel_timing.py                      # GPU
+    python benchmarks/kernel_timing.py --tune --export-configs   # tune, then time
+    python benchmarks/kernel_timing.py --dry-run --out /tmp/k.json   # CPU: tables + ideal math only
 """
 from __future__ import annotations
 
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
         except ImportError:
             torch = None
         if torch is None or not torch.cuda.is_available():
-            print("benchmarks/kernels.py needs a CUDA GPU (none found). Use --dry-run to check the shape "
+            print("benchmarks/kernel_timing.py needs a CUDA GPU (none found). Use --dry-run to check the shape "
                   "table and ideal speedups on CPU.", file=sys.stderr)
             return 2
         device = torch.cuda.get_device_name()
