@@ -1,6 +1,6 @@
 """SLQ on the reference model: fidelity vs bpp against uniform GPTQ, the symmetric ablation and GSQ.
 
-Curves (methods.md section 2), all from ONE set of FP Hessians on calibration
+Curves (docs/methods.md section 2), all from ONE set of FP Hessians on calibration
 blocks and evaluated on held-out blocks of the other split:
 
     uniform_asym   asymmetric GPTQ g64, the same width everywhere, 2..8 bits
@@ -95,7 +95,7 @@ def decoder_shapes(model, max_layers):
 
 
 def gamma_squared(model, shapes, group: int = GROUP) -> dict:
-    """methods.md's gamma-squared law on this model's weights: per group of `group`,
+    """docs/methods.md's gamma-squared law on this model's weights: per group of `group`,
     gamma = 2 max|w| / (max w - min w); symmetric rounding noise is gamma^2 (1 - 2^-b)^2
     times asymmetric's (steps 2 max|w| / 2^b vs (max - min) / (2^b - 1)). Means over all
     groups of the decoder linears, the noise ratio the law predicts per width."""

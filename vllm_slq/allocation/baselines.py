@@ -1,4 +1,4 @@
-"""Baselines RCO is judged against (methods.md section 5), on the same problem.
+"""Baselines RCO is judged against (docs/methods.md section 5), on the same problem.
 
   uniform_allocate     one option for every group: the richest uniform option
                        whose bpp fits the budget (what "uniform b-bit" means).

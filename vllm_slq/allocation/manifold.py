@@ -1,4 +1,4 @@
-"""RCO's budget manifold: operations on logits alpha [G, K] (methods.md section 4).
+"""RCO's budget manifold: operations on logits alpha [G, K] (docs/methods.md section 4).
 
 Relaxation: p_i = softmax(alpha_i) over the options available to group i,
 w_i = n_i / sum n, c_ik = true bpp of option k for group i. The budget manifold is

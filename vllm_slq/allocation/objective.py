@@ -1,6 +1,6 @@
 """The true model objective: KL(p_fp || p_model) with a differentiable per-group mix.
 
-For each quantized linear m in group i (methods.md s.4):
+For each quantized linear m in group i (docs/methods.md s.4):
 
     W_m(P) = W_m,ref + sum_k P_ik (W_m^(k) - W_m,ref)          (MixedLinear)
     L(P)   = mean over calibration positions of

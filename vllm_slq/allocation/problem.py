@@ -7,7 +7,7 @@ QuantSpec. The cost of option k for group i is the exact number of stored bits
     cost_bits[i, k] = sum_{m in i} N_m*K_m*b_k + N_m*(K_m/G_k)*(16 + [asym]*b_k)
 
 which is an integer (this equals spec.bpp(K) * N * K, the "true bpp" of
-methods.md including scale and zero-point overhead). The model's bpp is
+docs/methods.md including scale and zero-point overhead). The model's bpp is
 sum_i cost_bits[i, k_i] / sum_i params_i, i.e. the parameter-weighted mean of
 the groups' bpp with weights w_i = n_i / sum n (paper: C(alpha) = sum_i w_i <p_i, c_i>).
 

@@ -1,4 +1,4 @@
-"""RCO: Riemannian constrained optimisation of per-group bit allocation (methods.md s.4).
+"""RCO: Riemannian constrained optimisation of per-group bit allocation (docs/methods.md s.4).
 
     minimise_{k_1..k_G} L(W_ref + sum_i sum_k P_ik (W_i^(k) - W_ref))
     s.t. sum_i w_i c_{i,k_i} <= B   (true bpp, exact at the end)

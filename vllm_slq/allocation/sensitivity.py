@@ -1,6 +1,6 @@
 """Per-(group, option) loss estimates from the true objective: RCO's initialisation.
 
-methods.md s.4 initialises RCO's logits from per-layer sensitivity. A weight-space
+docs/methods.md s.4 initialises RCO's logits from per-layer sensitivity. A weight-space
 proxy (GPTQ's relative output error) ignores how much each layer matters to the
 model's output, so on the reference model its DP is far worse than uniform bits.
 This module measures sensitivity on the objective itself, a few passes in all.

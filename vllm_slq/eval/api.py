@@ -1,6 +1,6 @@
 """`evaluate(reference, candidate, ...)`: the fidelity numbers of one candidate.
 
-Protocol (methods.md section 2; every field lands in the result's "protocol"):
+Protocol (docs/methods.md section 2; every field lands in the result's "protocol"):
   1. text: the held-out split of `dataset` (`vllm_slq.data.load_text`), cut by
      `vllm_slq.data.token_blocks` into ceil(n_tokens / seq_len) blocks of
      seq_len tokens with the *reference* tokenizer; each block scores its

@@ -7,7 +7,7 @@ task whether the candidate is *task-lossless*:
     |acc_c - acc_r| <= z * sqrt(se_r^2 + se_c^2)        (z = 1.96, 95%)
 
 with se the binomial standard error lm-eval reports (acc_stderr). This is
-the "within natural sampling variance" criterion of SLQ (methods.md section 2):
+the "within natural sampling variance" criterion of SLQ (docs/methods.md section 2):
 the difference is smaller than what redrawing a test set of the same size
 would produce. Because both models answer the *same* items we also report a
 paired test: d_i = correct_c(i) - correct_r(i), mean(d) +- z * sd(d)/sqrt(n);

@@ -4,7 +4,7 @@ Pure torch: no transformers, no vLLM. Every next-token position t gives two
 distributions over the vocabulary, p_t = softmax(x_t) (reference) and
 q_t = softmax(y_t) (candidate), computed in fp32 at temperature 1.
 
-Per position (methods.md section 2):
+Per position (docs/methods.md section 2):
 
     EAR_t  = sum_v min(p_v, q_v) = 1 - TV(p, q) = 1 - 1/2 sum_v |p_v - q_v|
                                                         -> `position_metrics` (.ear)

@@ -8,7 +8,7 @@ same outer shape, which this module implements once in ``LayerwiseQuantModifier`
                             overridden per layer by ``layer_specs`` -- the RCO
                             allocation artifact) and check it fits the layer
     on_calibration_start    forward hooks accumulate H = 2/n sum_t x_t x_t^T
-                            (methods.md sec. 1 "GPTQ"; vllm_slq.quant.gptq.GPTQ,
+                            (docs/methods.md sec. 1 "GPTQ"; vllm_slq.quant.gptq.GPTQ,
                             fp32 on the module's device) when the method needs it.
                             An accumulator is made on a module's first input, so
                             only the subgraph being calibrated holds any, and it
@@ -21,7 +21,7 @@ same outer shape, which this module implements once in ``LayerwiseQuantModifier`
                             spec); module.weight <- qw.dequantize(). The sequential
                             pipeline then re-runs the layer, so the next layer
                             calibrates on the *quantized* outputs
-                            (methods.md sec. 1 "Error propagation").
+                            (docs/methods.md sec. 1 "Error propagation").
     on_calibration_end      remove hooks; quantize any target no subgraph covered
     on_finalize             fail loudly if a target was never quantized
 

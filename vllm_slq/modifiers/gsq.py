@@ -1,6 +1,6 @@
 """GSQModifier: Gumbel-Softmax refinement of GPTQ codes and scales, per decoder layer.
 
-The llmcompressor adapter over vllm_slq.quant.gsq (methods.md section 3). In the
+The llmcompressor adapter over vllm_slq.quant.gsq (docs/methods.md section 3). In the
 sequential pipeline, for every decoder layer ("block"):
 
   calibration pass    forward hooks accumulate each target Linear's Hessian (base

@@ -1,4 +1,4 @@
-"""SLQModifier: statistically-lossless quantization (methods.md section 2).
+"""SLQModifier: statistically-lossless quantization (docs/methods.md section 2).
 
     database   for every target Linear, asymmetric group-wise GPTQ at every width
                b in bits_options from ONE Hessian factorisation

@@ -5,7 +5,7 @@
     SLQGPTQModifier  GPTQ (vllm_slq.quant.gptq.gptq_quantize) on H = 2/n sum x x^T of
                      each Linear's inputs, collected layer by layer by the sequential
                      pipeline with quantization error propagated
-                     (methods.md sec. 1 "GPTQ", "Error propagation").
+                     (docs/methods.md sec. 1 "GPTQ", "Error propagation").
 
 Both take the same default spec (bits, group_size, symmetric) and per-layer
 ``layer_specs`` overrides as every vllm-slq modifier (see modifiers/base.py), so

@@ -1,6 +1,6 @@
 """Per-layer multi-bit "database": every candidate quantization of a layer from one Hessian.
 
-SLQ's wide bit-width search and RCO's allocation (methods.md sections 2 and 4)
+SLQ's wide bit-width search and RCO's allocation (docs/methods.md sections 2 and 4)
 choose, per layer, one of several quantized versions W^(k) (e.g. asymmetric GPTQ
 at 2..8 bits). Building them costs one GPTQ pass over the columns for all widths:
 

@@ -1,6 +1,6 @@
 """Uniform integer grids: group parameters from min/max, rounding, RTN.
 
-Maps methods.md section 1 ("Grids", "Scale search" floor) onto functions. The
+Maps docs/methods.md section 1 ("Grids", "Scale search" floor) onto functions. The
 semantics follow compressed-tensors' ``calculate_qparams`` and fake-quant exactly,
 so our RTN equals the RTN that compressed-tensors/llmcompressor compute:
 

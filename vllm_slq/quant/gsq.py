@@ -721,7 +721,7 @@ def ternary_qparams(w: torch.Tensor, group_size: int, weights: Optional[torch.Te
 def gptq_ternary(W: torch.Tensor, H: torch.Tensor, group_size: int, *, layer: str = "",
                  percdamp: float = 0.01, blocksize: int = 128,
                  scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """GPTQ (methods.md sec. 1) with ternary codes on the 2-bit symmetric grid.
+    """GPTQ (docs/methods.md sec. 1) with ternary codes on the 2-bit symmetric grid.
 
     vllm_slq.quant.gptq.gptq_quantize rounds to the full [qmin, qmax] range, so the
     ternary init runs the same column loop here with codes clamped to {-1, 0, 1} and

@@ -1,6 +1,6 @@
 """The quantization config the plugin registers as "compressed-tensors".
 
-Design choice (ecosystem.md lists two): we subclass vLLM's own
+Design choice (of two: a new quantization method name with its own flag, or this): we subclass vLLM's own
 CompressedTensorsConfig and register the subclass under the built-in name
 "compressed-tensors".  Consequences:
 
