@@ -21,7 +21,6 @@ Prints a table, writes benchmarks/results/gptq_vs_llmcompressor.json and a PNG.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from vllm_slq.fileio import atomic_write_json
+from vllm_slq.perplexity import blocks_perplexity
 from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -139,18 +139,6 @@ def rel_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float
     return float(((D @ Hd) * D).sum() / ((W.double() @ Hd) * W.double()).sum())
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
-    nll, n = 0.0, 0
-    for i in range(0, len(blocks), batch):
-        ids = blocks[i:i + batch]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                       reduction="sum"))
-        n += ids[:, 1:].numel()
-    return math.exp(nll / n)
-
-
 def run_oneshot(path, tok, ds, recipe, n_samples, seq_len):
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
@@ -233,7 +221,7 @@ def main():
     t = time.perf_counter()
     H_fp = fp_hessians(fp, blocks, names)
     print(f"FP input Hessians for {len(names)} linears in {time.perf_counter() - t:.1f}s")
-    ppl_fp = perplexity(fp, eval_blocks)
+    ppl_fp = blocks_perplexity(fp, eval_blocks)
     del fp
 
     actorder = None if args.llmc_actorder == "none" else args.llmc_actorder
@@ -246,9 +234,9 @@ def main():
             from llmcompressor.utils.helpers import DisableQuantization
 
             with DisableQuantization(model):
-                ppl = perplexity(model, eval_blocks)
+                ppl = blocks_perplexity(model, eval_blocks)
         else:
-            ppl = perplexity(model, eval_blocks)
+            ppl = blocks_perplexity(model, eval_blocks)
         per_layer.setdefault(key, {})[method] = errs
         run = {"setting": key, "method": method, "bits": bits, "wall_s": wall, "quantize_s": quant_s,
                "mean_rel_err": statistics.fmean(errs.values()), "median_rel_err": statistics.median(errs.values()),

@@ -1,10 +1,29 @@
-"""Held-out perplexity of a single model (the reference anchor in the README)."""
+"""Perplexity: the one next-token NLL sum, over token blocks or over held-out text
+(the reference anchor in the README)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def token_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token NLL in fp32, tokens scored) for [B, T] token blocks: positions 1..T-1."""
+    logits = model(input_ids=blocks).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1),
+                                            reduction="sum")
+    return float(nll), blocks[:, 1:].numel()
+
+
+def blocks_perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
+    """exp(mean NLL) over [B, T] token blocks, `batch` blocks per forward."""
+    nll, n = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        s, c = token_nll(model, blocks[i:i + batch])
+        nll, n = nll + s, n + c
+    return math.exp(nll / n)
 
 
 def heldout_perplexity(model_spec: str, dataset: str = "brown", max_chars: int = 100_000,
@@ -17,12 +36,10 @@ def heldout_perplexity(model_spec: str, dataset: str = "brown", max_chars: int =
     text = " ".join(load_text(dataset).evaluation)[:max_chars]
     ids = tok(text, return_tensors="pt").input_ids[0]
     nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in tqdm(range(0, ids.numel() - 1, seq_len), desc="perplexity"):
-            chunk = ids[i: i + seq_len + 1]
-            if chunk.numel() < 2:
-                break
-            logits = model(chunk[None]).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            n += chunk.numel() - 1
+    for i in tqdm(range(0, ids.numel() - 1, seq_len), desc="perplexity"):
+        chunk = ids[i: i + seq_len + 1]
+        if chunk.numel() < 2:
+            break
+        s, c = token_nll(model, chunk[None])
+        nll, n = nll + s, n + c
     return math.exp(nll / n), n
