@@ -208,3 +208,15 @@ def test_fp_weight_copy_is_half_precision_when_exact():
     w32 = torch.randn(8, 16)  # not representable in bf16: kept whole
     c = _host_copy(w32, torch.bfloat16)
     assert c.dtype == torch.float32 and torch.equal(c, w32) and c.data_ptr() != w32.data_ptr()
+
+
+def test_search_arguments_reach_the_modifier():
+    import argparse
+
+    from vllm_slq.pipeline import add_quantize_args, build_modifier
+
+    p = argparse.ArgumentParser()
+    add_quantize_args(p)
+    args = p.parse_args(["m", "--target", "bpp=4", "--sensitivity-passes", "4", "--rco-steps", "3"])
+    mod = build_modifier(args, parse_target(args.target), shapes=[])
+    assert mod.sensitivity_max_passes == 4 and mod.rco_steps == 3 and mod.target_bpp == 4.0

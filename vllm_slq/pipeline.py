@@ -162,6 +162,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks per EAR probe")
     g.add_argument("--probe-seq-len", type=int, default=None, help="sequence length of RCO/EAR blocks")
     g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
+    g.add_argument("--sensitivity-passes", type=int, default=None, metavar="N",
+                   help="at most N KL-sensitivity passes per width (default 32; fewer for big models on a CPU)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action="store_true", default=None,
@@ -250,7 +252,8 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
     for arg, field in (("rco_steps", "rco_steps"), ("objective_blocks", "objective_blocks"),
                        ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
                        ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
-                       ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks")):
+                       ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
+                       ("sensitivity_passes", "sensitivity_max_passes")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
     if target.kind == "bpp":

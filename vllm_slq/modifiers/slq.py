@@ -90,6 +90,9 @@ class SLQModifier(LayerwiseQuantModifier):
     # RCO starts from KL sensitivities measured on the objective (allocation.sensitivity):
     # objective mini-batches per pass; 0 starts from GPTQ's relative errors instead
     sensitivity_batches: int = 2
+    # at most this many passes per option (allocation.sensitivity max_subsets): the cheapest
+    # options of a large model far from the quadratic regime would otherwise take one each
+    sensitivity_max_passes: int = 32
     # recompute each decoder block in the backward instead of keeping its activations
     # (ModelKLObjective checkpoint_blocks): for long blocks or many per step
     checkpoint_blocks: bool = False
@@ -201,6 +204,7 @@ class SLQModifier(LayerwiseQuantModifier):
                                   rco=RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr,
                                                 seed=self.seed),
                                   sensitivity_batches=self.sensitivity_batches,
+                                  sensitivity_kw={"max_subsets": self.sensitivity_max_passes},
                                   init_errors=None if self.sensitivity_batches > 0 else self._database_errors(problem))
         if self.target_bpp is not None:
             problem.check_budget(self.target_bpp)
