@@ -33,12 +33,9 @@ if str(ROOT) not in sys.path:
 
 from common import save_figure  # noqa: E402
 from vllm_slq.fileio import atomic_path, atomic_write_json  # noqa: E402
+from vllm_slq.quant.gsq_block import first_output  # noqa: E402
 
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def capture_layers(model, tokens: torch.Tensor, layers, batch: int = 1):
 
         def post(_m, _args, out, i=i):
             a, kw = pending.pop(i)
-            items[i].append((a, kw, _first(out).detach().clone()))
+            items[i].append((a, kw, first_output(out).detach().clone()))
 
         hooks.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(blocks[i].register_forward_hook(post))
@@ -76,56 +73,30 @@ def capture_layers(model, tokens: torch.Tensor, layers, batch: int = 1):
     return items, {i: {n: hess[i][n].H for n in MLP_NAMES} for i in layers}
 
 
-def refine_block(block, items, heldout, H, bits, group, cfg, ternary=False, threads=1, profile=None):
-    import functools
-
+def refine_block(block, block_index, items, heldout, H, bits, group, cfg, threads=1, profile=None):
+    """GPTQ init, then the package's GSQ block refinement (vllm_slq.quant.gsq_block) of the MLP."""
     from vllm_slq.quant.gptq import gptq_quantize
-    from vllm_slq.quant.gsq import GSQWeight, _hard_loss, refine
+    from vllm_slq.quant.gsq_block import refine_block as gsq_refine_block
     from vllm_slq.quant.spec import QuantSpec
 
     spec = QuantSpec(bits, group, symmetric=True)
     mods = {n: getattr(block.mlp, n) for n in MLP_NAMES}
     t0 = time.perf_counter()
-    gsq = {}
-    for i, n in enumerate(MLP_NAMES):
-        init = gptq_quantize(mods[n].weight.data, H[n], spec, layer=n, scale_search="hessian",
-                             scale_dtype=torch.float16, negative_scale=False)
-        gsq[n] = GSQWeight(init, init_std=cfg.init_std, init_strength=cfg.init_strength, seed=cfg.seed * 101 + i,
-                           fp_weight=mods[n].weight.data, name=n)
+    inits = {n: gptq_quantize(mods[n].weight.data, H[n], spec, layer=n, scale_search="hessian",
+                              scale_dtype=torch.float16, negative_scale=False) for n in MLP_NAMES}
     t_init = time.perf_counter() - t0
-    current = {}
-
-    def block_loss(weights, item):
-        args, kwargs, target = item
-        current.update(weights)
-        out = _first(block(*args, **kwargs))
-        return torch.nn.functional.mse_loss(out.float(), target.float())
-
-    saved = {}
-    for n, m in mods.items():
-        saved[n] = m.__dict__.get("forward")
-        m.forward = functools.partial(lambda mod, cur, name, x: torch.nn.functional.linear(x, cur[name], mod.bias),
-                                      m, current, n)
-    try:
-        init_codes = {n: w.q0.clone() for n, w in gsq.items()}
-        held_init = _hard_loss(gsq, heldout, block_loss, torch.float32, codes=init_codes) if heldout else float("nan")
-        t1 = time.perf_counter()
-        with torch.enable_grad():
-            if profile:
-                prof = cProfile.Profile()
-                prof.enable()
-            res = refine(gsq, items, block_loss, cfg, keep_init_if_worse=False)
-            if profile:
-                prof.disable()
-                pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
-        t_refine = time.perf_counter() - t1
-        held_final = _hard_loss(gsq, heldout, block_loss, torch.float32) if heldout else float("nan")
-    finally:
-        for n, m in mods.items():
-            if saved[n] is None:
-                del m.forward
-            else:
-                m.forward = saved[n]
+    t1 = time.perf_counter()
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+    out = gsq_refine_block(block, mods, inits, items, cfg, block_index=block_index, seed=cfg.seed,
+                           dtype=torch.float32, keep_init_if_worse=False, heldout=heldout or None)
+    if profile:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    t_refine = time.perf_counter() - t1
+    res, gsq = out.result, out.weights
+    held_init, held_final = out.heldout_init, out.heldout_final
     changed = sum(int((w.hard_codes() != w.q0).sum()) for w in gsq.values())
     total = sum(w.q0.numel() for w in gsq.values())
     return {
@@ -230,7 +201,7 @@ def main(argv=None):
     print(f"{'layer':>5} {'init':>9} {'final':>9} {'ratio':>6} {'held init':>9} {'held fin':>9} {'ratio':>6} "
           f"{'steps':>5} {'refine s':>8} {'changed':>7}")
     for i in args.layers:
-        r = refine_block(model.model.layers[i], data["items"][i], data["held"][i], data["H"][i], args.bits,
+        r = refine_block(model.model.layers[i], i, data["items"][i], data["held"][i], data["H"][i], args.bits,
                          args.group_size, cfg, threads=args.threads, profile=args.profile)
         rows[i] = r
         print(f"{i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} {r['heldout_init_mse']:9.4g} "

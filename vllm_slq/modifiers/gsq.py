@@ -34,7 +34,6 @@ YAML:
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from typing import ClassVar, Literal, Optional
@@ -46,7 +45,8 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from vllm_slq.quant.gptq import gptq_quantize
-from vllm_slq.quant.gsq import GSQConfig, GSQWeight, gptq_ternary, refine
+from vllm_slq.quant.gsq import GSQConfig, gptq_ternary
+from vllm_slq.quant.gsq_block import first_output, refine_block
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
 from .base import LayerwiseQuantModifier, SpecResolutionError
@@ -57,11 +57,6 @@ MLP_TARGETS = ["re:.*mlp\\.(gate_proj|up_proj|down_proj)$"]
 ATTENTION_TARGETS = ["re:.*self_attn\\.(q_proj|k_proj|v_proj|o_proj)$"]
 
 
-
-def _soft_linear(module: torch.nn.Linear, current: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, current[name], module.bias)
-
-
 def _detach(x):
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -70,10 +65,6 @@ def _detach(x):
     if isinstance(x, dict):
         return {k: _detach(v) for k, v in x.items()}
     return x
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class GSQModifier(LayerwiseQuantModifier):
@@ -205,7 +196,7 @@ class GSQModifier(LayerwiseQuantModifier):
         if not pending:
             return
         args, kwargs = pending.pop()
-        self._cache.setdefault(name, []).append((args, kwargs, _detach(_first(output))))
+        self._cache.setdefault(name, []).append((args, kwargs, _detach(first_output(output))))
 
     def _done(self, block: str) -> bool:
         return all(n in self._quantized for n, b in self._block_of.items() if b == block)
@@ -251,44 +242,18 @@ class GSQModifier(LayerwiseQuantModifier):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             mem0 = torch.cuda.memory_allocated(device)
-        gsq: dict[str, GSQWeight] = {}
-        block_index = list(self._blocks).index(block_name)
-        for i, n in enumerate(names):
+        inits = {}
+        for n in names:
             acc = self._hessians.get(n)
             if acc is None or acc.nsamples == 0:
                 raise ValueError(f"GSQModifier: layer {n!r} saw no calibration inputs; pass a dataset to oneshot")
-            init = self._init_weight(n, modules[n], acc.H, self._specs[n])
-            gsq[n] = GSQWeight(init, ternary=self.ternary, init_std=self.init_std, init_strength=self.init_strength,
-                               seed=self.seed * 1_000_003 + block_index * 101 + i,
-                               fp_weight=modules[n].weight.data.float(), name=n)
+            inits[n] = self._init_weight(n, modules[n], acc.H, self._specs[n])
         items = self._cache.pop(block_name)
-        current: dict[str, torch.Tensor] = {}
-
-        def block_loss(weights, item):
-            args, kwargs, target = item
-            current.update(weights)
-            out = _first(block(*args, **kwargs))
-            return torch.nn.functional.mse_loss(out.float(), target.float())
-
-        # The target Linears read their weight from ``current`` while refining. (Not
-        # torch.func.functional_call: llmcompressor wraps module parameters in an
-        # OffloadCache, and assigning a tensor there copies it *into* the parameter.)
-        saved = {}
-        for n in names:
-            m = modules[n]
-            saved[n] = m.__dict__.get("forward")
-            m.forward = functools.partial(_soft_linear, m, current, n)
-        try:
-            with HooksMixin.disable_hooks(), torch.enable_grad():
-                res = refine(gsq, items, block_loss, self.gsq_config(seed=self.seed * 7 + block_index),
-                             weight_dtype=dtype, keep_init_if_worse=self.keep_init_if_worse)
-        finally:
-            for n in names:
-                if saved[n] is None:
-                    del modules[n].forward
-                else:
-                    modules[n].forward = saved[n]
-            current.clear()
+        with HooksMixin.disable_hooks():
+            refined = refine_block(block, {n: modules[n] for n in names}, inits, items, self.gsq_config(),
+                                   block_index=list(self._blocks).index(block_name), seed=self.seed, dtype=dtype,
+                                   ternary=self.ternary, keep_init_if_worse=self.keep_init_if_worse)
+        res, gsq = refined.result, refined.weights
         # + logit gradient and Lion moment, + y*(d-e) kept between a step's forward and backward when saved
         state_bytes = sum(w.state_bytes() + (2 + (not w.ternary and w.logits.numel() <= w.save_elems)) * w.logits.numel() * 4
                           for w in gsq.values())

@@ -608,7 +608,7 @@ def refine(
     result = RefineResult()
     init_state = {n: (weights[n].scale.detach().clone()) for n in names}
     init_codes = {n: weights[n].q0.clone() for n in names}
-    result.init_hard_loss = _hard_loss(weights, batches, loss_fn, weight_dtype, codes=init_codes)
+    result.init_hard_loss = hard_loss(weights, batches, loss_fn, weight_dtype, codes=init_codes)
     order_gen = torch.Generator()
     order_gen.manual_seed(int(cfg.seed) % _SEED_MOD)
     step = 0
@@ -646,7 +646,7 @@ def refine(
             step += 1
     result.steps = step
     del opt
-    result.final_hard_loss = _hard_loss(weights, batches, loss_fn, weight_dtype)
+    result.final_hard_loss = hard_loss(weights, batches, loss_fn, weight_dtype)
     if keep_init_if_worse and result.final_hard_loss > result.init_hard_loss:
         with torch.no_grad():
             for n in names:
@@ -663,7 +663,7 @@ def _step_seed(seed: int, step: int, weight_index: int) -> int:
 
 
 @torch.no_grad()
-def _hard_loss(weights, batches, loss_fn, dtype, codes: Optional[Mapping[str, torch.Tensor]] = None) -> float:
+def hard_loss(weights, batches, loss_fn, dtype, codes: Optional[Mapping[str, torch.Tensor]] = None) -> float:
     """Mean loss over all batches with hard weights (argmax codes, or ``codes``) and current scales."""
     hard = {}
     for n, w in weights.items():
