@@ -11,8 +11,8 @@ multiply-add per weight.
 
   * ``_wna16_gemv_kernel`` -- decode, M == 1. Grid (N_pad / BLOCK_N, SPLIT_K); the
     program walks its share of K tiles. Each iteration loads one [R, BLOCK_N]
-    container tile (each word once, 128-bit loads along N, warps along N, no
-    masks: N and K are padded) and, per code slot j (a slab), extracts the codes
+    container tile (each word once, VEC_N containers per thread along N, warps along
+    N, no masks: N and K are padded) and, per code slot j (a slab), extracts the codes
     with the magic-number trick (``_slab_codes``), multiplies them by the slab's
     16 activations and reduces over the slab inside the thread:
       - 2..4 bits (int16 containers): half2 math in the activation dtype; the
@@ -20,6 +20,11 @@ multiply-add per weight.
       - 5..8 bits (int32 containers): fp32 math (|q| <= 128 would overflow fp16
         partial sums against large activations).
     Partial sums over K are combined with fp32 atomics when SPLIT_K > 1.
+    BLOCK_N = VEC_N x 32 x num_warps puts every thread on all R rows of its own
+    columns, so the slab sums never cross threads. VEC_N caps the contiguity Triton
+    may assume along N: 128-bit loads by default; 2-bit takes 64-bit ones (VEC_N 4),
+    since 8 int16 containers x 16 rows per thread spill or make Triton put warps
+    along the rows (a cross-warp reduction per slab).
   * ``_wna16_dot_kernel`` -- M > 1 (batched decode and prefill). Tiled GEMM with a
     grouped program order. The packed container tile is what is loaded (and what
     Triton's pipeliner stages in shared memory); each slab is dequantised in
@@ -103,7 +108,8 @@ def _slab_codes(w, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constexpr, FDT
 @triton.jit
 def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES_PER_PROG,
                        BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, EMU_BF16: tl.constexpr):
+                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, VEC_N: tl.constexpr,
+                       EMU_BF16: tl.constexpr):
     R: tl.constexpr = 16
     C: tl.constexpr = CBITS // BITS
     KT: tl.constexpr = R * C
@@ -118,7 +124,7 @@ def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES
         EMU: tl.constexpr = False
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.max_contiguous(tl.arange(0, BLOCK_N), VEC_N)
     offs_r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_lo = pid_k * TILES_PER_PROG
@@ -214,6 +220,11 @@ def _block_n(np_: int, want: int) -> int:
     return b
 
 
+def gemv_vec_n(bits: int) -> int:
+    """Default containers per thread along N in the GEMV: one 128-bit load per row."""
+    return 128 // container_format(bits).container_bits
+
+
 def _split(tiles: int, want: int) -> tuple[int, int]:
     """(programs along K, K tiles per program) for a wanted split-K: no program without tiles."""
     split_k = max(1, min(want, tiles))
@@ -262,7 +273,9 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     y = (torch.zeros(1, n, device=x2.device, dtype=torch.float32) if split_k > 1
          else torch.empty(1, n, device=x2.device, dtype=x2.dtype))
     grid = (packed.shape[1] // block_n, split_k)
-    _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k, **args,
+    vec_n = min(int(cfg.get("VEC_N", gemv_vec_n(bits))), block_n)
+    _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k, VEC_N=vec_n,
+                             **args,
                              num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 

@@ -31,11 +31,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+from vllm_slq.kernels.sass import SASS_BUDGET as BUDGET  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET = {  # SASS instructions per weight byte, per (path, bits); see the module docstring
-    "gemv": {2: 24.9, 3: 13.9, 4: 11.4, 5: 9.9, 6: 8.5, 7: 6.7, 8: 6.7},
-    "dot": {2: 33.6, 3: 22.6, 4: 18.6, 5: 13.6, 6: 12.4, 7: 10.2, 8: 9.4},
-}
 
 
 @pytest.fixture(scope="module")

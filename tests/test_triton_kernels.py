@@ -202,7 +202,7 @@ def layer_and_launch(draw):
     n = draw(st.integers(1, 96))
     m = draw(st.sampled_from([1, 2, 5, 16, 17, 33]))
     cfg = {"BLOCK_N": draw(st.sampled_from([16, 32, 64, 128])), "SPLIT_K": draw(st.sampled_from([1, 2, 4])),
-           "BLOCK_M": draw(st.sampled_from([16, 32])), "GROUP_M": 2}
+           "BLOCK_M": draw(st.sampled_from([16, 32])), "GROUP_M": 2, "VEC_N": draw(st.sampled_from([1, 2, 4, 8]))}
     return dict(bits=bits, group_size=group_size, k=k, n=n, m=m, symmetric=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), cfg=cfg, seed=draw(st.integers(0, 99)))
 
@@ -357,10 +357,14 @@ def test_config_validation_names_the_field():
 
 
 def _load_bench(name):
+    """A benchmark script as a module, with benchmarks/ on sys.path as when it runs as a script."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -370,7 +374,7 @@ def _load_bench(name):
 def test_kernels_benchmark_dry_run_and_ideal_math(tmp_path, capsys):
     import json
 
-    kb = _load_bench("kernels")
+    kb = _load_bench("kernel_timing")
     assert kb.ideal_speedup(4, 128, False) == pytest.approx(16 / 4.125)
     assert kb.ideal_speedup(2, 128, True) == pytest.approx(16 / (2 + 16 / 128 + 2 / 128))
     assert kb.group_for(576, 128) == 64 and kb.group_for(4096, 128) == 128 and kb.group_for(576, None) == 576
