@@ -170,12 +170,12 @@ def best_configs(device: str, shapes, bits_list, cache: dict, arch: int = 90) ->
 
 def passes_gates(cache: dict, path: str, bits: int, cfg: dict, archs=(80, 90)) -> bool:
     """tests/test_kernel_sass.py's gates for one config: 0 spills, each weight word loaded once,
-    no barriers in a GEMV loop (2-bit excepted), SASS per weight byte within SASS_BUDGET."""
+    no barriers in a GEMV loop, SASS per weight byte within SASS_BUDGET."""
     for arch in archs:
         v = compiled(cache, path, bits, False, 128, cfg, arch)  # asymmetric g128, as the gates compile it
         if v.spill_bytes or abs(v.weight_request_ratio - 1.0) > 1e-6:
             return False
-        if path == "gemv" and bits != 2 and v.barriers_in_loop:
+        if path == "gemv" and v.barriers_in_loop:
             return False
         if v.sass_per_weight_byte > SASS_BUDGET[path][bits]:
             return False

@@ -39,10 +39,10 @@ DOT_SMALL_WAVES = 4  # programs per SM the small-M split-K aims for
 # Used when no shipped file matches the GPU (and on CPU under TRITON_INTERPRET=1).
 # "gemv" is keyed by bits: BLOCK_N = 32 lanes x num_warps x one 128-bit load of
 # containers (8 int16 or 4 int32 per thread), so warps lie along N and the K slab
-# reduction stays inside a thread; 2-bit takes half of that to stay spill-free
-# (kernels/sass.py, benchmarks/kernel_model.py).
+# reduction stays inside a thread; 2-bit takes 2 containers per thread (VEC_N), as
+# 8 x 16 rows spill (kernels/sass.py, benchmarks/kernel_model.py).
 _FALLBACK_DEFAULTS = {
-    "gemv": {"2": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
+    "gemv": {"2": {"BLOCK_N": 512, "num_warps": 8, "num_stages": 2, "VEC_N": 2},
              "3": {"BLOCK_N": 1024, "num_warps": 4, "num_stages": 2},
              "4": {"BLOCK_N": 1024, "num_warps": 4, "num_stages": 2},
              "5": {"BLOCK_N": 512, "num_warps": 4, "num_stages": 2},
