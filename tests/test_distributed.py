@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vllm_slq.modifiers.base import LayerwiseQuantModifier
-from vllm_slq.quant.database import build_database
+from vllm_slq.quant.database import LayerDatabase, build_database, build_database_sharded
 from vllm_slq.quant.gptq import GPTQ
 from vllm_slq.quant.spec import QuantSpec
 
@@ -40,6 +40,51 @@ def _reduce_rank(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"H": acc.H, "n": acc.nsamples}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _sharded_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        W, H, specs = _layer()
+        entries = build_database_sharded(W, H, specs, layer="blk.0.mlp.down")
+        # the cache path: a miss on any rank makes every rank build its shard, rank 0 writes
+        db = LayerDatabase(f"{out}.cache")
+        cached, hit = db.build_cached(W, H, specs, layer="blk.0.mlp.down", write=rank == 0, sharded=True)
+        dist.barrier()
+        again, hit2 = LayerDatabase(f"{out}.cache").build_cached(W, H, specs, write=rank == 0, sharded=True)
+        torch.save({"entries": entries, "cached": cached, "hits": (hit, hit2), "again": again}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _layer():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(37, K, generator=g)  # 37 rows: unequal shards over 2 and 3 ranks
+    x = _activations()
+    H = 2 * x.T @ x / x.shape[0]
+    return W, H, [QuantSpec(b, 32, False) for b in (2, 3, 8)] + [QuantSpec(4, None, True)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_row_sharded_database_equals_one_process(tmp_path, world):
+    """GPTQ's rows are independent given H: each rank's share, all-gathered, is the one-process
+    database bit for bit, and rel_err / gptq_loss reduce to its values."""
+    mp.spawn(_sharded_rank, args=(world, _free_port(), str(tmp_path / "d")), nprocs=world, join=True)
+    W, H, specs = _layer()
+    one = build_database(W, H, specs, layer="blk.0.mlp.down")
+    for r in range(world):
+        got = torch.load(tmp_path / f"d.{r}", weights_only=False)
+        assert got["hits"] == (False, True)  # built (sharded) on every rank, then read back on every rank
+        for name in ("entries", "cached", "again"):
+            for s in specs:
+                a, b = got[name][s], one[s]
+                assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), (name, s.short())
+                assert (a.zero_point is None) == (b.zero_point is None)
+                assert a.zero_point is None or torch.equal(a.zero_point, b.zero_point)
+                assert a.meta["rel_err"] == pytest.approx(b.meta["rel_err"], rel=1e-9)
+                assert a.meta["gptq_loss"] == pytest.approx(b.meta["gptq_loss"], rel=1e-9)
+        assert got["entries"][specs[0]].meta["shards"] == world
 
 
 def _free_port() -> int:

@@ -2,7 +2,8 @@
 
     database   for every target Linear, asymmetric group-wise GPTQ at every width
                b in bits_options from ONE Hessian factorisation
-               (vllm_slq.quant.database.build_database); the sequential pipeline
+               (vllm_slq.quant.database.build_database_sharded: under torchrun each
+               rank quantizes its share of the rows, then all-gather); the sequential pipeline
                propagates the widest entry, so later layers calibrate on inputs
                that are already (near-losslessly) quantized
     allocate   per-layer widths by the allocation engine (vllm_slq.allocation.engine:
@@ -42,7 +43,7 @@ from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.data import load_text, token_blocks
 from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
 from vllm_slq.eval.metrics import position_metrics, summarize
-from vllm_slq.quant.database import LayerDatabase, build_database
+from vllm_slq.quant.database import LayerDatabase, build_database_sharded
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
 
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
@@ -152,10 +153,10 @@ class SLQModifier(LayerwiseQuantModifier):
             # under torchrun every rank builds the same entries (all-reduced Hessians); rank 0
             # alone writes them, so the ranks never race on the cache's index
             writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-            db, hit = self._store.build_cached(W, H, specs, layer=name, write=writer, **gptq_kw)
+            db, hit = self._store.build_cached(W, H, specs, layer=name, write=writer, sharded=True, **gptq_kw)
             self._cache_hits += int(hit)
-        else:
-            db = build_database(W, H, specs, layer=name, **gptq_kw)
+        else:  # under torchrun each rank quantizes its share of the rows (one process: all of them)
+            db = build_database_sharded(W, H, specs, layer=name, **gptq_kw)
         if not self._db:  # the store lives where the layers compute
             self._db = CandidateStore(W.device)
         self._db.put(name, db)

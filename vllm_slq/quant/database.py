@@ -10,6 +10,12 @@ at 2..8 bits). Building them costs one GPTQ pass over the columns for all widths
                                   meta["rel_err"] = tr((W-Q) H (W-Q)^T) / tr(W H W^T),
                                   the per-layer sensitivity the proxy-DP baseline and
                                   RCO's initialisation read
+    build_database_sharded(...)   the same over torch.distributed ranks: GPTQ's rows are
+                                  independent given H, so each rank quantizes its share
+                                  of the N rows and the codes, scales and zero points are
+                                  all-gathered; rel_err's numerator and denominator and
+                                  gptq_loss are all-reduced. Same entries as one process
+                                  (bit for bit, given the same H), 1/world of the work
     database_key(W, H, specs)     what a layer's entries depend on, hashed: the weights,
                                   the Hessian, the specs and GPTQ's options
     LayerDatabase(dir)            the entries on disk, compact (codes int8, scales in
@@ -35,9 +41,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -74,6 +81,58 @@ def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec],
         if qw.zero_point is not None:
             qw.zero_point = qw.zero_point.cpu()
         qw.meta["bpp"] = spec.bpp(k)
+    return out
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_rows(t: Optional[torch.Tensor], rows: list[int], device: torch.device) -> Optional[torch.Tensor]:
+    """Concatenate every rank's [rows_r, ...] tensor along dim 0 (rank order). The bytes
+    travel as uint8 on `device` (gloo and NCCL both move those; NCCL needs CUDA tensors),
+    padded to the longest shard, and come back on the CPU in t's dtype."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    raw = t.view(torch.uint8).reshape(t.shape[0], -1).to(device)
+    width, longest = raw.shape[1], max(rows)
+    padded = torch.zeros(longest, width, dtype=torch.uint8, device=device)
+    padded[: raw.shape[0]] = raw
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded)
+    full = torch.cat([p[:r] for p, r in zip(parts, rows)]).cpu()
+    return full.view(t.dtype).reshape(sum(rows), *t.shape[1:])
+
+
+def build_database_sharded(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
+                           **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
+    """build_database with the rows of W split over the torch.distributed ranks (a plain
+    build_database outside a process group). Every rank must call it with the same H, specs
+    and options; every rank returns the full entries."""
+    rank, world = _world()
+    n = W.shape[0]
+    if world == 1 or n < world:
+        return build_database(W, H, specs, layer=layer, **gptq_kw)
+    bounds = [n * r // world for r in range(world + 1)]
+    rows = [bounds[r + 1] - bounds[r] for r in range(world)]
+    device = W.device
+    local = build_database(W[bounds[rank]: bounds[rank + 1]], H, specs, layer=layer, **gptq_kw)
+    # tr((W-Q) H (W-Q)^T) and tr(W H W^T) are sums over rows: reduce numerators and denominators
+    den = local[specs[0]].meta["whw"]  # 0 only for all-zero rows, which quantize exactly
+    sums = torch.tensor([local[s].meta["rel_err"] * den if den > 0 else 0.0 for s in specs]
+                        + [local[s].meta["gptq_loss"] for s in specs] + [den], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    out = {}
+    for i, spec in enumerate(specs):
+        q = local[spec]
+        meta = dict(q.meta, rel_err=float(sums[i] / sums[-1]), gptq_loss=float(sums[len(specs) + i]),
+                    whw=float(sums[-1]), shards=world)
+        out[spec] = QuantizedWeight(codes=_all_gather_rows(q.codes, rows, device),
+                                    scale=_all_gather_rows(q.scale, rows, device),
+                                    zero_point=_all_gather_rows(q.zero_point, rows, device), spec=spec, meta=meta)
     return out
 
 
@@ -285,17 +344,26 @@ class LayerDatabase:
         return entries
 
     def build_cached(self, W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
-                     write: bool = True, **gptq_kw) -> tuple[dict[QuantSpec, QuantizedWeight], bool]:
+                     write: bool = True, sharded: bool = False, **gptq_kw
+                     ) -> tuple[dict[QuantSpec, QuantizedWeight], bool]:
         """(entries, hit): the stored entries under database_key(W, H, specs, ...) if
         present, else build_database's, stored under that key unless write=False (the
         ranks of a torchrun other than the writer build the same entries and only read).
+        sharded: build with build_database_sharded; every rank must then call this for the
+        same layer, and a miss on any rank makes all of them build (one collective).
         A store used this way is keyed by content, not by layer name."""
         key = database_key(W, H, specs, **gptq_kw)
         if not write and self._index_path.exists():  # see what the writer has stored since
             self._index = self._read_index()
-        if key in self and all(s.short() in self._layer_entry(key)["entries"] for s in specs):
+        hit = key in self and all(s.short() in self._layer_entry(key)["entries"] for s in specs)
+        if sharded and _world()[1] > 1:  # all ranks read, or all ranks build their shard
+            flag = torch.tensor([int(hit)], device=W.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            hit = bool(flag.item())
+        if hit:
             return {s: self.get(key, s) for s in specs}, True
-        entries = build_database(W, H, specs, layer=layer, **gptq_kw)
+        build = build_database_sharded if sharded else build_database
+        entries = build(W, H, specs, layer=layer, **gptq_kw)
         if write:
             self.put(key, entries, merge=False)
         return entries, False

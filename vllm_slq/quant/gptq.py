@@ -400,6 +400,7 @@ def gptq_quantize_many(
             "method": "gptq",
             "layer": layer,
             "rel_err": _relative_error(W0, qw.dequantize(torch.float32), H32, whw),
+            "whw": whw,  # rel_err's denominator, tr(W H W^T): row shards add theirs up
             "gptq_loss": float(losses[s]),
             "percdamp": factor.percdamp,
             "dead_columns": int(dead.sum()),
