@@ -53,8 +53,11 @@ from .base import LayerwiseQuantModifier, SpecResolutionError
 
 __all__ = ["GSQModifier", "MLP_TARGETS", "ATTENTION_TARGETS"]
 
-MLP_TARGETS = ["re:.*mlp\\.(gate_proj|up_proj|down_proj)$"]
-ATTENTION_TARGETS = ["re:.*self_attn\\.(q_proj|k_proj|v_proj|o_proj)$"]
+# every Linear under a decoder block's MLP / attention module, whatever the architecture
+# calls its projections (Llama's gate/up/down_proj, GPT-NeoX's dense_h_to_4h, Phi-3's
+# fused gate_up_proj, ...); only nn.Linear modules are taken (LayerwiseQuantModifier)
+MLP_TARGETS = ["re:.*\\.mlp\\.[^.]+$"]
+ATTENTION_TARGETS = ["re:.*\\.(self_attn|attention|attn)\\.[^.]+$"]
 
 
 def _detach(x):
