@@ -6,16 +6,8 @@ import math
 import pytest
 import torch
 
-from vllm_slq.quant.gsq import (
-    GSQConfig,
-    GSQWeight,
-    Lion,
-    cosine_lr,
-    linear_schedule,
-    refine,
-    sample_noise,
-    soft_weight_reference,
-)
+from vllm_slq.quant.gsq import GSQConfig, GSQWeight, refine, sample_noise, soft_weight_reference
+from vllm_slq.quant.lion import Lion, cosine_lr, linear_schedule
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec, QuantSpecError
 
 

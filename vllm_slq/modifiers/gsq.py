@@ -8,7 +8,7 @@ sequential pipeline, for every decoder layer ("block"):
                       inputs (already quantized-propagated) and its FP output
   sequential_epoch_end
       1. GPTQ init on a symmetric grid: vllm_slq.quant.gptq.gptq_quantize
-         (ternary: vllm_slq.quant.gsq.gptq_ternary, codes {-1,0,1})
+         (ternary: vllm_slq.quant.gsq_ternary.gptq_ternary, codes {-1,0,1})
       2. GSQ refinement of the block's target Linears *jointly*: loss = MSE between
          the block output with the soft weights and the cached FP output, on the
          cached inputs (vllm_slq.quant.gsq.refine; the block runs in its own dtype
@@ -45,7 +45,8 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from vllm_slq.quant.gptq import gptq_quantize
-from vllm_slq.quant.gsq import GSQConfig, gptq_ternary
+from vllm_slq.quant.gsq import GSQConfig
+from vllm_slq.quant.gsq_ternary import gptq_ternary
 from vllm_slq.quant.gsq_block import first_output, refine_block
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 

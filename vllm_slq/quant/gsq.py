@@ -27,9 +27,9 @@ Equations (docs/methods.md section 3) and where they live below:
   Gradients (y_k = softmax output, e = E_y[d]):
     dL/dalpha_k = (kappa / tau) * (dL/dW * s) * y_k * (d_k - e)
     dL/ds_group = sum_{group} dL/dW * (base + e)
-* Schedules per step (:func:`linear_schedule`, :func:`cosine_lr`):
+* Schedules per step (quant/lion.py: ``linear_schedule``, ``cosine_lr``):
     tau 2.0 -> 0.05 linear, kappa 100 -> 500 linear, lr cosine to 0.1 * lr.
-* Optimiser (:class:`Lion`): u = sign(b1 m + (1 - b1) g);
+* Optimiser (quant/lion.py: ``Lion``): u = sign(b1 m + (1 - b1) g);
     p <- p * (1 - lr * wd) - lr * u;  m <- b2 m + (1 - b2) g
   logits: lr 2e-4, decoupled wd 1.0 (pulls logits towards uniform: the real
   regulariser); scales: lr 1e-4, fp32, no decay.
@@ -40,7 +40,8 @@ Equations (docs/methods.md section 3) and where they live below:
   the soft weights accumulate over the items and one custom backward maps them to
   logits and scales.
 * Ternary initialisation: GPTQ with codes clamped to {-1, 0, 1} and a diag-H
-  weighted ternary scale search (:func:`gptq_ternary`, :func:`ternary_qparams`).
+  weighted ternary scale search (quant/gsq_ternary.py). Applying all this to one
+  decoder block of a model: quant/gsq_block.py.
 
 Memory per refined weight (C candidates): logits, their gradient and the Lion
 moment, fp32 each (3 x 4 x C bytes per weight) plus int8 base/q0 codes; the soft
@@ -59,24 +60,22 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from vllm_slq.quant.spec import QuantizedWeight, QuantSpec, QuantSpecError
+from .lion import Lion, cosine_lr, linear_schedule
+from .spec import QuantizedWeight, QuantSpecError
 
 __all__ = [
     "GSQConfig",
     "GSQWeight",
     "GumbelSoftWeight",
+    "RefineResult",
     "TernarySoftWeight",
-    "Lion",
     "candidate_offsets",
+    "hard_loss",
     "init_logits",
-    "linear_schedule",
-    "cosine_lr",
     "sample_noise",
     "soft_weight_reference",
     "refine",
     "ternary_init",
-    "ternary_qparams",
-    "gptq_ternary",
 ]
 
 _EPS = 1e-10
@@ -498,63 +497,6 @@ class GSQWeight:
 
 
 # --------------------------------------------------------------------------- #
-# schedules and optimiser
-# --------------------------------------------------------------------------- #
-
-def linear_schedule(start: float, end: float, step: int, total: int) -> float:
-    """Linear interpolation start -> end over steps 0..total-1 (per step, as in the paper)."""
-    if total <= 1:
-        return end
-    t = min(max(step, 0), total - 1) / (total - 1)
-    return start + (end - start) * t
-
-
-def cosine_lr(base_lr: float, step: int, total: int, final_fraction: float = 0.1) -> float:
-    """Cosine decay from base_lr to final_fraction * base_lr over total steps."""
-    if total <= 1:
-        return base_lr
-    t = min(max(step, 0), total - 1) / (total - 1)
-    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023) with decoupled weight decay.
-
-    u = sign(b1 * m + (1 - b1) * g); p <- p (1 - lr wd) - lr u; m <- b2 m + (1 - b2) g.
-    """
-
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
-        if lr <= 0:
-            raise ValueError(f"Lion: lr must be positive, got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Lion: betas must be in [0, 1), got {betas}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                # lerp: b1 m + (1 - b1) g and b2 m + (1 - b2) g in one pass each
-                update = torch.lerp(p.grad, m, b1).sign_()
-                p.add_(update, alpha=-lr)
-                m.lerp_(p.grad, 1 - b2)
-        return loss
-
-
-# --------------------------------------------------------------------------- #
 # the refinement loop
 # --------------------------------------------------------------------------- #
 
@@ -685,83 +627,3 @@ def _force_codes(w: GSQWeight, codes: torch.Tensor) -> None:
         return
     target = (codes.to(torch.float32) - w.base.to(torch.float32)).unsqueeze(-1)
     w.logits.copy_(torch.where(w.offsets == target, 1.0, -1.0))
-
-
-# --------------------------------------------------------------------------- #
-# ternary initialisation (GPTQ with codes {-1, 0, 1})
-# --------------------------------------------------------------------------- #
-
-TERNARY_SHRINK = tuple(round(0.05 + 0.025 * i, 3) for i in range(39))  # s / max|w| in 0.05..1.0
-
-
-def ternary_qparams(w: torch.Tensor, group_size: int, weights: Optional[torch.Tensor] = None,
-                    grid: Sequence[float] = TERNARY_SHRINK) -> torch.Tensor:
-    """Per-group scale s minimising sum_j h_j (w_j - s * clamp(round(w_j / s), -1, 1))^2.
-
-    w [N, G*groups] fp32; weights h [K] (e.g. diag H) or None. Returns s [N, groups] > 0.
-    """
-    n, k = w.shape
-    wg = w.view(n, k // group_size, group_size)
-    amax = wg.abs().amax(-1).clamp_min(1e-12)
-    h = None if weights is None else weights.view(1, k // group_size, group_size)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax.clone()
-    for p in grid:
-        sc = amax * p
-        q = torch.clamp(torch.round(wg / sc.unsqueeze(-1)), -1, 1)
-        err = (wg - q * sc.unsqueeze(-1)) ** 2
-        err = (err if h is None else err * h).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, sc, best)
-    return best
-
-
-@torch.no_grad()
-def gptq_ternary(W: torch.Tensor, H: torch.Tensor, group_size: int, *, layer: str = "",
-                 percdamp: float = 0.01, blocksize: int = 128,
-                 scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """GPTQ (docs/methods.md sec. 1) with ternary codes on the 2-bit symmetric grid.
-
-    vllm_slq.quant.gptq.gptq_quantize rounds to the full [qmin, qmax] range, so the
-    ternary init runs the same column loop here with codes clamped to {-1, 0, 1} and
-    each group's scale from :func:`ternary_qparams` (diag-H weighted) on the
-    error-updated columns when the group starts.
-    """
-    from vllm_slq.quant.gptq import factor_hessian
-
-    spec = QuantSpec(2, group_size, symmetric=True)
-    n, k = W.shape
-    spec.groups(k, layer)
-    if not torch.isfinite(W).all():
-        raise QuantSpecError(f"layer {layer!r}: weight has NaN/inf")
-    dev = W.device
-    factor = factor_hessian(H, percdamp, layer=layer, device=dev)
-    U, dead, hdiag = factor.hinv_upper.to(dev), factor.dead.to(dev), factor.diag.to(dev)
-    Wc = W.to(torch.float32).clone()
-    Wc[:, dead] = 0.0
-    g = group_size
-    codes = torch.empty(n, k, dtype=torch.int8, device=dev)
-    scales = torch.empty(n, k // g, device=dev)
-    starts = sorted(set(range(0, k, blocksize)) | set(range(0, k, g)))
-    sc = torch.ones(n, device=dev)
-    for bi, i1 in enumerate(starts):
-        i2 = starts[bi + 1] if bi + 1 < len(starts) else k
-        if i1 % g == 0:
-            s = ternary_qparams(Wc[:, i1:i1 + g], g, hdiag[i1:i1 + g]).to(scale_dtype).to(torch.float32)
-            sc = s[:, 0]
-            scales[:, i1 // g] = sc
-        W1 = Wc[:, i1:i2].clone()
-        Err = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / sc), -1, 1)
-            codes[:, i1 + i] = q.to(torch.int8)
-            err = (w - q * sc) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(-1) * U1[i, i:]
-            Err[:, i] = err
-        if i2 < k:
-            Wc[:, i2:] -= Err @ U[i1:i2, i2:]
-    return QuantizedWeight(codes, scales.to(scale_dtype), None, spec,
-                           meta={"method": "gptq_ternary", "layer": layer, "percdamp": factor.percdamp})
