@@ -49,7 +49,7 @@ fake-quantized weight the error feedback was computed against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -215,6 +215,9 @@ def gptq_quantize_many(
     device: Optional[torch.device | str] = None,
     static_groups: bool = False,
     act_order: bool = False,
+    group_qparams: Optional[Callable[[torch.Tensor, Optional[torch.Tensor], QuantSpec],
+                                     tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
+    code_range: Optional[tuple[int, int]] = None,
 ) -> dict[QuantSpec, QuantizedWeight]:
     """GPTQ for every spec in `specs` in one pass over the columns (shared factorisation).
 
@@ -231,6 +234,10 @@ def gptq_quantize_many(
     the original column order, so no g_idx is needed in the checkpoint; their
     parameters therefore cannot wait for a group's first column and are fixed up
     front from the original W, i.e. act_order implies static_groups.
+    group_qparams / code_range: a different per-column quantizer on the same loop, e.g.
+    ternary codes (quant/gsq_ternary.py): group_qparams(w [N, g], diag H of the group or
+    None, spec) -> (scale [N] in scale_dtype, zero point [N] or None) replaces the scale
+    search, and codes are clamped to code_range instead of the spec's [qmin, qmax].
     Returns {spec: QuantizedWeight} with meta rel_err / gptq_loss / percdamp / ...
     """
     specs = list(dict.fromkeys(specs))  # de-duplicate, keep order
@@ -273,8 +280,10 @@ def gptq_quantize_many(
     Wt[:, dead, :] = 0.0
     W0z = Wt[0].t().clone() if static_groups else None  # original weight [N, K], dead columns zeroed
     group = [spec.effective_group(k) for spec in specs]
-    qmin = torch.tensor([float(s.qmin) for s in specs], device=dev).view(S, 1)
-    qmax = torch.tensor([float(s.qmax) for s in specs], device=dev).view(S, 1)
+    qmin = torch.tensor([float(s.qmin if code_range is None else code_range[0]) for s in specs],
+                        device=dev).view(S, 1)
+    qmax = torch.tensor([float(s.qmax if code_range is None else code_range[1]) for s in specs],
+                        device=dev).view(S, 1)
     scale_cur = torch.ones(S, n, device=dev)
     zero_cur = torch.zeros(S, n, device=dev)  # 0 for symmetric specs: w/s + 0 == w/s exactly
     codes_t = torch.empty(S, k, n, dtype=torch.int8, device=dev)
@@ -324,7 +333,12 @@ def gptq_quantize_many(
                 wgrp = W0z[:, col:col + g].unsqueeze(0).expand(len(members), -1, -1)
             else:
                 wgrp = torch.stack([current_group(si, col, i1, i2, j1, j2, W1, Err1) for si in members])
-            if scale_search == "minmax":
+            if group_qparams is not None:
+                pairs = [group_qparams(wgrp[b], None if hdiag is None else hdiag[col:col + g], gs)
+                         for b, gs in enumerate(gspecs)]
+                sc = torch.stack([p[0] for p in pairs]).unsqueeze(-1)
+                zp = None if sym else torch.stack([p[1] for p in pairs]).unsqueeze(-1)
+            elif scale_search == "minmax":
                 pairs = [compute_qparams(wgrp[b], gs, layer=layer, scale_dtype=scale_dtype)
                          for b, gs in enumerate(gspecs)]
                 sc = torch.stack([p[0] for p in pairs])

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .gptq import factor_hessian
+from .gptq import gptq_quantize_many
 from .spec import QuantizedWeight, QuantSpec, QuantSpecError
 
 __all__ = ["TERNARY_SHRINK", "gptq_ternary", "ternary_qparams"]
@@ -43,45 +43,21 @@ def ternary_qparams(w: torch.Tensor, group_size: int, weights: Optional[torch.Te
 def gptq_ternary(W: torch.Tensor, H: torch.Tensor, group_size: int, *, layer: str = "",
                  percdamp: float = 0.01, blocksize: int = 128,
                  scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """GPTQ (docs/methods.md sec. 1) with ternary codes on the 2-bit symmetric grid.
-
-    vllm_slq.quant.gptq.gptq_quantize rounds to the full [qmin, qmax] range, so the
-    ternary init runs the same column loop here with codes clamped to {-1, 0, 1} and
-    each group's scale from :func:`ternary_qparams` (diag-H weighted) on the
-    error-updated columns when the group starts.
-    """
+    """GPTQ (docs/methods.md sec. 1) with ternary codes on the 2-bit symmetric grid: the one
+    GPTQ column loop (gptq.gptq_quantize_many) with codes clamped to {-1, 0, 1} and each
+    group's scale from :func:`ternary_qparams` (diag-H weighted) on the error-updated
+    columns when the group starts."""
     spec = QuantSpec(2, group_size, symmetric=True)
-    n, k = W.shape
-    spec.groups(k, layer)
+    spec.groups(W.shape[1], layer)
     if not torch.isfinite(W).all():
         raise QuantSpecError(f"layer {layer!r}: weight has NaN/inf")
-    dev = W.device
-    factor = factor_hessian(H, percdamp, layer=layer, device=dev)
-    U, dead, hdiag = factor.hinv_upper.to(dev), factor.dead.to(dev), factor.diag.to(dev)
-    Wc = W.to(torch.float32).clone()
-    Wc[:, dead] = 0.0
-    g = group_size
-    codes = torch.empty(n, k, dtype=torch.int8, device=dev)
-    scales = torch.empty(n, k // g, device=dev)
-    starts = sorted(set(range(0, k, blocksize)) | set(range(0, k, g)))
-    sc = torch.ones(n, device=dev)
-    for bi, i1 in enumerate(starts):
-        i2 = starts[bi + 1] if bi + 1 < len(starts) else k
-        if i1 % g == 0:
-            s = ternary_qparams(Wc[:, i1:i1 + g], g, hdiag[i1:i1 + g]).to(scale_dtype).to(torch.float32)
-            sc = s[:, 0]
-            scales[:, i1 // g] = sc
-        W1 = Wc[:, i1:i2].clone()
-        Err = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / sc), -1, 1)
-            codes[:, i1 + i] = q.to(torch.int8)
-            err = (w - q * sc) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(-1) * U1[i, i:]
-            Err[:, i] = err
-        if i2 < k:
-            Wc[:, i2:] -= Err @ U[i1:i2, i2:]
-    return QuantizedWeight(codes, scales.to(scale_dtype), None, spec,
-                           meta={"method": "gptq_ternary", "layer": layer, "percdamp": factor.percdamp})
+
+    def qparams(w: torch.Tensor, hdiag: Optional[torch.Tensor], _spec: QuantSpec):
+        s = ternary_qparams(w, w.shape[1], hdiag)[:, 0]
+        return s.to(scale_dtype).to(torch.float32), None
+
+    qw = gptq_quantize_many(W, H, [spec], layer=layer, percdamp=percdamp, blocksize=blocksize,
+                            scale_search="hessian", scale_dtype=scale_dtype, negative_scale=False,
+                            group_qparams=qparams, code_range=(-1, 1))[spec]
+    qw.meta["method"] = "gptq_ternary"
+    return qw
