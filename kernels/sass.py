@@ -173,13 +173,14 @@ def compile_variant(path: str, bits: int, symmetric: bool, group_size: int, cfg:
     fmt = container_format(bits)
     act = _act(act_dtype)
     wty = "*i16" if fmt.container_bits == 16 else "*i32"
+    cfg = tw.launch_blocks(path, bits, cfg)  # VEC_N resolved as a launch resolves it
     nw = int(cfg.get("num_warps", 4))
     common = dict(BITS=bits, CBITS=fmt.container_bits, HAS_ZP=not symmetric, GROUP=group_size, EMU_BF16=False)
     if path == "gemv":
         sig = {"x_ptr": f"*{act}", "w_ptr": wty, "s_ptr": f"*{act}", "z_ptr": f"*{act}", "y_ptr": "*fp32",
                "N": "i32", "NP": "i32", "K": "i32", "TILES": "i32", "TILES_PER_PROG": "i32"}
         const = dict(common, BLOCK_N=int(cfg["BLOCK_N"]), SPLIT_K=max(2, int(cfg.get("SPLIT_K", 2))),
-                     VEC_N=min(int(cfg.get("VEC_N", tw.gemv_vec_n(bits))), int(cfg["BLOCK_N"])))
+                     VEC_N=int(cfg["VEC_N"]))
         fn, div = tw._wna16_gemv_kernel, ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "NP", "K")
     elif path == "dot":
         sig = {"x_ptr": f"*{act}", "w_ptr": wty, "s_ptr": f"*{act}", "z_ptr": f"*{act}", "y_ptr": f"*{act}",

@@ -220,9 +220,17 @@ def _block_n(np_: int, want: int) -> int:
     return b
 
 
-def gemv_vec_n(bits: int) -> int:
-    """Default containers per thread along N in the GEMV: one 128-bit load per row."""
-    return 128 // container_format(bits).container_bits
+def launch_blocks(path: str, bits: int, cfg: dict, n_pad: Optional[int] = None) -> dict:
+    """cfg's block sizes as a launch uses them: BLOCK_N lowered to the largest power of
+    two dividing N_pad (when known), and for the GEMV VEC_N resolved (default: one 128-bit
+    load per row) and capped at BLOCK_N. The launchers and the static model both use it,
+    so the model predicts the kernel that runs."""
+    out = dict(cfg)
+    if n_pad is not None:
+        out["BLOCK_N"] = _block_n(n_pad, int(cfg["BLOCK_N"]))
+    if path == "gemv":
+        out["VEC_N"] = min(int(cfg.get("VEC_N", 128 // container_format(bits).container_bits)), int(out["BLOCK_N"]))
+    return out
 
 
 def _split(tiles: int, want: int) -> tuple[int, int]:
@@ -269,12 +277,13 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         raise ValueError(f"gemv path takes M == 1, got M={x2.shape[0]}")
     args = _common(x2, packed, scale, zero, bits, group_size, k, n)
     split_k, per_prog = _split(args["TILES"], int(cfg["SPLIT_K"]))
-    block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
+    blocks = launch_blocks("gemv", bits, cfg, packed.shape[1])
+    block_n = blocks["BLOCK_N"]
     y = (torch.zeros(1, n, device=x2.device, dtype=torch.float32) if split_k > 1
          else torch.empty(1, n, device=x2.device, dtype=x2.dtype))
     grid = (packed.shape[1] // block_n, split_k)
-    vec_n = min(int(cfg.get("VEC_N", gemv_vec_n(bits))), block_n)
-    _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k, VEC_N=vec_n,
+    _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k,
+                             VEC_N=blocks["VEC_N"],
                              **args,
                              num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
@@ -294,7 +303,7 @@ def launch_dot(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     y = (torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split_k > 1
          else torch.empty(m, n, device=x2.device, dtype=x2.dtype))
     block_m = int(cfg["BLOCK_M"])
-    block_n = _block_n(packed.shape[1], int(cfg["BLOCK_N"]))
+    block_n = launch_blocks("dot", bits, cfg, packed.shape[1])["BLOCK_N"]
     grid = (triton.cdiv(m, block_m) * (packed.shape[1] // block_n), split_k)
     _wna16_dot_kernel[grid](
         y_ptr=y, M=m, TILES_PER_PROG=per_prog, stride_xm=x2.stride(0), stride_ym=y.stride(0), **args,
