@@ -37,12 +37,13 @@ from transformers import AutoTokenizer
 from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
 from vllm_slq.allocation.objective import ModelKLObjective
+from vllm_slq.allocation.probe import FidelityProbe
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
 from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.data import load_text, token_blocks
 from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
-from vllm_slq.eval.metrics import position_metrics, summarize
+from vllm_slq.eval.metrics import summarize
 from vllm_slq.quant.database import LayerDatabase, build_database_sharded
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
 
@@ -268,17 +269,12 @@ class SLQModifier(LayerwiseQuantModifier):
         return errors
 
     def _ear_accepts(self, model, objective):
-        tokens = self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len).to(objective.device)
-        with torch.no_grad():
-            ref_logits = [model(input_ids=tokens[s:s + 1]).logits[0].float() for s in range(tokens.shape[0])]
+        """Accept an allocation when the lower end of its EAR's 95% CI on the evaluation blocks
+        reaches target_ear (FidelityProbe: no [tokens, vocab] reference; blocks shared over ranks)."""
+        probe = FidelityProbe(objective, self._tokens(model, "evaluation", self.eval_blocks, self.eval_seq_len))
 
         def accept(choice):
-            seqs = []
-            with torch.no_grad(), objective.applied(choice):
-                for s in range(tokens.shape[0]):
-                    q = model(input_ids=tokens[s:s + 1]).logits[0].float()
-                    seqs.append(position_metrics(ref_logits[s], q))
-            summ = summarize(seqs, seed=self.seed)
+            summ = summarize(probe(choice), seed=self.seed)
             lower = summ["ear_ci95"][0]
             return lower >= self.target_ear, {"ear": summ["ear"], "ear_ci95": summ["ear_ci95"],
                                               "kl": summ.get("kl"), "positions": summ["n_positions"]}

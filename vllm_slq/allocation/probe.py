@@ -1,0 +1,75 @@
+"""The fidelity probe of the target search: exact per-position EAR / KL / top-1 of a hard
+allocation against the FP model on fixed held-out blocks (teacher-forced, T = 1).
+
+Memory, at a user's scale (128k-256k vocabularies): the reference is never a dense
+[tokens, vocab] tensor. When the objective's model computes its logits as a plain output
+head on its decoder's hidden states (``plain_output_head``), the probe keeps the
+reference as final hidden states [tokens, hidden] and both distributions are streamed
+over the vocabulary from hidden states (``HiddenStateLogits``); otherwise each block's
+reference logits are recomputed at every probe, one block at a time.
+
+Data-parallel under torch.distributed: rank r scores blocks r, r + world, ...; the
+per-block results are all-gathered (on the CPU, a few floats per position) and put back in
+block order, so every rank summarises the same sequences with the same seed and reaches the
+same verdict.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vllm_slq.eval.metrics import HiddenStateLogits, PositionMetrics, position_metrics
+
+from .objective import ModelKLObjective
+
+
+class FidelityProbe:
+    """probe(choice) -> per-block PositionMetrics of allocation `choice`, every block, in order."""
+
+    def __init__(self, objective: ModelKLObjective, tokens: torch.Tensor):
+        if tokens.dim() != 2:
+            raise ValueError(f"probe tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
+        self.objective = objective
+        self.tokens = tokens.to(objective.device)
+        self.n_blocks = tokens.shape[0]
+        self.mine = list(range(objective.rank, self.n_blocks, objective.world))
+        self.head: Optional[torch.nn.Linear] = objective.head
+        self._ref_hidden: dict[int, torch.Tensor] = {}
+        if self.head is not None:
+            with torch.no_grad():
+                self._ref_hidden = {s: objective._hidden(self.tokens[s:s + 1])[0] for s in self.mine}
+
+    def _source(self, hidden: torch.Tensor) -> HiddenStateLogits:
+        return HiddenStateLogits(hidden, self.head.weight, self.head.bias)
+
+    @torch.no_grad()
+    def _local(self, choice: np.ndarray) -> list[tuple[int, PositionMetrics]]:
+        obj, out = self.objective, []
+        for s in self.mine:
+            ids = self.tokens[s:s + 1]
+            if self.head is not None:
+                ref = self._source(self._ref_hidden[s])
+                with obj.applied(choice):
+                    cand = self._source(obj._hidden(ids)[0])
+            else:
+                ref = obj._logits(ids)[0].float()
+                with obj.applied(choice):
+                    cand = obj._logits(ids)[0].float()
+            m = position_metrics(ref, cand)
+            out.append((s, PositionMetrics(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                              for k, v in vars(m).items()})))
+        return out
+
+    def __call__(self, choice: np.ndarray) -> list[PositionMetrics]:
+        local = self._local(choice)
+        if self.objective.world > 1:
+            parts: list = [None] * self.objective.world
+            dist.all_gather_object(parts, local)
+            local = [item for part in parts for item in part]
+        got = dict(local)
+        if sorted(got) != list(range(self.n_blocks)):
+            raise RuntimeError(f"fidelity probe: blocks {sorted(got)} scored, expected 0..{self.n_blocks - 1}")
+        return [got[s] for s in range(self.n_blocks)]
