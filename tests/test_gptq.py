@@ -293,6 +293,33 @@ def test_layer_database_roundtrip(tmp_path, layer192):
         again.put("x", {specs[0]: entries[specs[0]], specs[1]: gptq_quantize(w[:8], gp.H, specs[1])})
 
 
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of `path` (/proc/self/maps)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux memory maps")
+def test_layer_database_entries_own_their_memory(tmp_path, layer192):
+    """An entry read from the cache must not be a view of the file's memory map: the modifier
+    keeps one width per layer, and a view pins every page read from that file in RSS."""
+    w, gp, _ = layer192
+    specs = [QuantSpec(b, 64, False) for b in (2, 4)]
+    store = LayerDatabase(tmp_path / "db")
+    store.build("blk.0.down", w, gp.H, specs)
+    path = (tmp_path / "db" / store._layer_entry("blk.0.down")["file"]).resolve()
+    for spec in specs:
+        got = store.get("blk.0.down", spec)
+        ranges = _mapped_ranges(path)
+        for t in (got.codes, got.scale, got.zero_point):
+            ptr = t.untyped_storage().data_ptr()
+            assert not any(lo <= ptr < hi for lo, hi in ranges), (spec.short(), ranges)
+
+
 def test_content_keyed_store_reuses_equal_inputs_only(tmp_path, layer192, monkeypatch):
     import vllm_slq.quant.database as dbmod
 
