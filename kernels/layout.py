@@ -129,6 +129,24 @@ def extraction_plan(bits: int, container_bits: int, mantissa: int) -> tuple[int,
     return tuple(shifts)
 
 
+# Exponent bias of the float whose mantissa width is the key: fp16, bf16, fp32.
+EXPONENT_BIAS = {10: 15, 7: 127, 23: 127}
+
+
+def magic_exponents(bits: int, mantissa: int, shifts: tuple[int, ...]) -> tuple[int, ...]:
+    """Per code slot j, the exponent field OR-ed onto the extracted code (module docstring):
+    that of 2^(mantissa - s_j), s_j = j*bits - shifts[j] the code's bit offset after the
+    slot's shift (``shifts`` = ``extraction_plan``'s; passed in, so that Triton can call this
+    at compile time)."""
+    return tuple((mantissa - (j * bits - sh) + EXPONENT_BIAS[mantissa]) << mantissa for j, sh in enumerate(shifts))
+
+
+def magic_offsets(bits: int, mantissa: int, shifts: tuple[int, ...]) -> tuple[int, ...]:
+    """Per code slot j, what the kernels subtract from the magic float to get the signed
+    code: 2^(mantissa - s_j) + 2^(bits - 1)."""
+    return tuple((1 << (mantissa - (j * bits - sh))) + (1 << (bits - 1)) for j, sh in enumerate(shifts))
+
+
 def _slab_order(codes: torch.Tensor, fmt: ContainerFormat, k: int) -> torch.Tensor:
     """Unsigned codes [N, K] -> [rows, C, N]: element [t*R + r, j, n] is code k = t*KT + j*R + r."""
     n = codes.shape[0]

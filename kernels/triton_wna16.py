@@ -19,24 +19,38 @@ multiply-add per weight.
         16-term partial sum is rounded to fp16/bf16 once, then accumulated in fp32;
       - 5..8 bits (int32 containers): fp32 math (|q| <= 128 would overflow fp16
         partial sums against large activations).
+    The extraction is inline PTX on compiled GPU code (one shr + lop3 per register,
+    the exponent word loaded once into a register; see ``_extract_asm`` for why),
+    Triton's own ops under the interpreter. Slabs that share one scale (known at
+    compile time: per-channel, or K tiles and groups nested) sum their fp32 partials
+    first: one scale and zero load and one FMA per group, not per slab. When K is a
+    multiple of the tile (EVEN_K) the activation loads carry no mask.
     Partial sums over K are combined with fp32 atomics when SPLIT_K > 1.
     BLOCK_N = VEC_N x 32 x num_warps puts every thread on all R rows of its own
     columns, so the slab sums never cross threads. VEC_N caps the contiguity Triton
-    may assume along N: 128-bit loads by default; 2-bit takes 64-bit ones (VEC_N 4),
+    may assume along N: 128-bit loads by default; 2-bit takes 32- to 64-bit ones,
     since 8 int16 containers x 16 rows per thread spill or make Triton put warps
     along the rows (a cross-warp reduction per slab).
   * ``_wna16_dot_kernel`` -- M > 1 (batched decode and prefill). Tiled GEMM with a
     grouped program order. The packed container tile is what is loaded (and what
-    Triton's pipeliner stages in shared memory); each slab is dequantised in
-    registers to the activation dtype, (q - z) * s with one rounding, and fed to
-    tl.dot as a K = 16 operand. For small M the grid also splits K (fp32 atomics, as
-    the GEMV), since a few rows give too few [BLOCK_M, BLOCK_N] tiles to fill the SMs.
+    Triton's pipeliner stages in shared memory); each slab's codes are extracted in
+    the tensor-core operand layout. Where consecutive slabs share one scale, their
+    exact integer codes q - z go to tl.dot unscaled and the fp32 partial tile is
+    scaled once per group (no multiply per weight); otherwise each slab is
+    dequantised to (q - z) * s with one rounding first. The extraction stays in
+    Triton here: inline asm would keep Triton from moving it into the operand layout
+    (a shared-memory round trip per slab: 18 barriers per iteration instead of 2 in
+    the 2-bit loop). For small M the grid also splits K (fp32 atomics, as the GEMV),
+    since a few rows give too few [BLOCK_M, BLOCK_N] tiles to fill the SMs.
 
 Padding makes every weight load unmasked: N_pad is a multiple of 64 and the
 launcher picks BLOCK_N dividing it; K_pad is a multiple of the tile. Only the
 tiny activation loads (x beyond K) and the output store (n >= N) are masked.
 
-On CPU the kernels run only under TRITON_INTERPRET=1 (tests); there bf16 tl.dot
+On CPU the kernels run only under TRITON_INTERPRET=1 (tests), which runs no inline
+PTX: there the GEMV extracts with Triton's ops, and the PTX's semantics are checked
+bit by bit by tests/test_triton_kernels.py (test_inline_ptx_extraction_gives_every_code);
+with a GPU the same test file runs the compiled kernels. In the interpreter bf16 tl.dot
 is wrong, so bf16 operands are upcast to fp32 (DOT_FP32) with input_precision
 "ieee". ``benchmarks/kernel_model.py`` compiles these kernels for sm_80/sm_90 and
 reads their SASS; ``tests/test_kernel_sass.py`` gates spills, load widths and the
@@ -60,7 +74,8 @@ import triton
 import triton.language as tl
 
 from .autotune import GEMV_MAX_M, get_config
-from .layout import SLAB_ROWS, LayoutError, container_format, extraction_plan, padded_n, repack
+from .layout import (SLAB_ROWS, LayoutError, container_format, extraction_plan, magic_exponents, magic_offsets,
+                     padded_n, repack)
 from .registry import KernelConfig, LinearKernel, register_kernel
 
 
@@ -72,44 +87,87 @@ def _interpreting() -> bool:
 
 
 _shift_plan = triton.constexpr_function(extraction_plan)
+_magic_exponents = triton.constexpr_function(magic_exponents)
+_magic_offsets = triton.constexpr_function(magic_offsets)
 
 
 @triton.constexpr_function
-def _exponent_bias(mantissa):
-    return {10: 15, 7: 127, 23: 127}[mantissa]
+def _extract_asm(sh, s, bits, container_bits):
+    """PTX giving the magic float of the code at bit s after a right shift by sh, on one
+    32-bit register: two 16-bit containers (half2 lanes) or one 32-bit container. The
+    pair is shifted as one word, which is safe: bits crossing from the high container
+    land above the code's mask. Then (w & mask) | exponent in one lop3 (LUT 0xea =
+    a & b | c), the exponent word read from a register ($2).
+    Why asm: with both constants immediate, ptxas re-materialises one of them (MOV or
+    HFMA2.MMA) before every lop3, a sixth to an eighth of the inner loop, and in 16-bit
+    lanes LLVM shifts each container apart (PRMT pairs)."""
+    m = ((1 << bits) - 1) << s
+    if container_bits == 16:
+        m |= m << 16
+    lop = f"lop3.b32 $0, {{src}}, {hex(m)}, $2, 0xea;"
+    if sh == 0:
+        return lop.format(src="$1")
+    return "{ .reg .b32 t; shr.b32 t, $1, " + str(sh) + "; " + lop.format(src="t") + " }"
 
 
 @triton.jit
-def _slab_codes(w, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constexpr, FDTYPE: tl.constexpr,
-                MANT: tl.constexpr, EMU_BF16: tl.constexpr):
-    """Signed codes q of slot J of the containers w, as FDTYPE (exact small integers).
+def _slab_codes(w, e_ptr, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constexpr, FDTYPE: tl.constexpr,
+                MANT: tl.constexpr, EMU_BF16: tl.constexpr, ASM: tl.constexpr):
+    """Magic floats of slot J of the containers w, as FDTYPE: 2^(MANT - S) + u for the
+    unsigned code u at bit S after the slot's shift (the caller subtracts
+    ``_magic_offsets``, folding in a zero point where it has one).
 
-    (src & (mask << s)) | exponent(2^(MANT - s)) reinterpreted as a float is
-    2^(MANT - s) + u; subtracting 2^(MANT - s) + 2^(BITS - 1) gives q = u - 2^(BITS-1).
-    EMU_BF16 (interpreter only, which stores bf16 as raw bits and cannot do bf16
-    arithmetic): the same bf16 bit pattern is widened to fp32 (exact) before the
-    subtraction, so FDTYPE is fp32 there.
+    (src & (mask << S)) | exponent(2^(MANT - S)) reinterpreted as a float is
+    2^(MANT - S) + u. ASM (compiled GPU code): the same bits by inline PTX
+    (``_extract_asm``), with the exponent word loaded from e_ptr (a loaded value stays in
+    a register; an immediate is re-materialised per use). EMU_BF16 (interpreter only,
+    which stores bf16 as raw bits and cannot do bf16 arithmetic): the bf16 bit pattern
+    is widened to fp32 (exact), so FDTYPE is fp32 there.
     """
     SH: tl.constexpr = _shift_plan(BITS, CBITS, MANT)[J]
     S: tl.constexpr = J * BITS - SH
-    src = w
-    if SH > 0:
-        src = w >> SH  # arithmetic shift: the sign-extended bits are masked off below
-    c = (src & (((1 << BITS) - 1) << S)) | ((MANT - S + _exponent_bias(MANT)) << MANT)
-    if CBITS == 32 and MANT != 23:
-        c = c.to(tl.int16)  # the code and exponent lie in the low 16 bits
-    if EMU_BF16:
-        f = c.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    if ASM:
+        e = tl.load(e_ptr + J)  # loop-invariant: hoisted, held in a register
+        if CBITS == 32:  # one container per register, fp32 lanes
+            f = tl.inline_asm_elementwise(_extract_asm(SH, S, BITS, CBITS), "=r,r,r", [w, e], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        elif FDTYPE == tl.float16:  # two containers per register, half2 lanes
+            f = tl.inline_asm_elementwise(_extract_asm(SH, S, BITS, CBITS), "=r,r,r,r", [w, e], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+        else:
+            f = tl.inline_asm_elementwise(_extract_asm(SH, S, BITS, CBITS), "=r,r,r,r", [w, e], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
     else:
-        f = c.to(FDTYPE, bitcast=True)
-    return f - ((1 << (MANT - S)) + (1 << (BITS - 1)))
+        src = w
+        if SH > 0:
+            src = w >> SH  # arithmetic shift: the sign-extended bits are masked off below
+        c = (src & (((1 << BITS) - 1) << S)) | _magic_exponents(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[J]
+        if CBITS == 32 and MANT != 23:
+            c = c.to(tl.int16)  # the code and exponent lie in the low 16 bits
+        if EMU_BF16:
+            f = c.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        else:
+            f = c.to(FDTYPE, bitcast=True)
+    return f
+
+
+@triton.constexpr_function
+def _slabs_per_scale(codes_per_container, group):
+    """Consecutive slabs of a K tile that share one scale at every tile position, when
+    that is known at compile time (per-channel, or tiles and groups nested); else 1."""
+    tile_k = codes_per_container * SLAB_ROWS
+    if group == 0 or group % tile_k == 0:
+        return codes_per_container
+    if tile_k % group == 0:
+        return group // SLAB_ROWS
+    return 1
 
 
 @triton.jit
-def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES_PER_PROG,
+def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, e_ptr, y_ptr, N, NP, K, TILES, TILES_PER_PROG,
                        BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, VEC_N: tl.constexpr,
-                       EMU_BF16: tl.constexpr):
+                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, VEC_N: tl.constexpr, EVEN_K: tl.constexpr,
+                       EMU_BF16: tl.constexpr, ASM: tl.constexpr):
     R: tl.constexpr = 16
     C: tl.constexpr = CBITS // BITS
     KT: tl.constexpr = R * C
@@ -122,29 +180,45 @@ def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, NP, K, TILES, TILES
         FDTYPE: tl.constexpr = tl.float32
         MANT: tl.constexpr = 23
         EMU: tl.constexpr = False
+    FL: tl.constexpr = _slabs_per_scale(C, GROUP)  # slabs in a row that share one scale (and zero)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.max_contiguous(tl.arange(0, BLOCK_N), VEC_N)
     offs_r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    grp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    xsum = 0.0
     t_lo = pid_k * TILES_PER_PROG
     t_hi = tl.minimum(t_lo + TILES_PER_PROG, TILES)
     for t in range(t_lo, t_hi):
         w = tl.load(w_ptr + (t * R + offs_r)[:, None] * NP + offs_n[None, :], eviction_policy="evict_first")
         for j in tl.static_range(C):
             k0 = t * KT + j * R
-            xk = tl.load(x_ptr + k0 + offs_r, mask=k0 + offs_r < K, other=0.0, eviction_policy="evict_last")
-            q = _slab_codes(w, j, BITS, CBITS, FDTYPE, MANT, EMU)
-            part = tl.sum(q * xk.to(FDTYPE)[:, None], axis=0).to(tl.float32)
-            if GROUP == 0:
-                g = 0
+            if EVEN_K:  # K is a multiple of the tile: no slab reaches past x
+                xk = tl.load(x_ptr + k0 + offs_r, eviction_policy="evict_last")
             else:
-                g = k0 // GROUP
-            s = tl.load(s_ptr + g * NP + offs_n).to(tl.float32)
-            if HAS_ZP:
-                z = tl.load(z_ptr + g * NP + offs_n).to(tl.float32)
-                part -= z * tl.sum(xk.to(tl.float32), axis=0)
-            acc += part * s
+                xk = tl.load(x_ptr + k0 + offs_r, mask=k0 + offs_r < K, other=0.0, eviction_policy="evict_last")
+            q = _slab_codes(w, e_ptr, j, BITS, CBITS, FDTYPE, MANT, EMU, ASM) - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j]
+            part = tl.sum(q * xk.to(FDTYPE)[:, None], axis=0).to(tl.float32)
+            # sum over the FL slabs of one scale group, then scale once: s (q.x - z sum x)
+            if j % FL == 0:
+                grp = part
+                if HAS_ZP:
+                    xsum = tl.sum(xk.to(tl.float32), axis=0)
+            else:
+                grp += part
+                if HAS_ZP:
+                    xsum += tl.sum(xk.to(tl.float32), axis=0)
+            if (j + 1) % FL == 0:
+                if GROUP == 0:
+                    g = 0
+                else:
+                    g = k0 // GROUP
+                s = tl.load(s_ptr + g * NP + offs_n).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g * NP + offs_n).to(tl.float32)
+                    grp -= z * xsum
+                acc += grp * s
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
     else:
@@ -160,10 +234,14 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TIL
     C: tl.constexpr = CBITS // BITS
     KT: tl.constexpr = R * C
     ACT: tl.constexpr = x_ptr.dtype.element_ty
-    # 8-bit codes do not fit bf16's 7 mantissa bits: extract those in fp32 and round once at the end
+    # 8-bit codes do not fit bf16's 7 mantissa bits: extract those in fp32 (exact integers either way)
     WIDE: tl.constexpr = EMU_BF16 or (ACT == tl.bfloat16 and BITS > 7)
     MDTYPE: tl.constexpr = tl.float32 if WIDE else ACT
     MANT: tl.constexpr = 23 if (ACT == tl.bfloat16 and BITS > 7) else (10 if ACT == tl.float16 else 7)
+    # FL slabs in a row share one scale: their integer codes go to tl.dot unscaled and the
+    # fp32 partial tile is scaled once (no multiply per weight); otherwise each slab is
+    # dequantised to (q - z) * s before the dot.
+    FL: tl.constexpr = _slabs_per_scale(C, GROUP)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = NP // BLOCK_N
@@ -179,6 +257,7 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TIL
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     t_lo = tl.program_id(1) * TILES_PER_PROG
     t_hi = tl.minimum(t_lo + TILES_PER_PROG, TILES)
     for t in range(t_lo, t_hi):
@@ -187,20 +266,38 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TIL
             k0 = t * KT + j * R
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_r)[None, :],
                         mask=(offs_m < M)[:, None] & ((k0 + offs_r) < K)[None, :], other=0.0)
-            if GROUP == 0:
-                g = 0
-            else:
-                g = k0 // GROUP
-            s = tl.load(s_ptr + g * NP + offs_n)
-            q = _slab_codes(w, j, BITS, CBITS, MDTYPE, MANT, EMU_BF16 and MANT == 7)
+            if j % FL == 0:  # first slab of a scale group: its scale (and zero) for these columns
+                if GROUP == 0:
+                    g = 0
+                else:
+                    g = k0 // GROUP
+                s = tl.load(s_ptr + g * NP + offs_n)
+                if HAS_ZP:
+                    z = tl.load(z_ptr + g * NP + offs_n).to(MDTYPE)
+            # Triton's own extraction here: inline asm would stop the extraction from moving into
+            # the tensor-core operand layout (a shared-memory round trip per slab, 9x the barriers)
+            q = (_slab_codes(w, None, j, BITS, CBITS, MDTYPE, MANT, EMU_BF16 and MANT == 7, False)
+                 - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j])
             if HAS_ZP:
-                z = tl.load(z_ptr + g * NP + offs_n)
-                q = q - z.to(q.dtype)[None, :]  # exact: |q - z| <= 255 is an integer in fp16 and bf16
-            wq = (q * s.to(q.dtype)[None, :]).to(ACT)  # one rounding, as the reference's cast of (q - z) * s
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), wq.to(tl.float32), acc, input_precision="ieee")
+                q = q - z[None, :]  # exact: |q - z| <= 255 is an integer in fp16 and bf16
+            if FL > 1:
+                wq = q.to(ACT)  # exact: |q - z| <= 255
             else:
-                acc = tl.dot(x, wq, acc)
+                wq = (q * s.to(q.dtype)[None, :]).to(ACT)  # one rounding, as the reference's cast of (q - z) * s
+            if DOT_FP32:
+                xo = x.to(tl.float32)
+                wq = wq.to(tl.float32)
+            else:
+                xo = x
+            if FL > 1:
+                if j % FL == 0:
+                    part = tl.dot(xo, wq, input_precision="ieee" if DOT_FP32 else None)
+                else:
+                    part = tl.dot(xo, wq, part, input_precision="ieee" if DOT_FP32 else None)
+                if (j + 1) % FL == 0:
+                    acc += part * s.to(tl.float32)[None, :]
+            else:
+                acc = tl.dot(xo, wq, acc, input_precision="ieee" if DOT_FP32 else None)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
@@ -261,6 +358,31 @@ def _check_inputs(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                           f"got {zero.dtype} {tuple(zero.shape)}")
 
 
+_EXPONENT_WORDS: dict[tuple, torch.Tensor] = {}
+
+
+def exponent_words(device: torch.device, bits: int, act_dtype: torch.dtype) -> torch.Tensor:
+    """int32 [C]: slot j's magic exponent as the GEMV's inline PTX ORs it onto a register
+    (``_slab_codes``): in both 16-bit halves for 2-4-bit containers (half2 in the activation
+    dtype), once for 5-8-bit ones (fp32). Cached per device, bits and dtype;
+    ``TritonWNA16Kernel.process_weights`` creates it at load time, so that a launch inside
+    CUDA-graph capture only looks it up."""
+    key = (torch.device(device), bits, act_dtype)
+    if key not in _EXPONENT_WORDS:
+        fmt = container_format(bits)
+        mant = 23 if fmt.container_bits == 32 else (10 if act_dtype == torch.float16 else 7)
+        exps = magic_exponents(bits, mant, extraction_plan(bits, fmt.container_bits, mant))
+        words = [e | (e << 16) if fmt.container_bits == 16 else e for e in exps]
+        _EXPONENT_WORDS[key] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words],
+                                            dtype=torch.int32, device=device)
+    return _EXPONENT_WORDS[key]
+
+
+def _uses_asm() -> bool:
+    """Inline-PTX code extraction in the GEMV: compiled GPU code (the interpreter runs no PTX)."""
+    return not _interpreting()
+
+
 def _common(x2, packed, scale, zero, bits, group_size, k, n):
     fmt = container_format(bits)
     return dict(x_ptr=x2, w_ptr=packed, s_ptr=scale, z_ptr=zero if zero is not None else scale,
@@ -282,9 +404,10 @@ def launch_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     y = (torch.zeros(1, n, device=x2.device, dtype=torch.float32) if split_k > 1
          else torch.empty(1, n, device=x2.device, dtype=x2.dtype))
     grid = (packed.shape[1] // block_n, split_k)
+    asm = _uses_asm()
     _wna16_gemv_kernel[grid](y_ptr=y, TILES_PER_PROG=per_prog, BLOCK_N=block_n, SPLIT_K=split_k,
-                             VEC_N=blocks["VEC_N"],
-                             **args,
+                             VEC_N=blocks["VEC_N"], ASM=asm, EVEN_K=k % container_format(bits).tile_k == 0,
+                             e_ptr=exponent_words(x2.device, bits, x2.dtype) if asm else scale, **args,
                              num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
@@ -413,8 +536,11 @@ class TritonWNA16Kernel(LinearKernel):
             raise LayoutError("symmetric layer was given a zero_point")
         if not c.symmetric and zero_point is None:
             raise LayoutError("asymmetric layer is missing its zero_point")
-        return repack(packed, scale, zero_point, c.bits, c.group_size, c.in_features, c.out_features,
-                      act_dtype=c.act_dtype)
+        out = repack(packed, scale, zero_point, c.bits, c.group_size, c.in_features, c.out_features,
+                     act_dtype=c.act_dtype)
+        if _uses_asm() and out["packed"].is_cuda:
+            exponent_words(out["packed"].device, c.bits, c.act_dtype)  # before any CUDA-graph capture
+        return out
 
     def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor],
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -11,8 +11,10 @@ QuantizedWeight.dequantize), with u the unit roundoff of the activation dtype
 
     |y - y_ref| <= (2u + K * 2^-23) * (|x| @ |W|^T) + (R + 1) u * (|x| @ (|q| s)^T) + 2^-24
 
-The tl.dot path rounds each weight (q - z) * s once (u), accumulates in fp32
-(K * 2^-24, doubled for split-K atomics) and rounds the output once (u). The
+The tl.dot path rounds each weight (q - z) * s once (u) -- or, where a tile's
+slabs share one scale, feeds the exact integers q - z and scales the fp32 partial
+sum -- accumulates in fp32 (K * 2^-24, doubled for split-K atomics) and rounds the
+output once (u). The
 2..4-bit GEMV multiplies the signed codes q by x in half2 and sums each slab of R
 products in the activation dtype (R + 1 roundings of terms bounded by |q x|; the
 zero point and scale are applied in fp32 afterwards), hence the second term,
@@ -46,8 +48,8 @@ from vllm_slq.kernels import autotune  # noqa: E402
 from vllm_slq.kernels import triton_wna16 as tw  # noqa: E402
 from vllm_slq.kernels import tune  # noqa: E402
 from vllm_slq.kernels.layout import (SLAB_ROWS, LayoutError, container_format,  # noqa: E402
-                                     dequantize_repacked, extraction_plan, pack_containers, padded_n, repack,
-                                     unpack_containers)
+                                     dequantize_repacked, extraction_plan, magic_offsets, pack_containers,
+                                     padded_n, repack, unpack_containers)
 from vllm_slq.kernels.registry import KernelConfig, select_kernel  # noqa: E402
 from vllm_slq.quant.packing import pack_codes  # noqa: E402
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec  # noqa: E402
@@ -166,6 +168,63 @@ def test_repack_rejects_bad_inputs_naming_the_layer():
     qw8, packed8 = make_layer(4, 8, False, 16, 128, torch.float16)
     with pytest.raises(LayoutError, match="multiple of 16"):
         repack(packed8, qw8.scale, qw8.zero_point, 4, 8, 128, 16, layer="model.layers.1.o_proj")
+
+
+def _run_extract_ptx(asm: str, regs: dict) -> int:
+    """Evaluate the PTX that tw._extract_asm emits (shr.b32 and lop3.b32 only) on 32-bit ints."""
+    regs = dict(regs)
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+
+        def val(t):
+            return regs[t] if t in regs else int(t, 0)
+        if op == "shr.b32":
+            regs[a[0]] = (val(a[1]) & 0xFFFFFFFF) >> val(a[2])
+        elif op == "lop3.b32":  # LUT bit index = a << 2 | b << 1 | c (PTX: F(0xF0, 0xCC, 0xAA))
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), val(a[4])
+            regs[a[0]] = sum((((lut >> ((((x >> i) & 1) << 2) | (((y >> i) & 1) << 1) | ((z >> i) & 1))) & 1) << i)
+                             for i in range(32))
+        else:
+            raise AssertionError(f"unexpected PTX {op!r} in {asm!r}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_inline_ptx_extraction_gives_every_code(bits, dtype):
+    """The compiled GEMV extracts codes with inline PTX (which the interpreter cannot run):
+    on pairs of 16-bit containers (2-4 bits, half2 in the activation dtype) or single
+    32-bit ones (5-8 bits, fp32). Its shift, mask, LUT and exponent words, evaluated here
+    bit by bit, give every signed code, including those of a pair's high container, whose
+    bits a 32-bit shift moves into the low one."""
+    fmt = container_format(bits)
+    n, k = 2, fmt.tile_k * 3
+    codes = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(bits))
+    cmask = (1 << fmt.container_bits) - 1
+    words = pack_containers(codes, bits, n_pad=64)[:, :2].to(torch.int64) & cmask  # [rows, 2 columns]
+    mant = 23 if fmt.container_bits == 32 else (10 if dtype == torch.float16 else 7)
+    shifts = extraction_plan(bits, fmt.container_bits, mant)
+    exps = tw.exponent_words(torch.device("cpu"), bits, dtype).tolist()
+    offsets = magic_offsets(bits, mant, shifts)
+    got = torch.empty(n, k, dtype=torch.int64)
+    for row in range(words.shape[0]):
+        t, r = divmod(row, SLAB_ROWS)
+        # a register: both columns' containers (16-bit), or one column's container (32-bit)
+        regs = ([int(words[row, 0]) | int(words[row, 1]) << 16] if fmt.container_bits == 16
+                else [int(words[row, 0]), int(words[row, 1])])
+        for j, sh in enumerate(shifts):
+            asm = tw._extract_asm(sh, j * bits - sh, bits, fmt.container_bits)
+            outs = [_run_extract_ptx(asm, {"$1": reg, "$2": exps[j] & 0xFFFFFFFF}) for reg in regs]
+            if fmt.container_bits == 16:
+                vals = torch.tensor([outs[0] & 0xFFFF, outs[0] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+            else:
+                vals = torch.tensor(outs, dtype=torch.int64).to(torch.int32).view(torch.float32)
+            got[:, t * fmt.tile_k + j * SLAB_ROWS + r] = (vals.float() - offsets[j]).to(torch.int64)
+    assert torch.equal(got, codes - (1 << (bits - 1)))
 
 
 # ----------------------------------------------------------------------------- kernels, every variant
