@@ -14,7 +14,8 @@ ideal speedup over fp16 on H100 and H200:
     fraction  = t_ideal / max(t_mem, t_issue, t_flight)
 
 bytes in flight per SM = resident warps (registers, shared memory, grid) x one
-iteration's weight loads per warp (all issued before first use). With split-K
+iteration's weight loads per warp (all issued before first use), times num_stages - 1
+for the tensor-core kernel, whose pipelined cp.async loads run that many tiles ahead. With split-K
 (M == 1 and M <= 16) the fp32 partial tiles are counted in t_mem as if they went
 to DRAM, an upper bound on the atomics' cost. Device constants (stated, not
 measured): H100 SXM 3.35 TB/s, H200 4.8 TB/s, 132 SMs, 4 schedulers x 1.98 GHz,
@@ -42,6 +43,7 @@ from vllm_slq.fileio import atomic_write_json
 from vllm_slq.kernels import autotune, triton_wna16
 from vllm_slq.kernels.layout import container_format, padded_n
 from vllm_slq.kernels.sass import SASS_BUDGET, SassError, compile_variant
+import gemlite_sass
 from common import save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,7 +99,10 @@ def predict(v, dev: dict, bits: int, group: int, symmetric: bool, k: int, n: int
     reg_warps = REGS_PER_SM // max(1, v.registers * 32)
     smem_warps = SMEM_PER_SM // (v.shared_bytes + SMEM_PER_CTA) * v.num_warps  # resident CTAs x warps
     warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, programs * v.num_warps // sms))
-    inflight = warps_per_sm * bytes_per_warp_iter
+    # the tensor-core loop is software-pipelined: its cp.async loads run num_stages - 1 tiles
+    # ahead; the GEMV's loads are not (its SASS loads and uses each tile in one iteration)
+    ahead = max(1, int(cfg.get("num_stages", 2)) - 1) if v.kernel == "_wna16_dot_kernel" else 1
+    inflight = warps_per_sm * bytes_per_warp_iter * ahead
     t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
     t = max(t_mem, t_issue, t_flight)
     bound = {t_mem: "memory", t_issue: "issue", t_flight: "bytes in flight"}[t]
@@ -155,7 +160,7 @@ def best_configs(device: str, shapes, bits_list, cache: dict, arch: int = 90) ->
                     (triton_wna16.launch_blocks(path, b, blk, padded_n(n)) for blk in blocks)}
         for block in resolved.values():
             try:
-                variants = [compiled(cache, path, b, sym, group, dict(block, SPLIT_K=2), arch)
+                variants = [compiled(cache, path, b, sym, group, dict(block, SPLIT_K=2), arch, k)
                             for sym in (True, False)]
             except SassError:  # e.g. a tile too narrow for 16-byte weight loads: the gates cannot pass it
                 continue
@@ -214,12 +219,15 @@ def export_configs(bits_list, cache: dict) -> dict:
     return written
 
 
-def compiled(cache: dict, path: str, bits: int, sym: bool, group: int, cfg: dict, arch: int):
-    """compile_variant, memoised; split-K only changes the code between 1 (store) and > 1 (atomics)."""
+def compiled(cache: dict, path: str, bits: int, sym: bool, group: int, cfg: dict, arch: int, k: int = 0):
+    """compile_variant, memoised; split-K only changes the code between 1 (store) and > 1 (atomics).
+    k: the layer's K, when known (a K that is a multiple of the tile compiles the GEMV's x loads
+    without masks, as the launcher does); 0 compiles the masked code, a superset, as the gates do."""
     ccfg = _code_config(path, cfg)
-    key = (path, bits, sym, group, arch, tuple(sorted(ccfg.items())))
+    even_k = bool(k) and path == "gemv" and k % container_format(bits).tile_k == 0
+    key = (path, bits, sym, group, arch, even_k, tuple(sorted(ccfg.items())))
     if key not in cache:
-        cache[key] = compile_variant(path, bits, sym, group, ccfg, arch=arch)
+        cache[key] = compile_variant(path, bits, sym, group, ccfg, arch=arch, even_k=even_k)
     return cache[key]
 
 
@@ -232,7 +240,7 @@ def run(shapes: dict, bits_list, ms, archs, symmetries, cache: dict | None = Non
         path = "gemv" if m <= autotune.GEMV_MAX_M else "dot"
         cfg = triton_wna16.launch_blocks(path, b, config_for("NVIDIA " + dev, b, m, n, k), padded_n(n))
         try:
-            v = compiled(cache, path, b, sym, group, cfg, arch)
+            v = compiled(cache, path, b, sym, group, cfg, arch, k)
         except SassError as e:  # a narrow layer's tile with no 16-byte weight loads: not modelled
             rows.append(dict(kernel="ours", device=dev, arch=f"sm_{arch}", family=fam, layer=name, bits=b,
                              symmetric=sym, m=m, shape=f"{k}x{n}", group_size=group, path=path, config=cfg,
@@ -252,28 +260,96 @@ def run(shapes: dict, bits_list, ms, archs, symmetries, cache: dict | None = Non
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (device, bits, m): the Llama-8B layers' time-weighted fraction (sym and asym, sm_90)."""
+    """Per (kernel, device, bits, m): the Llama-8B layers' time-weighted fraction (sm_90; ours
+    over sym and asym, gemlite asymmetric)."""
     out = {}
     for r in rows:
-        if r["family"] != "llama-8b" or r["arch"] != "sm_90":
+        if r["family"] != "llama-8b" or r["arch"] != "sm_90" or "predicted_fraction_of_ideal" not in r:
             continue
-        key = (r["device"], r["bits"], r["m"])
+        key = (r["kernel"], r["device"], r["bits"], r["m"])
         acc = out.setdefault(key, [0.0, 0.0])
         acc[0] += r["t_ideal_us"]
         acc[1] += r["t_ideal_us"] / r["predicted_fraction_of_ideal"]
-    return [dict(device=d, bits=b, m=m, predicted_fraction_of_ideal=round(i / t, 3))
-            for (d, b, m), (i, t) in sorted(out.items())]
+    return [dict(kernel=kn, device=d, bits=b, m=m, predicted_fraction_of_ideal=round(i / t, 3))
+            for (kn, d, b, m), (i, t) in sorted(out.items())]
 
 
 def print_table(summ: list[dict]) -> None:
-    ms = sorted({s["m"] for s in summ})
+    ours = [s for s in summ if s["kernel"] == "ours"]
+    ms = sorted({s["m"] for s in ours})
+
+    def cell(kernel, dev, b, m):
+        return next((f"{s['predicted_fraction_of_ideal']:.0%}" for s in summ
+                     if (s["kernel"], s["device"], s["bits"], s["m"]) == (kernel, dev, b, m)), "-")
     for dev in DEVICES:
         print(f"\n{dev} (MODEL), Llama-3-8B linears, sm_90: predicted fraction of the ideal speedup")
-        print("bits | " + " | ".join(f"M={m}" for m in ms))
-        for b in sorted({s["bits"] for s in summ}):
-            cells = [next((f"{s['predicted_fraction_of_ideal']:.0%}" for s in summ
-                           if s["device"] == dev and s["bits"] == b and s["m"] == m), "-") for m in ms]
-            print(f"{b:4d} | " + " | ".join(cells))
+        print("bits | " + " | ".join(f"M={m}" for m in ms) + " | gemlite M=1")
+        for b in sorted({s["bits"] for s in ours}):
+            print(f"{b:4d} | " + " | ".join(cell("ours", dev, b, m) for m in ms) + f" | {cell('gemlite', dev, b, 1)}")
+
+
+# gemlite's decode kernel (GEMV_REVSPLITK) serves W_nbits < 8 at M = 1; 8-bit decode is another kernel
+GEMLITE_BITS = (2, 4)
+
+
+def predict_gemlite(r: dict, dev: dict, bits: int, k: int, n: int) -> dict:
+    """The same roofline for a gemlite program (benchmarks/gemlite_sass.py): no K loop, so the
+    issue time counts every instruction of every program; bytes: b-bit int32 packing, fp16
+    scales and zeros per group of 128, x, and y by fp16 atomics from both K halves."""
+    bw, sms, clock = dev["bw"], dev["sms"], dev["clock"]
+    t_ideal = n * k * ideal_bits(bits, 128, False) / 8 / bw
+    w_bytes = n * k * bits / 8
+    t_mem = (w_bytes + 2 * (k // 128) * n * 2 + k * 2 + 2 * n * 2) / bw
+    t_issue = r["instructions"] * r["num_warps"] * r["programs"] / (sms * SCHEDULERS * clock)
+    reg_warps = REGS_PER_SM // max(1, r["registers"] * 32)
+    smem_warps = SMEM_PER_SM // (r["shared_bytes"] + SMEM_PER_CTA) * r["num_warps"]
+    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, r["programs"] * r["num_warps"] // sms))
+    inflight = warps_per_sm * r["unique_weight_bytes_per_thread"] * 32
+    t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
+    t = max(t_mem, t_issue, t_flight)
+    bound = {t_mem: "memory", t_issue: "issue", t_flight: "bytes in flight"}[t]
+    return dict(t_ideal_us=t_ideal * 1e6, t_mem_us=t_mem * 1e6, t_issue_us=t_issue * 1e6,
+                t_flight_us=t_flight * 1e6, bound=bound, warps_per_sm=warps_per_sm,
+                predicted_fraction_of_ideal=t_ideal / t)
+
+
+def gemlite_rows(archs) -> list[dict]:
+    """gemlite's M = 1 kernel on the Llama-8B shapes, compiled as ours are, at the config its
+    autotuner would most likely keep: its cached H100 entry for the shape, else the best
+    predicted of its own "fast" autotune list (the model's best: generous to gemlite)."""
+    out, compiled_gemlite = [], {}
+    for dev_name, dev in DEVICES.items():
+        for name, k, n in LLAMA_8B:
+            for bits in GEMLITE_BITS:
+                for arch in archs:
+                    _, source = gemlite_sass.launch_config(bits, k, n)
+                    cands = [None] if source == "h100.json" else gemlite_sass.fast_configs()
+                    scored = []
+                    for cfg in cands:
+                        key = (bits, k, n, arch, tuple(sorted((cfg or {}).items())))
+                        if key not in compiled_gemlite:
+                            try:
+                                compiled_gemlite[key] = gemlite_sass.compile_gemlite_gemv(bits, k, n, arch, cfg)
+                            except (ValueError, SassError):  # pruned by gemlite's own rules, or no weight loads
+                                compiled_gemlite[key] = None
+                        r = compiled_gemlite[key]
+                        if r is None:
+                            continue
+                        scored.append((predict_gemlite(r, dev, bits, k, n), r))
+                    pred, r = max(scored, key=lambda t: t[0]["predicted_fraction_of_ideal"])
+                    out.append(dict(kernel="gemlite", device=dev_name, arch=f"sm_{arch}", family="llama-8b",
+                                    layer=name, bits=bits, symmetric=False, m=1, shape=f"{k}x{n}", group_size=128,
+                                    path="gemv_revsplitK", config=r["config"],
+                                    config_source=("gemlite/configs/h100.json" if source == "h100.json"
+                                                   else "gemlite's fast autotune list, best predicted"),
+                                    registers=r["registers"], spills=r["spill_bytes"],
+                                    shared_bytes=r["shared_bytes"],
+                                    weight_request_ratio=round(r["weight_request_ratio"], 4),
+                                    sass_per_weight_byte=round(r["sass_per_weight_byte"], 3),
+                                    instructions=r["instructions"], programs=r["programs"],
+                                    weight_loads=r["weight_loads"],
+                                    **{kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in pred.items()}))
+    return out
 
 
 def plot(summ: list[dict], path: Path) -> None:
@@ -283,10 +359,16 @@ def plot(summ: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(DEVICES), figsize=(11, 4), sharey=True)
     for ax, dev in zip(axes, DEVICES):
-        for m in sorted({s["m"] for s in summ}):
-            pts = [(s["bits"], s["predicted_fraction_of_ideal"]) for s in summ if s["device"] == dev and s["m"] == m]
+        for m in sorted({s["m"] for s in summ if s["kernel"] == "ours"}):
+            pts = [(s["bits"], s["predicted_fraction_of_ideal"]) for s in summ
+                   if s["kernel"] == "ours" and s["device"] == dev and s["m"] == m]
             ax.plot(*zip(*pts), marker="o", label=f"ours, M={m}")
-        ax.plot([2, 4, 8], [0.27, 0.50, 0.875], "k--", marker="x", label="gemlite 0.6, M=1 (as quoted in issue #19)")
+        gl = [(s["bits"], s["predicted_fraction_of_ideal"]) for s in summ
+              if s["kernel"] == "gemlite" and s["device"] == dev]
+        if gl:
+            ax.plot(*zip(*gl), "ks-", label="gemlite 0.6, M=1 (compiled here, same model)")
+        if dev == "H200":  # the issue quoted H200 fractions
+            ax.plot([2, 4, 8], [0.27, 0.50, 0.875], "k:", marker="x", label="gemlite 0.6, M=1 (as quoted in issue #19)")
         ax.axhline(0.85, color="grey", lw=0.5)
         ax.axhline(0.70, color="grey", lw=0.5, ls=":")
         ax.set_title(f"{dev}: MODEL, Llama-3-8B linears (sm_90 SASS)")
@@ -362,12 +444,19 @@ def main(argv=None) -> int:
     else:
         shapes, ms, archs = {"llama-8b": LLAMA_8B, "reference": REFERENCE}, [1, 4, 16], [80, 90]
     rows = run(shapes, args.bits, ms, archs, (True, False), cache)
+    try:
+        rows += gemlite_rows([90] if args.quick else [90, 80])
+        gemlite_status = "compiled"
+    except gemlite_sass.GemliteNotFound as e:
+        gemlite_status = f"not compiled: {e}"
+        print(f"gemlite rows skipped: {e}", file=sys.stderr)
     summ = summary(rows)
     print_table(summ)
     data = {"what": "MODEL: predicted fraction of the ideal speedup from compiled SASS; not a timing",
             "devices": DEVICES, "latency_s": LATENCY_S, "schedulers": SCHEDULERS,
             "gemlite_quoted": {"source": "issue #19 (gemlite 0.6 compiled the same way)",
                                "H200_m1": {"2": 0.27, "4": 0.50, "8": 0.875}},
+            "gemlite": gemlite_status,
             "summary": summ, "rows": rows, "wall_s": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, data)

@@ -13,11 +13,12 @@ in interpreter mode, where kernels cannot be compiled). Gates:
     columns (2-bit: 2 containers per thread, VEC_N, since 8 spill);
   * the inner loop's SASS instructions per weight byte stay within BUDGET.
 
-BUDGET is a regression ceiling set 10% above what this design compiles to today
-(worst of sm_80/sm_90, GEMV: 22.6 / 12.6 / 10.4 / 9.0 / 7.7 / 6.1 / 6.1 at
-2..8 bits; tl.dot: 30.6 / 20.6 / 16.9 / 12.4 / 11.3 / 9.3 / 8.5). It is NOT the bandwidth-bound target of
-issue #19 (about 7 per byte on H200): the GEMV meets that at 7-8 bits only; see
-the README's kernel section for the gap and its cause.
+BUDGET (kernels/sass.py) is a regression ceiling set 10% above what this design
+compiles to today, worst over every shipped config on sm_80/sm_90 (GEMV: 12.5 / 9.6 /
+7.4 / 8.7 / 7.7 / 5.8 / 5.8 at 2..8 bits; tl.dot: 26.2 / 20.2 / 15.7 / 12.9 / 12.2 /
+8.6 / 7.8, its worst being the narrow fallback tiles). It is NOT the bandwidth-bound
+target of issue #19 (about 7 per byte on H200); the README's kernel section gives
+where each width stands against it.
 """
 import json
 import os
