@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -321,6 +322,7 @@ def run_quantize(args) -> int:
     from llmcompressor import oneshot
 
     from vllm_slq.checkpoint import save_checkpoint
+    from vllm_slq.compat import release_traced_model
     from vllm_slq.data import calibration_dataset, resolve_model
     from vllm_slq.modifiers import quantized_weights
 
@@ -409,7 +411,9 @@ def run_quantize(args) -> int:
             # dtype, as vLLM serves them (two fp32 8B models alone would fill an 80 GB GPU);
             # the CPU keeps fp32, its fast path.
             reset_session()
+            release_traced_model(model)
             del model, quantized, modifier
+            gc.collect()  # modules and hooks form reference cycles
             if device == "cuda":
                 torch.cuda.empty_cache()
             eval_dtype = "float32" if device == "cpu" else str(dtype).removeprefix("torch.")
