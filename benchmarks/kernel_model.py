@@ -96,14 +96,22 @@ def predict(v, dev: dict, bits: int, group: int, symmetric: bool, k: int, n: int
     block_n = int(cfg["BLOCK_N"])
     n_tiles = padded_n(n) // block_n
     programs = n_tiles * split * (1 if m == 1 else -(-m // int(cfg["BLOCK_M"])))
-    reg_warps = REGS_PER_SM // max(1, v.registers * 32)
-    smem_warps = SMEM_PER_SM // (v.shared_bytes + SMEM_PER_CTA) * v.num_warps  # resident CTAs x warps
-    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, programs * v.num_warps // sms))
     # the tensor-core loop is software-pipelined: its cp.async loads run num_stages - 1 tiles
     # ahead; the GEMV's loads are not (its SASS loads and uses each tile in one iteration)
     ahead = max(1, int(cfg.get("num_stages", 2)) - 1) if v.kernel == "_wna16_dot_kernel" else 1
-    inflight = warps_per_sm * bytes_per_warp_iter * ahead
-    t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
+    return _roofline(dev, w_bytes, t_ideal, t_mem, t_issue, v.registers, v.shared_bytes, v.num_warps, programs,
+                     bytes_per_warp_iter * ahead)
+
+
+def _roofline(dev: dict, w_bytes: float, t_ideal: float, t_mem: float, t_issue: float, registers: int,
+              shared_bytes: int, num_warps: int, programs: int, flight_bytes_per_warp: float) -> dict:
+    """The bytes-in-flight bound (resident warps from registers, shared memory and the grid)
+    and the verdict: the largest of the three times."""
+    sms = dev["sms"]
+    reg_warps = REGS_PER_SM // max(1, registers * 32)
+    smem_warps = SMEM_PER_SM // (shared_bytes + SMEM_PER_CTA) * num_warps  # resident CTAs x warps
+    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, programs * num_warps // sms))
+    t_flight = w_bytes / min(dev["bw"], sms * warps_per_sm * flight_bytes_per_warp / LATENCY_S)
     t = max(t_mem, t_issue, t_flight)
     bound = {t_mem: "memory", t_issue: "issue", t_flight: "bytes in flight"}[t]
     return dict(t_ideal_us=t_ideal * 1e6, t_mem_us=t_mem * 1e6, t_issue_us=t_issue * 1e6,
@@ -301,16 +309,8 @@ def predict_gemlite(r: dict, dev: dict, bits: int, k: int, n: int) -> dict:
     w_bytes = n * k * bits / 8
     t_mem = (w_bytes + 2 * (k // 128) * n * 2 + k * 2 + 2 * n * 2) / bw
     t_issue = r["instructions"] * r["num_warps"] * r["programs"] / (sms * SCHEDULERS * clock)
-    reg_warps = REGS_PER_SM // max(1, r["registers"] * 32)
-    smem_warps = SMEM_PER_SM // (r["shared_bytes"] + SMEM_PER_CTA) * r["num_warps"]
-    warps_per_sm = min(MAX_WARPS_PER_SM, reg_warps, smem_warps, max(1, r["programs"] * r["num_warps"] // sms))
-    inflight = warps_per_sm * r["unique_weight_bytes_per_thread"] * 32
-    t_flight = w_bytes / min(bw, sms * inflight / LATENCY_S)
-    t = max(t_mem, t_issue, t_flight)
-    bound = {t_mem: "memory", t_issue: "issue", t_flight: "bytes in flight"}[t]
-    return dict(t_ideal_us=t_ideal * 1e6, t_mem_us=t_mem * 1e6, t_issue_us=t_issue * 1e6,
-                t_flight_us=t_flight * 1e6, bound=bound, warps_per_sm=warps_per_sm,
-                predicted_fraction_of_ideal=t_ideal / t)
+    return _roofline(dev, w_bytes, t_ideal, t_mem, t_issue, r["registers"], r["shared_bytes"], r["num_warps"],
+                     r["programs"], r["unique_weight_bytes_per_thread"] * 32)
 
 
 def gemlite_rows(archs) -> list[dict]:
