@@ -115,7 +115,7 @@ def _slab_codes(w, e_ptr, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constex
                 MANT: tl.constexpr, EMU_BF16: tl.constexpr, ASM: tl.constexpr):
     """Magic floats of slot J of the containers w, as FDTYPE: 2^(MANT - S) + u for the
     unsigned code u at bit S after the slot's shift (the caller subtracts
-    ``_magic_offsets``, folding in a zero point where it has one).
+    ``_magic_offsets`` to get the signed code).
 
     (src & (mask << S)) | exponent(2^(MANT - S)) reinterpreted as a float is
     2^(MANT - S) + u. ASM (compiled GPU code): the same bits by inline PTX
@@ -198,7 +198,8 @@ def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, e_ptr, y_ptr, N, NP, K, TILES
                 xk = tl.load(x_ptr + k0 + offs_r, eviction_policy="evict_last")
             else:
                 xk = tl.load(x_ptr + k0 + offs_r, mask=k0 + offs_r < K, other=0.0, eviction_policy="evict_last")
-            q = _slab_codes(w, e_ptr, j, BITS, CBITS, FDTYPE, MANT, EMU, ASM) - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j]
+            q = (_slab_codes(w, e_ptr, j, BITS, CBITS, FDTYPE, MANT, EMU, ASM)
+                 - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j])
             part = tl.sum(q * xk.to(FDTYPE)[:, None], axis=0).to(tl.float32)
             # sum over the FL slabs of one scale group, then scale once: s (q.x - z sum x)
             if j % FL == 0:
