@@ -206,7 +206,7 @@ class Evaluator:
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(str(candidate))
-            except Exception:
+            except (OSError, ValueError):  # no tokenizer files: check_tokenizers says the reference's is used
                 pass
         else:
             raise EvalError(f"unknown backend {backend!r}; use one of {BACKENDS}")

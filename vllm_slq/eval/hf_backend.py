@@ -74,7 +74,7 @@ def load_hf_model(spec: ModelLike, dtype="float32", device: Optional[str] = None
     model.eval()
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception:
+    except (OSError, ValueError):  # what transformers raises for a directory without tokenizer files
         tok = None  # checkpoints may ship without a tokenizer; the reference's is used
     return model, tok, path
 
