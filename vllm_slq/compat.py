@@ -21,6 +21,7 @@ import contextlib
 import importlib.metadata as md
 import sys
 
+import torch
 from torch.fx import _symbolic_trace
 
 SUPPORTED_PYTHON = ((3, 10), (3, 12))
@@ -69,11 +70,14 @@ if __name__ == "__main__":
         sys.exit(str(e))
 
 
-def release_traced_model(model) -> int:
-    """Drop torch.fx's entries for namespaces that hold `model` as `self` (see module doc);
-    returns how many were dropped. After it, deleting the caller's references frees the model."""
+def release_traced_model() -> int:
+    """Drop torch.fx's entries for namespaces that hold a module as `self` (see module doc):
+    the top-level model's and its inner decoder model's autowrapped forwards (7 entries on a
+    Llama), which only llmcompressor's autowrap creates. Returns how many were dropped.
+    After it the model object is freed; its weights can still be reached another way
+    (README, "The user's command on larger models")."""
     table = _symbolic_trace._wrapped_fns_to_patch
-    stale = [key for key, namespace in table.items() if namespace.get("self") is model]
+    stale = [key for key, namespace in table.items() if isinstance(namespace.get("self"), torch.nn.Module)]
     for key in stale:
         del table[key]
     return len(stale)

@@ -411,7 +411,7 @@ def run_quantize(args) -> int:
             # dtype, as vLLM serves them (two fp32 8B models alone would fill an 80 GB GPU);
             # the CPU keeps fp32, its fast path.
             reset_session()
-            release_traced_model(model)
+            release_traced_model()
             del model, quantized, modifier
             gc.collect()  # modules and hooks form reference cycles
             if device == "cuda":
