@@ -93,14 +93,16 @@ def test_the_quantized_model_is_freed_before_the_evaluation_loads_two_more(tiny_
     import vllm_slq.eval.api as api
     from transformers import LlamaForCausalLM
 
-    def count():
-        gc.collect()
-        return sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects())
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    def count():  # the model object, and its layers, which the fx table kept on their own
+        return sum(isinstance(o, (LlamaForCausalLM, LlamaDecoderLayer)) for o in gc.get_objects())
+
+    gc.collect()
     before, alive = count(), []  # other tests' models may be alive in this process
 
     def evaluate_stub(**kwargs):  # stands in for the evaluation only to count what is alive when it starts
-        alive.append(sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()))
+        alive.append(count())
         raise RuntimeError("stop after the count")
 
     monkeypatch.setattr(api, "evaluate", evaluate_stub)

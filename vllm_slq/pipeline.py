@@ -322,7 +322,7 @@ def run_quantize(args) -> int:
     from llmcompressor import oneshot
 
     from vllm_slq.checkpoint import save_checkpoint
-    from vllm_slq.compat import release_traced_model
+    from vllm_slq.compat import fx_wrap_keys, release_traced_model
     from vllm_slq.data import calibration_dataset, resolve_model
     from vllm_slq.modifiers import quantized_weights
 
@@ -355,6 +355,7 @@ def run_quantize(args) -> int:
           f"{device}, compute {str(work_dtype).removeprefix('torch.')}, checkpoint "
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     t0 = time.time()
+    fx_keys = fx_wrap_keys()  # what calibration's tracing adds is released before the evaluation
     model = oneshot(model=model, tokenizer=tok, recipe=[modifier], dataset=dataset,
                     num_calibration_samples=len(dataset), max_seq_length=args.seq_len,
                     pipeline="sequential" if modifier.requires_calibration_data else "datafree")
@@ -411,7 +412,7 @@ def run_quantize(args) -> int:
             # dtype, as vLLM serves them (two fp32 8B models alone would fill an 80 GB GPU);
             # the CPU keeps fp32, its fast path.
             reset_session()
-            release_traced_model()
+            release_traced_model(fx_keys)
             del model, quantized, modifier
             gc.collect()  # modules and hooks form reference cycles
             if device == "cuda":
