@@ -69,7 +69,7 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
 MODEL_ALIASES["smollm2-135m-instruct"] = MODEL_ALIASES["smollm2-135m"]
 
 
-def _gguf_path(alias: str, spec: GGUFAlias) -> Path:
+def gguf_path(alias: str, spec: GGUFAlias) -> Path:
     # find_spec locates the package without executing it (the wheel's own
     # __init__ imports the `llm` CLI, which we do not install).
     found = importlib.util.find_spec(spec.wheel_module)
@@ -87,7 +87,7 @@ def _gguf_path(alias: str, spec: GGUFAlias) -> Path:
 def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path(alias, spec)
+    gguf = gguf_path(alias, spec)
     print(f"[vllm_slq.data] converting {gguf.name} to fp16 safetensors in {dest} (once)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
