@@ -22,9 +22,10 @@ output exists is skipped):
    the decoder linears (q/k/v/o/gate/up/down, SLQ's "bpp") and over every parameter as
    stored (token embedding = tied lm_head, norms). llama.cpp also quantizes the embedding;
    SLQ keeps it in fp16, which the whole-model column shows.
-7. SLQ at each mix's bpw over the linears: read from the slq.py results (--slq-json), whose
-   rows come from `slq.py --resume --budgets <these bpws>` on the same protocol; a mix with
-   no SLQ row at its bpw is reported as missing (the command to add it is printed).
+7. SLQ at each mix's bpw over the linears: read from the slq.py results (--slq-json,
+   default results/slq_peer_budgets.json, written by `slq.py --budgets <these bpws>` on the
+   same protocol); a mix with no SLQ row at its bpw is reported as missing (the command
+   that measures it is printed).
    Paired comparisons on the same held-out sequences: KL ratio SLQ / best peer (imatrix or
    not) with a paired bootstrap 95% CI, and the EAR difference.
 
@@ -291,7 +292,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--slq-json", type=Path, default=RESULTS / "slq_calib32x512.json",
+    ap.add_argument("--slq-json", type=Path, default=RESULTS / "slq_peer_budgets.json",
                     help="slq.py results on the same protocol, with SLQ rows at the mixes' bpw")
     ap.add_argument("--bpw-tolerance", type=float, default=0.01)
     ap.add_argument("--out", type=Path, default=RESULTS / "peers.json")
@@ -386,10 +387,11 @@ def main() -> int:
     write_json(args.out, result)
     plot(peer_rows, slq_rows, uniform, args.out.with_suffix(".png"))
     if missing:
-        print(f"\nSLQ rows missing at bpw {missing}; add them on the same protocol with:\n"
-              f"  PYTHONPATH=.. python slq.py --resume --out {args.slq_json} --skip-sym --bisect-steps 0 "
+        print(f"\nSLQ rows missing at bpw {missing}; measure them on the same protocol with:\n"
+              f"  PYTHONPATH=.. python slq.py --out {args.slq_json} --skip-sym --bisect-steps 0 "
               f"--seq-len {args.seq_len} --calib-blocks {args.calib_blocks} --eval-blocks {args.eval_blocks} "
-              f"--rco-steps {slq_res['settings']['rco']['steps']} --budgets {' '.join(map(str, missing))}")
+              f"--rco-steps {slq_res['settings']['rco']['steps']} --budgets {' '.join(map(str, missing))}\n"
+              f"(add --resume to keep the points already there)")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {time.perf_counter() - t0:.0f} s")
     return 0
 
