@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -53,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS, print_table, save_figure, write_json
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize
 from transformers import AutoModelForCausalLM
 
 from vllm_slq.data import MODEL_ALIASES, gguf_path, load_model, load_text, token_blocks
@@ -72,6 +75,8 @@ class PeerError(RuntimeError):
 
 def _run(cmd: list[str], log: Path, **kw) -> None:
     """Run a tool with its output in log; on failure, name the command and the log's tail."""
+    if shutil.which(cmd[0]) is None:
+        raise PeerError(f"{cmd[0]} not found: peers.py builds llama.cpp from source (cmake, a C++ compiler)")
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw)
     if proc.returncode:
@@ -80,13 +85,13 @@ def _run(cmd: list[str], log: Path, **kw) -> None:
 
 
 # ------------------------------------------------------------------ llama.cpp build and tools
-def build_llama_cpp(work: Path) -> tuple[Path, Path]:
-    """(directory with llama-quantize and llama-imatrix, llama.cpp source tree), built once."""
+def build_llama_cpp(work: Path) -> Path:
+    """The directory holding llama-quantize and llama-imatrix, built once."""
     name = LLAMA_CPP_SDIST.replace("==", "-").replace("-", "_", 2)  # llama_cpp_python-0.3.36
     src = work / name / "vendor" / "llama.cpp"
     bin_dir = work / "build" / "bin"
     if all((bin_dir / t).is_file() for t in ("llama-quantize", "llama-imatrix")):
-        return bin_dir, src
+        return bin_dir
     if not src.is_dir():
         sdist = work / f"{name}.tar.gz"
         if not sdist.is_file():
@@ -100,7 +105,7 @@ def build_llama_cpp(work: Path) -> tuple[Path, Path]:
           "-DLLAMA_BUILD_SERVER=OFF"], work / "cmake.log")
     _run(["cmake", "--build", str(work / "build"), "--target", "llama-quantize", "llama-imatrix",
           "-j", str(os.cpu_count() or 2)], work / "build.log")
-    return bin_dir, src
+    return bin_dir
 
 
 def f16_gguf(source: Path, out: Path) -> Path:
@@ -111,9 +116,6 @@ def f16_gguf(source: Path, out: Path) -> Path:
     these are its exact weights (checked in tests/test_peers.py); converting its HF
     directory back with convert_hf_to_gguf.py instead mistakes the re-saved byte-level BPE
     tokenizer for SentencePiece, and llama-imatrix then fails to tokenize."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
-    from gguf.quants import dequantize
-
     if out.is_file():
         return out
     reader = GGUFReader(str(source))
@@ -167,8 +169,6 @@ def quantize(bin_dir: Path, f16: Path, mix: str, imatrix: Path | None, threads: 
 # ------------------------------------------------------------------ bits per weight, as stored
 def gguf_bits(path: Path) -> dict:
     """bpw over the decoder linears and over every stored parameter, and the types stored."""
-    from gguf import GGUFReader
-
     lin_bits = lin_n = all_bits = all_n = 0
     types: dict[str, dict[str, int]] = {}
     for t in GGUFReader(str(path)).tensors:
@@ -311,7 +311,7 @@ def main() -> int:
                         f"{st['seq_len']}/{st['calib_blocks']}/{st['eval_blocks']}, not "
                         f"{args.seq_len}/{args.calib_blocks}/{args.eval_blocks}: not the same held-out text")
 
-    bin_dir, _ = build_llama_cpp(args.work)
+    bin_dir = build_llama_cpp(args.work)
     model, tok = load_model("smollm2-135m", dtype=torch.float32)
     text = load_text("brown")
     calib = token_blocks(tok, text.calibration, args.seq_len, args.calib_blocks)  # GPTQ's blocks in slq.py

@@ -125,3 +125,9 @@ def test_reference_grid_counts_groups_on_a_16_level_grid():
         lin.weight[1, 32:] = torch.linspace(-1, 1, 32)  # one group with 32 distinct values
     g = peers.reference_grid(torch.nn.Sequential(lin))
     assert g["groups"] == 4 and g["share_on_grid"] == 0.75
+
+
+def test_missing_build_tool_is_named(tmp_path):
+    peers = _peers()
+    with pytest.raises(peers.PeerError, match="no-such-cmake-xyz not found"):
+        peers._run(["no-such-cmake-xyz", "--version"], tmp_path / "x.log")
