@@ -15,11 +15,18 @@ the generated subgraph code's, whose wrapped functions lead back to them) in tor
 process-global table of functions to patch. The model then outlives every reference the
 caller drops: at 1.41B, 18 GB stayed allocated when the fidelity evaluation loaded two
 more models, and the kernel killed the run. Dropping the entries calibration added frees it.
+
+`return_freed_host_memory`: glibc keeps freed blocks below its mmap threshold (which
+rises to 32 MB as large blocks are freed) in its heaps, so after the allocation a
+process stays at its peak resident size into the evaluation; malloc_trim hands those
+pages back.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata as md
+import platform
 import sys
 
 SUPPORTED_PYTHON = ((3, 10), (3, 12))
@@ -84,6 +91,14 @@ def release_traced_model(keep: set) -> int:
     for key in stale:
         del table[key]
     return len(stale)
+
+
+def return_freed_host_memory() -> bool:
+    """malloc_trim(0): give the OS the pages glibc holds for freed blocks (see module doc).
+    False where the C library is not glibc, which has no such call."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
 
 
 if __name__ == "__main__":

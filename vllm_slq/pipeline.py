@@ -322,7 +322,7 @@ def run_quantize(args) -> int:
     from llmcompressor import oneshot
 
     from vllm_slq.checkpoint import save_checkpoint
-    from vllm_slq.compat import fx_wrap_keys, release_traced_model
+    from vllm_slq.compat import fx_wrap_keys, release_traced_model, return_freed_host_memory
     from vllm_slq.data import calibration_dataset, resolve_model
     from vllm_slq.modifiers import quantized_weights
 
@@ -415,6 +415,7 @@ def run_quantize(args) -> int:
             release_traced_model(fx_keys)
             del model, quantized, modifier
             gc.collect()  # modules and hooks form reference cycles
+            return_freed_host_memory()  # else the allocation's freed heap stays resident
             if device == "cuda":
                 torch.cuda.empty_cache()
             eval_dtype = "float32" if device == "cpu" else str(dtype).removeprefix("torch.")
