@@ -56,11 +56,12 @@ import torch
 from common import RESULTS, print_table, save_figure, write_json
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize
+from slq import heldout_metrics
 from transformers import AutoModelForCausalLM
 
 from vllm_slq.data import MODEL_ALIASES, gguf_path, load_model, load_text, token_blocks
-from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
-from vllm_slq.eval.metrics import paired_bootstrap_ci, summarize
+from vllm_slq.eval.hf_backend import HFRunner
+from vllm_slq.eval.metrics import paired_bootstrap_ci
 from vllm_slq.fileio import atomic_path
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
@@ -187,22 +188,16 @@ def gguf_bits(path: Path) -> dict:
 
 # ------------------------------------------------------------------ scoring
 class Scorer:
-    """Held-out fidelity of a candidate model against the FP model, as slq.py's HeldoutEvaluator."""
+    """Held-out fidelity of a candidate model against the FP model: slq.py's held-out row."""
 
     def __init__(self, model, blocks: torch.Tensor, n_boot: int, seed: int):
         self.blocks, self.n_boot, self.seed = blocks, n_boot, seed
         self.ref = HFRunner(model, name="fp32 reference")
         self.ref.cache = {}  # the reference's hidden states are reused by every candidate
 
-    @torch.no_grad()
     def __call__(self, cand_model) -> dict:
-        seqs = teacher_forced_metrics(self.ref, HFRunner(cand_model.eval(), name="peer"), self.blocks,
-                                      progress=False)
-        s = summarize(seqs, n_boot=self.n_boot, seed=self.seed)
-        return {"ear": s["ear"], "ear_lcb": s["ear_ci95"][0], "ear_ucb": s["ear_ci95"][1], "kl": s["kl"],
-                "top1": s["top1"], "ppl": s["ppl_cand"], "ppl_fp": s["ppl_ref"], "n_sequences": s["n_sequences"],
-                "n_positions": s["n_positions"], "kl_seq_sums": s["per_sequence"]["kl_sum"],
-                "ear_seq_sums": s["per_sequence"]["ear_sum"], "seq_positions": s["per_sequence"]["n_positions"]}
+        return heldout_metrics(self.ref, HFRunner(cand_model.eval(), name="peer"), self.blocks, self.n_boot,
+                               self.seed)
 
 
 def load_gguf(path: Path):

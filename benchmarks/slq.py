@@ -54,6 +54,8 @@ from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
 from vllm_slq.allocation.rco import RCOConfig
+from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
+from vllm_slq.eval.metrics import summarize
 from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.spec import QuantSpec
 from common import save_figure
@@ -118,12 +120,25 @@ def database_error_ratio(errors: dict) -> dict:
     return {str(b): float(np.median(s[:, k] / np.maximum(a[:, k], 1e-30))) for k, b in enumerate(BITS)}
 
 
+@torch.no_grad()
+def heldout_metrics(ref: HFRunner, cand: HFRunner, blocks: torch.Tensor, n_boot: int, seed: int) -> dict:
+    """One candidate's held-out row: teacher-forced fidelity against the reference, with the
+    per-sequence sums a paired comparison on the same text needs (benchmarks/peers.py too)."""
+    s = summarize(teacher_forced_metrics(ref, cand, blocks, progress=False), n_boot=n_boot, seed=seed)
+    return {"ear": s["ear"], "ear_lcb": s["ear_ci95"][0], "ear_ucb": s["ear_ci95"][1],
+            "ear_p5": s["ear_p5"], "ear_p50": s["ear_p50"], "ear_pow100": s["ear_pow100"],
+            "kl": s["kl"], "pinsker_ear_lower_bound": s["pinsker_ear_lower_bound"], "top1": s["top1"],
+            "ppl": s["ppl_cand"], "ppl_fp": s["ppl_ref"], "n_sequences": s["n_sequences"],
+            "n_positions": s["n_positions"],
+            # per held-out sequence, for paired comparisons of two candidates on the same text
+            "kl_seq_sums": s["per_sequence"]["kl_sum"], "ear_seq_sums": s["per_sequence"]["ear_sum"],
+            "seq_positions": s["per_sequence"]["n_positions"]}
+
+
 class HeldoutEvaluator:
     """Exact held-out fidelity of an allocation: the FP model vs a copy carrying the chosen weights."""
 
     def __init__(self, model, blocks: torch.Tensor, n_boot: int, seed: int):
-        from vllm_slq.eval.hf_backend import HFRunner
-
         self.blocks = blocks
         self.n_boot, self.seed = n_boot, seed
         self.cand_model = copy.deepcopy(model).eval()
@@ -134,20 +149,9 @@ class HeldoutEvaluator:
 
     @torch.no_grad()
     def __call__(self, problem: AllocationProblem, cands, choice) -> dict:
-        from vllm_slq.eval.hf_backend import teacher_forced_metrics
-        from vllm_slq.eval.metrics import summarize
-
         for name, spec in problem.module_specs(choice).items():
             self.mods[name].weight.copy_(cands[name][spec].dequantize(torch.float32))
-        seqs = teacher_forced_metrics(self.ref, self.cand, self.blocks, progress=False)
-        s = summarize(seqs, n_boot=self.n_boot, seed=self.seed)
-        return {"ear": s["ear"], "ear_lcb": s["ear_ci95"][0], "ear_ucb": s["ear_ci95"][1],
-                "ear_p5": s["ear_p5"], "ear_p50": s["ear_p50"], "ear_pow100": s["ear_pow100"],
-                "kl": s["kl"], "pinsker_ear_lower_bound": s["pinsker_ear_lower_bound"], "top1": s["top1"],
-                "ppl": s["ppl_cand"], "ppl_fp": s["ppl_ref"], "n_sequences": s["n_sequences"],
-                "n_positions": s["n_positions"],
-                # per held-out sequence, for paired comparisons of two allocations on the same text
-                "kl_seq_sums": s["per_sequence"]["kl_sum"]}
+        return heldout_metrics(self.ref, self.cand, self.blocks, self.n_boot, self.seed)
 
 
 def allocation_summary(problem: AllocationProblem, choice) -> dict:

@@ -106,4 +106,3 @@ if __name__ == "__main__":
         check_python()
     except UnsupportedPythonError as e:
         sys.exit(str(e))
-
