@@ -30,6 +30,12 @@ Memory plan (every tensor on the model's device)
     `cache_bytes` (default 1 GiB), otherwise recomputed under no_grad each time.
   * So the peak is the model in its compute dtype + the store + one forward's
     activations (benchmarks/slq_memory.py measures it and fits the model).
+  * offload_dir (the 70B path, allocation/offload.py): the decoder blocks' weights rest
+    in memory-mapped files and each block is copied onto the device only while it runs
+    (its forward, and its recompute in the backward: blocks are checkpointed); a store
+    built with the same OffloadDir keeps its candidates there too. The device then
+    holds the non-block parameters + one block's weights and candidates + the block
+    inputs + one block's activations.
 
 Under torch.distributed (torchrun), every rank holds the model and the store and
 scores its share of each call's blocks; values are all-reduced and dL/dP is
@@ -40,7 +46,7 @@ rank from identical Gumbel draws.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Sequence
 
 import numpy as np
@@ -51,6 +57,7 @@ from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
+from .offload import OffloadDir, offload_module, onloaded, restore_module
 from .problem import AllocationProblem
 from .store import CandidateStore, StoredCandidate
 
@@ -79,14 +86,16 @@ class MixedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p, w_ref, bias, candidates):
-        ctx.save_for_backward(x, p)
-        ctx.w_ref, ctx.candidates = w_ref, candidates
+        # w_ref as a saved tensor: block checkpointing drops it with the activations, so an
+        # onloaded block's weight copy (offload_dir) does not outlive the block's forward
+        ctx.save_for_backward(x, p, w_ref)
+        ctx.candidates = candidates
         return torch.nn.functional.linear(x, _mixed_weight(p, w_ref, candidates), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, p = ctx.saved_tensors
-        w_ref, candidates = ctx.w_ref, ctx.candidates
+        x, p, w_ref = ctx.saved_tensors
+        candidates = ctx.candidates
         grad_x = grad_p = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _mixed_weight(p, w_ref, candidates).to(grad_y.dtype)
@@ -105,14 +114,28 @@ class MixedLinear(torch.autograd.Function):
 _KL_CHUNK_ELEMENTS = 1 << 24
 
 
+# The chunk functions below work in place on fp32 [chunk, vocab] temporaries that their callers
+# made for them (``_owned_fp32``), so a chunk costs two such tensors at a time, not five.
+
+def _owned_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A new fp32 copy of t, free to be overwritten."""
+    return t.to(torch.float32, copy=True)
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
 def _chunk_kl_sum(ref_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """sum over a chunk of positions of KL(p_ref || softmax(z)), fp32 inputs."""
-    return (ref_logp.exp() * (ref_logp - torch.log_softmax(z, -1))).sum()
+    """sum over a chunk of positions of KL(p_ref || softmax(z)); both fp32 and overwritten."""
+    diff = _log_softmax_(z).neg_().add_(ref_logp)  # log p_ref - log q
+    return torch.dot(ref_logp.exp_().reshape(-1), diff.reshape(-1))
 
 
 def _chunk_kl_grad(ref_p: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """d/dz of the chunk's KL sum times scale: softmax(z) sum_v p_ref - p_ref (fp32)."""
-    return (torch.softmax(z, -1) * ref_p.sum(-1, keepdim=True) - ref_p) * scale
+    """d/dz of the chunk's KL sum times scale: softmax(z) sum_v p_ref - p_ref; fp32, z overwritten."""
+    q = _log_softmax_(z).exp_()
+    return q.mul_(ref_p.sum(-1, keepdim=True)).sub_(ref_p).mul_(scale)
 
 
 class _FullVocabKL(torch.autograd.Function):
@@ -134,7 +157,7 @@ class _FullVocabKL(torch.autograd.Function):
         z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for a, b in _FullVocabKL._chunks(z.shape[0], v):
-            total += _chunk_kl_sum(r[a:b].to(torch.float32), z[a:b].to(torch.float32))
+            total += _chunk_kl_sum(_owned_fp32(r[a:b]), _owned_fp32(z[a:b]))
         ctx.save_for_backward(ref_logp, logits)
         return total / z.shape[0]
 
@@ -146,8 +169,8 @@ class _FullVocabKL(torch.autograd.Function):
         out = torch.empty_like(z)
         scale = grad.to(torch.float32) / z.shape[0]
         for a, b in _FullVocabKL._chunks(z.shape[0], v):
-            p = r[a:b].to(torch.float32).exp()  # a cached fp16 reference sums to 1 only within rounding
-            out[a:b] = _chunk_kl_grad(p, z[a:b].to(torch.float32), scale).to(out.dtype)
+            p = _owned_fp32(r[a:b]).exp_()  # a cached fp16 reference sums to 1 only within rounding
+            out[a:b] = _chunk_kl_grad(p, _owned_fp32(z[a:b]), scale).to(out.dtype)
         return None, out.reshape(logits.shape)
 
 
@@ -170,7 +193,8 @@ class _HeadKL(torch.autograd.Function):
 
     @staticmethod
     def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(torch.float32)
+        """fp32 logits of a chunk, a new tensor (the chunk functions overwrite it)."""
+        return _owned_fp32(torch.nn.functional.linear(x.to(weight.dtype), weight, bias))
 
     @staticmethod
     def forward(ctx, ref_h, h, weight, bias):
@@ -178,7 +202,7 @@ class _HeadKL(torch.autograd.Function):
         x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
-            total += _chunk_kl_sum(torch.log_softmax(_HeadKL._logits(r[a:b], weight, bias), -1),
+            total += _chunk_kl_sum(_log_softmax_(_HeadKL._logits(r[a:b], weight, bias)),
                                    _HeadKL._logits(x[a:b], weight, bias))
         ctx.save_for_backward(ref_h, h, weight, bias)
         return total / x.shape[0]
@@ -191,7 +215,7 @@ class _HeadKL(torch.autograd.Function):
         out = torch.empty_like(x)
         scale = grad.to(torch.float32) / x.shape[0]
         for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
-            p = torch.softmax(_HeadKL._logits(r[a:b], weight, bias), -1)
+            p = _log_softmax_(_HeadKL._logits(r[a:b], weight, bias)).exp_()
             dz = _chunk_kl_grad(p, _HeadKL._logits(x[a:b], weight, bias), scale).to(weight.dtype)
             out[a:b] = (dz @ weight).to(out.dtype)
         return None, out.reshape(h.shape), None, None
@@ -332,6 +356,11 @@ class ModelKLObjective:
     its `_no_split_modules`, as HF models do) in the backward instead of keeping
     its activations: the saved activations shrink to one tensor per block, for one
     more forward per step.
+    offload_dir: rest the decoder blocks' weights in memory-mapped files there and copy
+    each block onto `device` only while it runs (implies checkpoint_blocks; see the
+    module docstring). The other parameters move to `device`. close() brings the
+    blocks back to where they were.
+    device: where the objective computes; default the model's (first parameter's) device.
     fused_head: when the model's logits are exactly its output head applied to its
     decoder's hidden states (plain_output_head checks this on a block), keep the
     reference as hidden states and compute the KL from hidden states chunk by chunk
@@ -343,26 +372,42 @@ class ModelKLObjective:
                  candidates: CandidateStore | dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
                  batch_blocks: int = 2, cache_bytes: int = 1 << 30,
                  compute_dtype: Optional[torch.dtype] = torch.float32, checkpoint_blocks: bool = False,
-                 fused_head: bool = True):
+                 fused_head: bool = True, offload_dir=None, device: Optional[torch.device | str] = None):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
         self.model = (model if compute_dtype is None else model.to(compute_dtype)).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.device = next(self.model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.problem = problem
         self.tokens = tokens.to(self.device)
         self.batch_blocks = max(1, min(batch_blocks, tokens.shape[0]))
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.blocks: list[torch.nn.Module] = decoder_blocks(self.model) if checkpoint_blocks else []
+        self.checkpoint_blocks = checkpoint_blocks or offload_dir is not None
+        self.blocks: list[torch.nn.Module] = decoder_blocks(self.model) if self.checkpoint_blocks else []
         self._block_linears = {blk: set(m for m in blk.modules() if isinstance(m, torch.nn.Linear))
                                for blk in self.blocks}
-        if checkpoint_blocks and not self.blocks:
-            raise ValueError(f"checkpoint_blocks: {type(self.model).__name__} names no decoder block class in "
+        if self.checkpoint_blocks and not self.blocks:
+            flag = "offload_dir" if offload_dir is not None else "checkpoint_blocks"
+            raise ValueError(f"{flag}: {type(self.model).__name__} names no decoder block class in "
                              f"_no_split_modules ({getattr(self.model, '_no_split_modules', None)}); "
-                             f"pass checkpoint_blocks=False")
+                             f"pass checkpoint_blocks=False and no offload_dir")
+        self._linear_patches: list = []  # the Linears' mixing while _mixing is active
+        self._blocks_active = False  # inside _blocks_run
+        self.offload: Optional[OffloadDir] = None
+        self._block_homes: list[torch.device] = []
+        if offload_dir is not None:
+            self.offload = OffloadDir(offload_dir)
+            in_blocks = {id(t) for blk in self.blocks for t in [*blk.parameters(), *blk.buffers()]}
+            for blk in self.blocks:
+                self._block_homes.append(next(blk.parameters()).device)
+                offload_module(blk, self.offload)
+            for mod in self.model.modules():  # everything outside the blocks computes on the device
+                for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+                    if id(t) not in in_blocks:
+                        t.data = t.data.to(self.device)
         self.store = candidates if isinstance(candidates, CandidateStore) \
-            else CandidateStore.from_database(candidates, self.device)
+            else CandidateStore.from_database(candidates, self.device, self.offload)
         mods = dict(self.model.named_modules())
         self.linears: dict[str, torch.nn.Linear] = {}
         self.candidates: dict[str, list[Optional[StoredCandidate]]] = {}
@@ -385,7 +430,11 @@ class ModelKLObjective:
         # the reference: the FP model's final hidden states when its logits are a plain output
         # head (kept, [tokens, hidden]), else its log-probs (kept up to cache_bytes, else
         # recomputed per step): never a dense [tokens, vocab] past that bound
-        self.head = plain_output_head(self.model, self.tokens[:1]) if fused_head else None
+        if fused_head:
+            with self._blocks_run():
+                self.head = plain_output_head(self.model, self.tokens[:1])
+        else:
+            self.head = None
         if self.head is not None and any(lin is self.head for lin in self.linears.values()):
             self.head = None  # a quantized head mixes like any Linear: through the full logits
         self._ref_hidden = self._ref_logp = None
@@ -394,7 +443,7 @@ class ModelKLObjective:
                 self._ref_hidden = torch.cat([self._hidden(self.tokens[s:s + 1]) for s in range(tokens.shape[0])])
             elif tokens.numel() * self.model.config.vocab_size * 2 <= cache_bytes:
                 self._ref_logp = torch.cat([
-                    torch.log_softmax(self._logits(self.tokens[s:s + 1]).float(), -1).to(torch.float16)
+                    _log_softmax_(_owned_fp32(self._logits(self.tokens[s:s + 1]))).to(torch.float16)
                     for s in range(tokens.shape[0])])
 
     # ------------------------------------------------------------------ internals
@@ -402,24 +451,52 @@ class ModelKLObjective:
         if self._ref_logp is not None:
             return self._ref_logp[idx]
         with torch.no_grad():
-            return torch.log_softmax(self._logits(self.tokens[idx]).float(), -1)
+            return _log_softmax_(_owned_fp32(self._logits(self.tokens[idx])))
 
     @contextmanager
     def _mixing(self, P: torch.Tensor):
-        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear);
-        with checkpoint_blocks (and grad enabled) every decoder block runs checkpointed, and its
-        recomputation in the backward installs its Linears' mixing again."""
+        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear)."""
         P = P.to(self.device)
         linears = [(self.linears[m.name], functools.partial(_mixed_forward, self.linears[m.name], P[i],
                                                             self.candidates[m.name]))
                    for i, g in enumerate(self.problem.groups) for m in g.modules]
-        blocks = []
-        if torch.is_grad_enabled():
-            for blk in self.blocks:
-                inner = [(lin, fwd) for lin, fwd in linears if lin in self._block_linears[blk]]
-                blocks.append((blk, functools.partial(_checkpointed, blk.forward, inner)))
-        with _patched_forwards(linears + blocks):
-            yield
+        previous, self._linear_patches = self._linear_patches, linears
+        try:
+            with _patched_forwards(linears):
+                yield
+        finally:
+            self._linear_patches = previous
+
+    @contextmanager
+    def _blocks_run(self):
+        """Every model call of the objective runs inside: with checkpoint_blocks (and grad
+        enabled) each decoder block runs checkpointed, and its recomputation in the backward
+        installs its Linears' mixing again; with offload_dir each block is onloaded for its
+        run (and for its recompute)."""
+        checkpoint = self.checkpoint_blocks and torch.is_grad_enabled()
+        if self._blocks_active or not (checkpoint or self.offload is not None):
+            yield  # nested (applied() around _logits): the outer patches already run the blocks
+            return
+        patches = []
+        for blk in self.blocks:
+            inner = [(lin, fwd) for lin, fwd in self._linear_patches if lin in self._block_linears[blk]]
+            patches.append((blk, functools.partial(_run_block, blk, blk.forward, inner,
+                                                   self.device if self.offload is not None else None, checkpoint)))
+        self._blocks_active = True
+        try:
+            with _patched_forwards(patches):
+                yield
+        finally:
+            self._blocks_active = False
+
+    def close(self) -> None:
+        """With offload_dir: the blocks' weights back in memory where they were, the scratch space removed."""
+        if self.offload is None:
+            return
+        for blk, home in zip(self.blocks, self._block_homes):
+            restore_module(blk, home)
+        self.offload.close()
+        self._block_homes = []
 
     def _local_kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Mean KL over the blocks idx, in this process."""
@@ -449,10 +526,12 @@ class ModelKLObjective:
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         # no KV cache: nothing here decodes, and a cache would be appended twice when a
         # checkpointed block recomputes
-        return self.model(input_ids=ids, use_cache=False).logits
+        with self._blocks_run():
+            return self.model(input_ids=ids, use_cache=False).logits
 
     def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        with self._blocks_run():
+            return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
 
     def batch_indices(self, step: int) -> torch.Tensor:
         n, b = self.tokens.shape[0], self.batch_blocks
@@ -480,9 +559,12 @@ class ModelKLObjective:
         dist.all_reduce(tot)
         return float(tot) / n
 
+    @contextmanager
     def applied(self, choice: np.ndarray):
-        """Context: the model computes with the allocation `choice` (weights dequantized per call)."""
-        return self._mixing(self.problem.one_hot(choice))
+        """Context: the model computes with the allocation `choice` (weights dequantized per call;
+        with offload_dir each block onloaded for its run), whoever calls it."""
+        with self._mixing(self.problem.one_hot(choice)), self._blocks_run():
+            yield
 
     @torch.no_grad()
     def heldout_metrics(self, choice: np.ndarray, tokens: torch.Tensor) -> dict:
@@ -542,13 +624,17 @@ def _patched_forwards(patches):
                 mod.forward = old
 
 
-def _checkpointed(forward, linears, *args, **kwargs):
-    """A decoder block under activation checkpointing, its Linears mixing in forward and recompute."""
+def _run_block(block, forward, linears, onload_device, checkpoint, *args, **kwargs):
+    """A decoder block's forward with its Linears mixing; onloaded onto onload_device (offload_dir)
+    and under activation checkpointing when asked, the recompute mixing and onloading again."""
     def run(*a, **kw):
-        with _patched_forwards(linears):
+        with onloaded(block, onload_device) if onload_device is not None else nullcontext(), \
+                _patched_forwards(linears):
             return forward(*a, **kw)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    return run(*args, **kwargs)
 
 
 def _mixed_forward(linear: torch.nn.Linear, p: torch.Tensor, candidates, x: torch.Tensor) -> torch.Tensor:

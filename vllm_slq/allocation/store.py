@@ -19,6 +19,9 @@ and the objective dequantizes every candidate of every layer in each backward.
 This layout is internal to the allocation and never written to disk.
 
 Dequantization goes through quant.spec.dequantize_codes, the format's one dequant.
+
+With an OffloadDir (allocation.offload; the 70B path) every candidate's tensors rest in
+memory-mapped files and are copied onto the store's device only while it is dequantized.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec, dequantize_codes
+
+from .offload import OffloadDir
 
 __all__ = ["PLANE_SPLITS", "pack_planes", "unpack_planes", "StoredCandidate", "CandidateStore"]
 
@@ -79,6 +84,11 @@ class StoredCandidate:
     scale: torch.Tensor                  # [N, groups], the stored scale dtype
     zero_point: Optional[torch.Tensor]   # int8 [N, groups] (signed), None when symmetric
     meta: dict = field(default_factory=dict)
+    # set when the tensors above rest in offload files: the device they are copied onto for use
+    onto: Optional[torch.device] = None
+
+    def _resident(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return t if self.onto is None or t is None else t.to(self.onto, copy=True)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, device: torch.device | str) -> "StoredCandidate":
@@ -87,13 +97,21 @@ class StoredCandidate:
         return cls(qw.spec, qw.codes.shape[1], pack_planes(unsigned, qw.spec.bits), qw.scale.to(device),
                    None if qw.zero_point is None else qw.zero_point.to(device), dict(qw.meta))
 
+    def offload(self, where: OffloadDir) -> None:
+        """Rest this entry's tensors in `where`'s files; it is copied back to its device per use."""
+        self.onto = self.scale.device
+        self.planes = [where.put(p) for p in self.planes]
+        self.scale = where.put(self.scale)
+        self.zero_point = None if self.zero_point is None else where.put(self.zero_point)
+
     def codes(self) -> torch.Tensor:
         """Signed int8 codes [N, K]."""
-        unsigned = unpack_planes(self.planes, self.spec.bits, self.in_features)
+        unsigned = unpack_planes([self._resident(p) for p in self.planes], self.spec.bits, self.in_features)
         return (unsigned.to(torch.int16) - (1 << (self.spec.bits - 1))).to(torch.int8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes(), self.scale, self.zero_point, self.spec.group_size, dtype)
+        return dequantize_codes(self.codes(), self._resident(self.scale), self._resident(self.zero_point),
+                                self.spec.group_size, dtype)
 
     def to_quantized(self) -> QuantizedWeight:
         """The entry as a QuantizedWeight on the CPU (what the checkpoint writer takes)."""
@@ -110,17 +128,20 @@ class CandidateStore:
     """{layer: {spec: StoredCandidate}} on one device; what the allocation mixes from.
 
     Filled layer by layer as the database is built (put), or at once from a
-    {layer: {spec: QuantizedWeight}} database (from_database).
+    {layer: {spec: QuantizedWeight}} database (from_database). With `offload` every
+    entry rests in that OffloadDir's files as soon as it is put, and only the entries
+    being dequantized are on `device`.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", offload: Optional[OffloadDir] = None):
         self.device = torch.device(device)
+        self.offload = offload
         self._layers: dict[str, dict[QuantSpec, StoredCandidate]] = {}
 
     @classmethod
     def from_database(cls, database: dict[str, dict[QuantSpec, QuantizedWeight]],
-                      device: torch.device | str = "cpu") -> "CandidateStore":
-        store = cls(device)
+                      device: torch.device | str = "cpu", offload: Optional[OffloadDir] = None) -> "CandidateStore":
+        store = cls(device, offload)
         for name, entries in database.items():
             store.put(name, entries)
         return store
@@ -129,7 +150,11 @@ class CandidateStore:
         shapes = {tuple(q.codes.shape) for q in entries.values()}
         if len(shapes) > 1:
             raise ValueError(f"candidate store: layer {layer!r} has entries of different shapes {sorted(shapes)}")
-        self._layers[layer] = {s: StoredCandidate.from_quantized(q, self.device) for s, q in entries.items()}
+        stored = {s: StoredCandidate.from_quantized(q, self.device) for s, q in entries.items()}
+        if self.offload is not None:
+            for c in stored.values():
+                c.offload(self.offload)
+        self._layers[layer] = stored
 
     def __contains__(self, layer: str) -> bool:
         return layer in self._layers
@@ -158,3 +183,9 @@ class CandidateStore:
 
     def clear(self) -> None:
         self._layers.clear()
+
+    def close(self) -> None:
+        """Empty the store for good: with offload, its scratch directory goes too."""
+        self.clear()
+        if self.offload is not None:
+            self.offload.close()
