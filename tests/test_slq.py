@@ -223,6 +223,21 @@ def test_database_cache_serves_a_second_target_without_gptq(tiny_with_tokenizer,
     assert "read from the cache for 14 of 14 layers" in (tmp_path / "b" / "slq_report.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.llmcompressor
+def test_offload_dir_picks_the_same_allocation_and_leaves_no_files(tiny_with_tokenizer, tmp_path):
+    """--offload-dir (the 70B path: database and blocks in memory-mapped files) computes what the
+    in-memory run computes: the same widths per layer from the same database."""
+    cache, scratch = tmp_path / "db", tmp_path / "scratch"
+    assert _quantize(tiny_with_tokenizer, tmp_path / "a", "--target", "bpp=4.0", "--no-eval",
+                     "--database-cache", str(cache)) == 0
+    assert _quantize(tiny_with_tokenizer, tmp_path / "b", "--target", "bpp=4.0", "--no-eval",
+                     "--database-cache", str(cache), "--offload-dir", str(scratch)) == 0
+    a, b = (json.loads((tmp_path / d / "slq_report.json").read_text()) for d in "ab")
+    assert b["layers"] == a["layers"] and b["bpp"] == a["bpp"]
+    assert list(scratch.iterdir()) == []  # files unlinked once mapped, scratch dirs removed
+
+
 def test_unknown_task_is_rejected_before_work(tmp_path, capsys):
     rc = main(["quantize", "smollm2-135m", "--target", "task-lossless", "--tasks", "no_such_task_xyz",
                "--output", str(tmp_path / "o")])
@@ -248,6 +263,8 @@ def test_search_arguments_reach_the_modifier():
 
     p = argparse.ArgumentParser()
     add_quantize_args(p)
-    args = p.parse_args(["m", "--target", "bpp=4", "--sensitivity-passes", "4", "--rco-steps", "3"])
+    args = p.parse_args(["m", "--target", "bpp=4", "--sensitivity-passes", "4", "--rco-steps", "3",
+                         "--offload-dir", "/some/dir"])
     mod = build_modifier(args, parse_target(args.target), shapes=[])
     assert mod.sensitivity_max_passes == 4 and mod.rco_steps == 3 and mod.target_bpp == 4.0
+    assert mod.offload_dir == "/some/dir"

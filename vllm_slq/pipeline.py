@@ -169,6 +169,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="recompute decoder blocks in the objective's backward (less memory, one more forward)")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="for models whose weights and database exceed the device: keep the database, and "
+                        "during the allocation the decoder blocks, in memory-mapped files under DIR and copy "
+                        "one block at a time onto the device (implies --checkpoint-blocks)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -254,6 +258,7 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
                        ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
+                       ("offload_dir", "offload_dir"),
                        ("sensitivity_passes", "sensitivity_max_passes")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
-from compressed_tensors.offload import remove_dispatch
+from compressed_tensors.offload import get_execution_device, remove_dispatch
 from llmcompressor.core import State
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
@@ -37,6 +37,7 @@ from transformers import AutoTokenizer
 from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
 from vllm_slq.allocation.objective import ModelKLObjective
+from vllm_slq.allocation.offload import OffloadDir
 from vllm_slq.allocation.probe import FidelityProbe
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
 from vllm_slq.allocation.rco import RCOConfig
@@ -98,6 +99,10 @@ class SLQModifier(LayerwiseQuantModifier):
     # recompute each decoder block in the backward instead of keeping its activations
     # (ModelKLObjective checkpoint_blocks): for long blocks or many per step
     checkpoint_blocks: bool = False
+    # the path for models whose weights and database exceed the device (allocation/offload.py):
+    # the database's candidates, and during the allocation the decoder blocks' weights, rest in
+    # memory-mapped files under this directory, and one block at a time is copied onto the device
+    offload_dir: Optional[str] = None
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
     allocation_path: Optional[str] = None
@@ -158,8 +163,8 @@ class SLQModifier(LayerwiseQuantModifier):
             self._cache_hits += int(hit)
         else:  # under torchrun each rank quantizes its share of the rows (one process: all of them)
             db = build_database_sharded(W, H, specs, layer=name, **gptq_kw)
-        if not self._db:  # the store lives where the layers compute
-            self._db = CandidateStore(W.device)
+        if not self._db:  # the store lives where the layers compute (or rests in offload files)
+            self._db = CandidateStore(W.device, offload=OffloadDir(self.offload_dir) if self.offload_dir else None)
         self._db.put(name, db)
         return db[spec]
 
@@ -187,21 +192,28 @@ class SLQModifier(LayerwiseQuantModifier):
     def _allocate(self, model: torch.nn.Module) -> None:
         # llmcompressor's pipeline leaves parameters in offload caches that onload them on
         # each access; the objective reads every weight at every step, so onload them once,
-        # onto the device the pipeline computed on
-        remove_dispatch(model, onload_tensors=True)
+        # onto the device the pipeline computed on (with offload_dir the objective copies one
+        # block at a time there instead, and the weights stay where the pipeline kept them)
+        device = get_execution_device(model.get_input_embeddings())
+        if not isinstance(device, torch.device):
+            raise ValueError(f"SLQModifier: the model's execution device is {device!r}; the allocation "
+                             f"computes on a torch device (use offload_dir rather than disk offloading)")
+        remove_dispatch(model, onload_tensors=self.offload_dir is None)
         mods = dict(model.named_modules())
         dtype = next(model.parameters()).dtype
         with torch.no_grad():  # RCO mixes around the FP weights: put them back
             for name, w in self._w_ref.items():
                 mods[name].weight.data.copy_(w.to(mods[name].weight.device))
         shapes = [LinearShape(n, *self._w_ref[n].shape) for n in self._names.values()]
+        self._w_ref.clear()  # the model holds the FP weights again: the copies would only take host memory
         problem = AllocationProblem(group_linears(shapes, tie_fused=self.tie_fused), self.options)
         t0 = time.time()
         objective = ModelKLObjective(model, problem, self._db,
                                      self._tokens(model, "calibration", self.objective_blocks, self.objective_seq_len,
                                                   from_end=True),
                                      batch_blocks=self._batch_blocks(), checkpoint_blocks=self.checkpoint_blocks,
-                                     compute_dtype=None)  # the model's: fp32 on CPU, bf16/fp16 on GPU
+                                     compute_dtype=None,  # the model's: fp32 on CPU, bf16/fp16 on GPU
+                                     offload_dir=self.offload_dir, device=device)
         engine = AllocationEngine(problem, objective,
                                   rco=RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr,
                                                 seed=self.seed),
@@ -221,6 +233,7 @@ class SLQModifier(LayerwiseQuantModifier):
                                f"{engine.log[-1]}")
             choice = res.choice
         choice = np.asarray(choice)
+        objective.close()  # offloaded blocks back where they were
         self._search_log = engine.log
         self._sensitivity_info = engine.sensitivity_info
         model.to(dtype)
@@ -246,8 +259,7 @@ class SLQModifier(LayerwiseQuantModifier):
                    "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless}})
         if self.allocation_path:
             save_allocation(self._allocation, self.allocation_path)
-        self._db.clear()
-        self._w_ref.clear()
+        self._db.close()
         logger.info(f"SLQModifier: allocated {problem.achieved_bpp(choice):.3f} bpp in {time.time() - t0:.0f} s")
 
     @staticmethod
