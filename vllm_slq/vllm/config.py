@@ -17,7 +17,13 @@ CompressedTensorsConfig and register the subclass under the built-in name
     tensor-parallel / fused q,k,v / gate,up loaders;
   * fused modules: vLLM runs q/k/v (and gate/up) as one matmul, so their
     quantization args must be identical; we check that and name the first
-    component that differs instead of failing later on a shape assert.
+    component that differs instead of failing later on a shape assert;
+  * a checkpoint served as a speculative *draft* (speculative_config method
+    "draft_model") is built by vLLM under the prefix "draft_model.", so its layers
+    are named "draft_model.model.layers.0...". Our mixed-precision checkpoints name
+    each layer in their config groups' targets, so the prefix is taken off before
+    matching (stock llmcompressor checkpoints target the class "Linear" and never
+    noticed).
 
 The alternative (a new method name claimed via override_quantization_method)
 would need a marker key in every checkpoint or a user flag and would not pick up
@@ -35,6 +41,15 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm_slq.checkpoint.layout import FORMAT_PACK_QUANTIZED as PACK_QUANTIZED
 
 from .linear_method import CheckpointLayoutError, SLQWNA16Scheme
+
+
+# the prefix vLLM's DraftModelProposer builds a draft model under (vllm/v1/spec_decode/draft_model.py)
+DRAFT_MODEL_PREFIX = "draft_model."
+
+
+def checkpoint_layer_name(prefix: str) -> str:
+    """The checkpoint's name of the layer vLLM calls `prefix` (a draft model's layers carry DRAFT_MODEL_PREFIX)."""
+    return prefix[len(DRAFT_MODEL_PREFIX):] if prefix.startswith(DRAFT_MODEL_PREFIX) else prefix
 
 
 def _is_int_weight_only_packed(weight_quant: QuantizationArgs, input_quant, output_quant,
@@ -69,6 +84,9 @@ class SLQCompressedTensorsConfig(CompressedTensorsConfig):
         return super()._get_scheme_from_parts(weight_quant=weight_quant, input_quant=input_quant,
                                               output_quant=output_quant, format=format,
                                               layer_name=layer_name)
+
+    def get_quant_method(self, layer, prefix: str):
+        return super().get_quant_method(layer, checkpoint_layer_name(prefix))
 
     def _component_names(self, layer_name: Optional[str]) -> list[str]:
         """Checkpoint layer names of a fused vLLM layer (qkv_proj -> q/k/v_proj)."""

@@ -1,0 +1,92 @@
+"""An SLQ checkpoint as the speculative draft of its own original: the original's outputs, exactly.
+
+vLLM's rejection sampler keeps a token drafted from q with probability min(1, p/q) and
+otherwise resamples from the normalised residual max(0, p - q), so every emitted token is
+distributed exactly as the original p; the expected acceptance per drafted position is
+sum_v min(p_v, q_v), our EAR. In greedy decoding a drafted token is kept only when it is
+the original's argmax, so the output equals the original's greedy output token for token.
+
+The quantized draft is loaded through the plugin like any of our checkpoints; vLLM builds
+it under the prefix "draft_model." (vllm_slq.vllm.config.checkpoint_layer_name takes it off
+again so the per-layer config groups match).
+
+  * ``speculative_config(draft, k)``: the dict vLLM takes, as ``vllm.LLM(original,
+    speculative_config=...)`` or ``vllm serve original --speculative-config '<json>'``;
+  * ``check_draft_compatible(original, draft)``: fails before any engine starts, naming the
+    field, when the two cannot share token ids (vocabulary size, token table, special ids);
+  * ``draft_serve_argv``: what ``vllm-slq serve ORIGINAL --draft CKPT`` hands to vLLM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from vllm_slq.data import resolve_model
+
+DEFAULT_SPECULATIVE_TOKENS = 3
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class DraftError(ValueError):
+    """A draft that cannot serve as the original's speculative draft."""
+
+
+def speculative_config(draft: str | Path, num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS) -> dict:
+    """vLLM's speculative_config for `draft` as a draft model proposing k tokens per step."""
+    if int(num_speculative_tokens) < 1:
+        raise DraftError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": int(num_speculative_tokens)}
+
+
+def check_draft_compatible(original: str | Path, draft: str | Path) -> None:
+    """Raise DraftError naming the first field where draft and original disagree on token ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    o, d = str(resolve_model(str(original))), str(resolve_model(str(draft)))
+    oc, dc = AutoConfig.from_pretrained(o), AutoConfig.from_pretrained(d)
+    ov, dv = getattr(oc, "vocab_size", None), getattr(dc, "vocab_size", None)
+    if ov != dv:
+        raise DraftError(f"draft {d}: config.json vocab_size {dv} differs from the original {o}'s {ov}; "
+                         f"a speculative draft must share the original's vocabulary")
+    try:
+        ot, dt = AutoTokenizer.from_pretrained(o), AutoTokenizer.from_pretrained(d)
+    except (OSError, ValueError) as e:
+        raise DraftError(f"cannot compare the tokenizers of the original {o} and the draft {d}: {e}") from e
+    otab, dtab = ot.get_vocab(), dt.get_vocab()
+    if otab != dtab:
+        only = sorted(set(otab.items()) ^ set(dtab.items()), key=lambda kv: kv[1])[0]
+        side = "the draft" if only in dtab.items() else "the original"
+        raise DraftError(f"draft {d}: tokenizer token table differs from the original {o}'s "
+                         f"(first difference: token {only[0]!r} = id {only[1]} only in {side}'s)")
+    for field in _SPECIAL_IDS:
+        a, b = getattr(ot, field, None), getattr(dt, field, None)
+        if a != b:
+            raise DraftError(f"draft {d}: tokenizer {field} {b} differs from the original {o}'s {a}")
+
+
+def draft_serve_argv(original: str, vllm_args: Sequence[str]) -> list[str]:
+    """`vllm serve` arguments for `vllm-slq serve ORIGINAL [--draft CKPT [--num-speculative-tokens k]] ...`:
+    the draft options become vLLM's --speculative-config (after check_draft_compatible); the
+    rest reaches vLLM unchanged."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--draft", default=None)
+    p.add_argument("--num-speculative-tokens", type=int, default=None)
+    ours, rest = p.parse_known_args(list(vllm_args))
+    if ours.draft is None:
+        if ours.num_speculative_tokens is not None:
+            raise DraftError("--num-speculative-tokens needs --draft CHECKPOINT")
+        return ["serve", original, *rest]
+    if any(a == "--speculative-config" or a.startswith("--speculative-config=") for a in rest):
+        raise DraftError("--draft and --speculative-config both set the draft; pass one of them")
+    check_draft_compatible(original, ours.draft)
+    k = DEFAULT_SPECULATIVE_TOKENS if ours.num_speculative_tokens is None else ours.num_speculative_tokens
+    cfg = speculative_config(_located(ours.draft), k)
+    return ["serve", _located(original), "--speculative-config", json.dumps(cfg), *rest]
+
+
+def _located(model: str) -> str:
+    """An alias or directory as an absolute path (what vLLM can open); a hub id unchanged."""
+    found = resolve_model(model)
+    return str(Path(found).absolute()) if isinstance(found, Path) else found
