@@ -9,7 +9,7 @@ from vllm_slq.fileio import atomic_path, atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "current_rss_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure"]
+__all__ = ["RESULTS", "current_rss_mb", "current_anon_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure"]
 
 
 def current_rss_mb() -> float:
@@ -18,14 +18,27 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class PeakSampler:
-    """Samples this process's RSS every `interval` s in a thread: the peak during a block of code.
+def current_anon_mb() -> float:
+    """Anonymous resident memory of this process now (RssAnon in /proc/self/status), in MiB:
+    RSS without the pages of mapped files. With the allocation's offload files mapped, this is
+    what a GPU would have to hold (allocation/offload.py)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no RssAnon line")
 
-    base is the RSS on entry, so `peak - base` is what the block added at its worst.
+
+class PeakSampler:
+    """Samples this process's RSS (or with anon=True its anonymous RSS) every `interval` s in a
+    thread: the peak during a block of code.
+
+    base is the value on entry, so `peak - base` is what the block added at its worst.
     """
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, anon: bool = False):
         self.interval = interval
+        self._now = current_anon_mb if anon else current_rss_mb
         self.peak = 0.0
         self.base = 0.0
         self._stop = threading.Event()
@@ -33,11 +46,11 @@ class PeakSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss_mb())
+            self.peak = max(self.peak, self._now())
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.base = current_rss_mb()
+        self.base = self._now()
         self.peak = self.base
         self._t.start()
         return self
@@ -45,16 +58,17 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, current_rss_mb())
+        self.peak = max(self.peak, self._now())
 
 
 class DevicePeak:
-    """Peak memory of a block of code in MiB: RSS on the CPU (PeakSampler), the CUDA caching
-    allocator's max_memory_allocated on a GPU. base and peak as PeakSampler's."""
+    """Peak memory of a block of code in MiB: RSS on the CPU (PeakSampler; anon=True: anonymous
+    RSS only), the CUDA caching allocator's max_memory_allocated on a GPU. base and peak as
+    PeakSampler's."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", anon: bool = False):
         self.device = device
-        self._rss = PeakSampler() if device == "cpu" else None
+        self._rss = PeakSampler(anon=anon) if device == "cpu" else None
 
     def __enter__(self):
         if self._rss is not None:

@@ -6,6 +6,9 @@
 #      on a random-weight Llama with Llama-3.1-8B's shapes, built on the GPU (no download):
 #      peak torch.cuda memory and wall per phase, beside the reference model's
 #      (benchmarks/slq_memory.py --device cuda);
+#   1b. the same phases with --offload (the 70B path: decoder blocks and candidates in
+#      memory-mapped host files, one block on the GPU at a time) on the 8B shapes with
+#      OFFLOAD_LAYERS decoder layers: the device peak the 70B prediction rests on;
 #   2. the main job end to end on the reference model with --device cuda (its report
 #      records the peak GPU memory and the wall).
 # Results: benchmarks/results/gpu_smoke_<device>/, the device named in every JSON.
@@ -23,6 +26,11 @@ SECONDS=0
 (cd benchmarks && "../$PY" slq_memory.py --device cuda --sizes ref 8b --layers "$LAYERS" \
   --out "../$OUT/slq_memory.json")
 echo "[gpu_smoke] allocation phases: ${SECONDS}s"
+
+SECONDS=0
+(cd benchmarks && "../$PY" slq_memory.py --device cuda --sizes 8b --layers "${OFFLOAD_LAYERS:-8}" --rco-steps 1 \
+  --offload "${TMPDIR:-/tmp}/slq-offload" --out "../$OUT/slq_memory.json")
+echo "[gpu_smoke] allocation phases with --offload: ${SECONDS}s"
 
 SECONDS=0
 "$PY" -m vllm_slq.cli quantize smollm2-135m --target bpp=4.0 --device cuda --eval-tokens 8192 \

@@ -3,6 +3,7 @@
     python benchmarks/slq_memory.py                      # reference model + ~0.5B + ~1.5B random Llamas
     python benchmarks/slq_memory.py --sizes ref 0.5b     # a subset
     python benchmarks/slq_memory.py --device cuda --sizes ref 8b   # on a GPU (gpu_smoke.sh)
+    python benchmarks/slq_memory.py --offload /tmp/slq-offload     # the 70B path: blocks and store in files
 
 For each size, in one process (RSS sampled every 20 ms, benchmarks/common.PeakSampler),
 the phases of an SLQ run on the CPU, in the objective's compute dtype (--dtype, default
@@ -27,6 +28,17 @@ phase extrapolates to Llama-3.1-8B (8.03e9 parameters) and Llama-3.1-70B (70.6e9
 that is a *model*, labelled so in the table and the JSON. The random-weight Llamas
 make memory and time meaningful and fidelity meaningless.
 
+--offload DIR measures the path for models whose weights and store exceed the device
+(allocation/offload.py): the store's candidates and the decoder blocks' weights rest in
+memory-mapped files in DIR and each block is copied onto the device only while it runs.
+Memory is then the *anonymous* RSS (file pages excluded): on a GPU that is what the device
+would hold. Each row is compared with a stated model of that device peak (offload_model_mb:
+non-block parameters + one block's weights and candidates + the largest layer's transient
+fp32 copies + the checkpointed block inputs + one block's activations + the KL chunk's
+temporaries); the 70B device prediction is that model at Llama-3.1-70B's shapes times the
+largest measured/model ratio (at least 1). These rows go to the JSON's "offload" section; a run of
+either kind keeps the other kind's section.
+
 Writes benchmarks/results/slq_memory.json and slq_memory.png.
 """
 from __future__ import annotations
@@ -40,11 +52,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import json
+
 from common import DevicePeak, RESULTS, print_table, save_figure, write_json
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from vllm_slq.allocation import objective as objective_mod
 from vllm_slq.allocation.objective import ModelKLObjective
+from vllm_slq.allocation.offload import OffloadDir, offload_module
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate
 from vllm_slq.allocation.store import CandidateStore
@@ -61,6 +77,8 @@ SIZES = {
     # Llama-3.1-8B's shapes, for a GPU (benchmarks/gpu_smoke.sh)
     "8b": dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
 }
+# Llama-3.1-70B's shapes, for the offload model's prediction (never built here)
+LLAMA_70B = dict(hidden=8192, layers=80, intermediate=28672, heads=64, kv_heads=8, vocab=128256, tied=False)
 TARGETS = {"8b": 8.03e9, "70b": 70.6e9}
 # the 8B/70B linears as a share of all parameters (embeddings and lm_head untied)
 LINEAR_SHARE = {"8b": 6.98e9 / 8.03e9, "70b": 68.5e9 / 70.6e9}
@@ -79,14 +97,53 @@ def build_model(size: str, dtype: torch.dtype, device: str, layers=None) -> torc
                           max_positions=2048).to(dtype)
 
 
+def shapes_of(model) -> dict:
+    c = model.config
+    return dict(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,
+                heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, vocab=c.vocab_size,
+                tied=bool(getattr(c, "tie_word_embeddings", False)))
+
+
+def offload_model_mb(shapes: dict, batch_blocks: int, seq_len: int, dtype_bytes: int,
+                     store_bytes_per_weight: float) -> dict:
+    """MODEL of the allocation's device peak with offload (Llama-shaped decoder), in MiB, by term."""
+    h, n_layers, inter = shapes["hidden"], shapes["layers"], shapes["intermediate"]
+    kv = shapes["kv_heads"] * (h // shapes["heads"])
+    tokens = batch_blocks * seq_len
+    linears = 2 * h * h + 2 * h * kv + 3 * h * inter
+    embed = shapes["vocab"] * h * (1 if shapes["tied"] else 2)
+    terms = {
+        "non_block_params": (embed + h) * dtype_bytes,
+        "one_block": (linears + 2 * h) * dtype_bytes + linears * store_bytes_per_weight,
+        # MixedLinear's backward: fp32 W_ref, one dequantized candidate, their product, dL/dW
+        "layer_transients": 4 * h * inter * 4,
+        "block_inputs": n_layers * tokens * h * dtype_bytes,
+        # a Llama block's saved activations: ~10 hidden-wide and 4 FFN-wide tensors per token,
+        # plus the attention probabilities
+        "block_activations": tokens * (10 * h + 4 * inter) * dtype_bytes
+                             + batch_blocks * shapes["heads"] * seq_len * seq_len * 4,
+        # the KL's chunk: ~5 fp32 [chunk, vocab] temporaries
+        "kl_chunk": 5 * objective_mod._KL_CHUNK_ELEMENTS * 4,
+    }
+    out = {k: v / 2**20 for k, v in terms.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
 def measure(size: str, args) -> dict:
     dtype = getattr(torch, args.dtype)
     scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    anon = args.offload is not None  # with offload, file pages are not device memory
     gc.collect()
-    with DevicePeak(args.device) as bare:
+    with DevicePeak(args.device, anon=anon) as bare:
         pass
     base = bare.base
     model = build_model(size, dtype, args.device, args.layers)
+    if anon:  # the blocks' weights live on the host from the start, as llmcompressor's offloading keeps them
+        host = OffloadDir(args.offload)
+        for blk in objective_mod.decoder_blocks(model):
+            offload_module(blk, host)
+        gc.collect()
     n_params = sum(p.numel() for p in model.parameters())
     problem = AllocationProblem(group_linears(linear_shapes(model)), OPTIONS)
     n_linear = sum(m.out_features * m.in_features for g in problem.groups for m in g.modules)
@@ -94,14 +151,14 @@ def measure(size: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (args.blocks, args.seq_len), generator=g)
     held = torch.randint(0, vocab, (2, args.seq_len), generator=g)
-    row = {"size": size, "checkpoint_blocks": args.checkpoint_blocks, "device": args.device,
+    row = {"size": size, "checkpoint_blocks": args.checkpoint_blocks or anon, "offload": anon, "device": args.device,
            "device_name": device_name(args.device), "params": n_params, "linear_params": n_linear, "dtype": args.dtype,
            "fp16_model_mb": n_params * 2 / 2**20, "phases": {}, "wall_s": {}}
     mods = dict(model.named_modules())
 
     def phase(name, fn):
         t = time.perf_counter()
-        with DevicePeak(args.device) as ps:
+        with DevicePeak(args.device, anon=anon) as ps:
             out = fn()
         row["phases"][name] = ps.peak - base
         row["wall_s"][name] = time.perf_counter() - t
@@ -110,7 +167,7 @@ def measure(size: str, args) -> dict:
         return out
 
     def database():
-        store = CandidateStore(args.device)
+        store = CandidateStore(args.device, offload=OffloadDir(args.offload) if anon else None)
         for name in tqdm(problem.module_names(), desc=f"{size} database", leave=False):
             w = mods[name].weight.detach()
             entries = {s: rtn(w.float(), s, layer=name, scale_dtype=scale_dtype) for s in OPTIONS}
@@ -123,7 +180,8 @@ def measure(size: str, args) -> dict:
     row["store_mb"] = store.nbytes / 2**20
     row["design_mb"] = row["fp16_model_mb"] + row["store_mb"]
     obj = phase("objective", lambda: ModelKLObjective(model, problem, store, calib, batch_blocks=args.batch_blocks,
-                                                      compute_dtype=None, checkpoint_blocks=args.checkpoint_blocks))
+                                                      compute_dtype=None, checkpoint_blocks=args.checkpoint_blocks,
+                                                      offload_dir=args.offload))
     def sensitivity_pass():  # one pass of allocation.sensitivity: every group at w5, one backward
         P = problem.one_hot(np.full(problem.n_groups, 3)).requires_grad_(True)
         obj(P, 0).backward()
@@ -144,6 +202,11 @@ def measure(size: str, args) -> dict:
     phase("write", write)
     row["allocation_peak_mb"] = max(row["phases"][p] for p in ALLOCATION_PHASES)
     row["allocation_peak_over_design"] = row["allocation_peak_mb"] / row["design_mb"]
+    if anon:
+        row["offload_model_mb"] = offload_model_mb(shapes_of(model), args.batch_blocks, args.seq_len,
+                                                   dtype.itemsize, store.nbytes / n_linear)
+        row["allocation_peak_over_offload_model"] = row["allocation_peak_mb"] / row["offload_model_mb"]["total"]
+    obj.close()
     del obj, store, model
     gc.collect()
     return row
@@ -226,12 +289,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: memory is torch.cuda.max_memory_allocated per phase")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers of the random Llamas (default: SIZES)")
+    ap.add_argument("--offload", default=None, metavar="DIR",
+                    help="the 70B path: store and decoder blocks in memory-mapped files under DIR; "
+                         "measures anonymous (device) memory and writes the JSON's offload section")
     ap.add_argument("--out", default=str(RESULTS / "slq_memory.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cpu":
         exact_rss()
     rows = [measure(s, args) for s in args.sizes]
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.offload is not None:
+        data = {**previous, "offload": offload_section(rows, args)}
+        data.setdefault("predicted_peak_gb", {})["70b_device"] = data["offload"]["predicted_70b_device_gb"]
+        write_json(out, data)
+        plot_offload(rows, data["offload"], out.with_name(out.stem + "_offload.png"))
+        print(f"wrote the offload section of {out} and {out.with_name(out.stem + '_offload.png')}")
+        return 0
     model_fit = fit(rows)
     pred = predict(model_fit)
     cols = [("size", "size", ""), ("params", "params", ".3g"), ("fp16_model_mb", "fp16 model MB", ".0f"),
@@ -243,19 +318,65 @@ def main(argv=None) -> int:
     for name, p in pred.items():
         print(f"  {name}: fitted allocation peak {p['fitted_allocation_peak_gb']:.1f} GB; design formula "
               f"{p['design_gb']:.1f} GB (fp16 model {p['params'] * 2 / 1e9:.1f} + packed store {p['store_gb']:.1f})")
-    out = Path(args.out)
-    write_json(out, {
+    data = {
         "what": f"peak memory over the bare process per SLQ phase on {rows[0]['device_name']}; "
                 "predictions are a linear model fitted to them",
         "args": vars(args), "rows": rows, "fit": model_fit, "predictions_model": pred, "table": table,
         "predicted_peak_gb": {"8b": pred["8b"]["fitted_allocation_peak_gb"],
-                              # no per-block streaming yet: a 70B's device peak is its whole allocation peak
+                              # without offload a 70B's device peak is its whole allocation peak
                               "70b_device": pred["70b"]["fitted_allocation_peak_gb"]},
         "allocation_peak_over_design": [r["allocation_peak_over_design"] for r in rows],
-    })
+    }
+    if "offload" in previous:  # the 70B path's measured prediction stands until re-measured
+        data["offload"] = previous["offload"]
+        data["predicted_peak_gb"]["70b_device"] = previous["offload"]["predicted_70b_device_gb"]
+    write_json(out, data)
     plot(rows, model_fit, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def offload_section(rows: list[dict], args) -> dict:
+    """The offload rows, their table, and the 70B device prediction (the MODEL times the worst ratio)."""
+    cols = [("size", "size", ""), ("params", "params", ".3g"), ("store_mb", "store MB", ".0f")] + \
+           [(p, p, ".0f") for p in ALLOCATION_PHASES + ["ear_probe"]] + \
+           [("model_mb", "MODEL MB", ".0f"), ("allocation_peak_over_offload_model", "peak / MODEL", ".2f")]
+    flat = [{**r, **r["phases"], "model_mb": r["offload_model_mb"]["total"]} for r in rows]
+    print("device (anonymous) memory over the bare process, MiB, with --offload:")
+    table = print_table(flat, cols)
+    # never below the model itself: a ratio under 1 at these sizes is not a promise at 70B
+    worst = max(1.0, max(r["allocation_peak_over_offload_model"] for r in rows))
+    bpw = float(np.mean([r["store_mb"] * 2**20 / r["linear_params"] for r in rows]))
+    m70 = offload_model_mb(LLAMA_70B, args.batch_blocks, args.seq_len, getattr(torch, args.dtype).itemsize, bpw)
+    pred = m70["total"] * worst * 2**20 / 1e9
+    print(f"\nMODEL, Llama-3.1-70B with offload: {m70['total'] * 2**20 / 1e9:.1f} GB by the terms "
+          + ", ".join(f"{k} {v * 2**20 / 1e9:.2f}" for k, v in m70.items() if k != "total")
+          + f"; x {worst:.2f} (the largest measured/model ratio, at least 1) = {pred:.1f} GB on the device")
+    return {"what": "allocation phases' anonymous RSS over the bare process with --offload (blocks and store "
+                    "in memory-mapped files): what the device holds; MODEL = offload_model_mb",
+            "args": vars(args), "rows": rows, "table": table, "store_bytes_per_linear_weight": bpw,
+            "model_70b_mb": m70, "worst_ratio": worst, "predicted_70b_device_gb": pred}
+
+
+def plot_offload(rows: list[dict], section: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["allocation_peak_mb"] / 1024 for r in rows], 0.4, label="measured allocation peak (anon RSS)")
+    ax.bar(x + 0.2, [r["offload_model_mb"]["total"] / 1024 for r in rows], 0.4, label="MODEL (offload_model_mb)")
+    ax.plot(x, [r["fp16_model_mb"] / 1024 for r in rows], "k--o", label="fp16 model (without offload: + store)")
+    ax.set_xticks(x, [f"{r['size']}\n{r['params'] / 1e9:.2f}B" for r in rows])
+    ax.set_ylabel("GiB")
+    ax.set_title(f"Allocation with --offload on {rows[0]['device_name']}; MODEL for 70B: "
+                 f"{section['predicted_70b_device_gb']:.1f} GB", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
