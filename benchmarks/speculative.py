@@ -72,22 +72,6 @@ def prompts_of(reference: str, n: int, length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_continuations(ref: HFRunner, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    rows = []
-    for prompt in prompts:
-        ids = prompt.reshape(-1).clone()
-        probs, past = ref.next_token_probs(ids)
-        new = []
-        for i in range(new_tokens):
-            tok = probs.argmax().reshape(1)
-            new.append(tok)
-            if i + 1 < new_tokens:
-                probs, past = ref.next_token_probs(tok, past)
-        rows.append(torch.cat([ids, torch.cat(new)]))
-    return torch.stack(rows)
-
-
-@torch.no_grad()
 def p_of_draft_argmax(ref_model, cand_model, sequences: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
     """Per sequence, p_original(argmax q) at every continuation position."""
     out = []
@@ -107,7 +91,8 @@ def predicted(reference: str, draft: str, prompts: torch.Tensor, new_tokens: int
     plen = prompts.shape[1]
     samples = sample_continuations(ref, prompts, new_tokens, seed=seed, progress=False)
     sampled = continuation_metrics(ref, cand, samples, plen, progress=False)
-    greedy = continuation_metrics(ref, cand, greedy_continuations(ref, prompts, new_tokens), plen, progress=False)
+    greedy = continuation_metrics(ref, cand, sample_continuations(ref, prompts, new_tokens, progress=False,
+                                                                  greedy=True), plen, progress=False)
     ear = [m.ear for m in sampled.sequences]
     top1 = [m.top1.double() for m in greedy.sequences]
     p_top = p_of_draft_argmax(ref_model, cand_model, samples, plen)

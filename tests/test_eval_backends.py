@@ -89,6 +89,12 @@ def test_sampled_continuations_are_seeded(blocks):
     c = sample_continuations(runner, blocks[:2, :5], 6, seed=2, progress=False)
     assert a.shape == (2, 11) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a[:, :5], blocks[:2, :5])
+    # greedy: every new token is the reference's argmax after the tokens before it, whatever the seed
+    g = sample_continuations(runner, blocks[:2, :5], 6, seed=1, progress=False, greedy=True)
+    assert torch.equal(g, sample_continuations(runner, blocks[:2, :5], 6, seed=2, progress=False, greedy=True))
+    with torch.no_grad():
+        logits = runner.model(input_ids=g).logits
+    assert torch.equal(logits[:, 4:-1].argmax(-1), g[:, 5:])
 
 
 def test_errors_vocab_mismatch_seq_len_and_empty_dataset(blocks, tmp_path):

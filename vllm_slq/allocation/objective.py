@@ -57,7 +57,7 @@ from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.database import sha256_tensor
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
-from .offload import OffloadDir, offload_module, onloaded, restore_module
+from .offload import OffloadDir, module_tensors, offload_module, onloaded, restore_module
 from .problem import AllocationProblem
 from .store import CandidateStore, StoredCandidate
 
@@ -398,7 +398,7 @@ class ModelKLObjective:
         self._block_homes: list[torch.device] = []
         if offload_dir is not None:
             self.offload = OffloadDir(offload_dir)
-            in_blocks = {id(t) for blk in self.blocks for t in [*blk.parameters(), *blk.buffers()]}
+            in_blocks = {id(t) for blk in self.blocks for t in module_tensors(blk)}
             for blk in self.blocks:
                 self._block_homes.append(next(blk.parameters()).device)
                 offload_module(blk, self.offload)

@@ -48,7 +48,6 @@ class OffloadDir:
         except OSError as e:
             raise OSError(f"offload directory {root}: cannot create scratch space there: {e}") from e
         self._count = 0
-        self.nbytes = 0
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         """A CPU tensor equal to t whose storage is a private memory map of a file (t's dtype and shape)."""
@@ -62,7 +61,6 @@ class OffloadDir:
             mapped = torch.from_file(str(path), shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
         finally:
             path.unlink()  # the map keeps the data; the space goes back when the map does
-        self.nbytes += t.numel() * t.element_size()
         return mapped
 
     def close(self) -> None:
@@ -72,20 +70,21 @@ class OffloadDir:
             pass
 
 
-def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of `module`, recursively: what offload_module moves."""
     yield from module.parameters()
-    yield from (b for b in module.buffers() if b is not None)
+    yield from module.buffers()
 
 
 def offload_module(module: torch.nn.Module, where: OffloadDir) -> None:
     """Every parameter and buffer of `module` (recursively) now rests in a file of `where`."""
-    for t in _tensors(module):
+    for t in module_tensors(module):
         t.data = where.put(t.data)
 
 
 def restore_module(module: torch.nn.Module, device: torch.device | str) -> None:
     """Undo offload_module: every parameter and buffer back in memory on `device`."""
-    for t in _tensors(module):
+    for t in module_tensors(module):
         t.data = t.data.to(device, copy=True)
 
 

@@ -261,8 +261,9 @@ def teacher_forced_metrics(ref: HFRunner, cand: HFRunner, blocks: torch.Tensor,
 
 @torch.no_grad()
 def sample_continuations(ref: HFRunner, prompts: torch.Tensor, new_tokens: int, seed: int = 0,
-                         progress: bool = True) -> torch.Tensor:
-    """[n, P + new_tokens]: each prompt followed by tokens sampled from the reference at T=1.
+                         progress: bool = True, greedy: bool = False) -> torch.Tensor:
+    """[n, P + new_tokens]: each prompt followed by tokens sampled from the reference at T=1
+    (greedy: its argmax at every step instead).
 
     One seeded generator drives all draws in a fixed order, so the result is a
     function of (model, prompts, new_tokens, seed) only.
@@ -278,7 +279,7 @@ def sample_continuations(ref: HFRunner, prompts: torch.Tensor, new_tokens: int, 
         probs, past = ref.next_token_probs(ids)
         new = []
         for i in range(new_tokens):
-            tok = torch.multinomial(probs, 1, generator=g)
+            tok = probs.argmax().reshape(1) if greedy else torch.multinomial(probs, 1, generator=g)
             new.append(tok)
             if i + 1 < new_tokens:
                 probs, past = ref.next_token_probs(tok, past)
