@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_slq.allocation.dp import solve_budget
-from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
+from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget, golden_section_max
 from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.modifiers.slq import SLQModifier
 from vllm_slq.quant.gptq import gptq_quantize_many
@@ -86,6 +86,35 @@ def test_search_returns_the_fewest_accepted_bits():
     # a target even the richest allocation misses: that allocation, flagged
     res, ok = engine.search(lambda ch: (False, {}), lo, hi, steps=8, tolerance=0.02)
     assert not ok and res.bpp == pytest.approx(hi, abs=1e-6)
+
+
+def test_golden_section_finds_the_peak_of_a_unimodal_score():
+    f = lambda b: -(b - 4.6) ** 2  # noqa: E731
+    best, probes = golden_section_max(2.5, 8.5, f, steps=12)
+    assert len(probes) == 12 and abs(best - 4.6) < 6 * 0.618 ** 10
+    assert best == max(probes, key=lambda p: p["score"])["budget"]
+    # a peak at the range's end: the probes walk towards it
+    best, _ = golden_section_max(2.5, 8.5, lambda b: b, steps=8)
+    assert best > 8.0
+    with pytest.raises(ValueError, match="at least 2"):
+        golden_section_max(2.5, 8.5, f, steps=1)
+
+
+def test_maximize_returns_the_best_scored_allocation_and_marks_it():
+    pb = problem(n=10, seed=3)
+    engine = AllocationEngine(pb, Objective(pb, seed=3), rco=RCOConfig(steps=4, samples=1),
+                              sensitivity_batches=1, sensitivity_kw={"progress": False})
+    lo, hi = pb.feasible_range()
+
+    def score(choice):  # peaks at 5 bpp
+        bpp = pb.achieved_bpp(choice)
+        return -abs(bpp - 5.0), {"probe_bpp": bpp}
+
+    res = engine.maximize(score, lo, hi, steps=6)
+    assert len(engine.log) == 6 and all("score" in e and "probe_bpp" in e for e in engine.log)
+    best = [e for e in engine.log if e.get("best")]
+    assert len(best) == 1 and best[0]["score"] == max(e["score"] for e in engine.log)
+    assert res.bpp == pytest.approx(best[0]["bpp"]) and abs(res.bpp - 5.0) < 0.6
 
 
 def test_start_from_errors_needs_them():

@@ -184,6 +184,52 @@ def test_chunked_kl_matches_autograd_through_log_softmax(monkeypatch):
         assert z.grad.dtype == dtype and torch.allclose(z.grad.float(), z2.grad, atol=tol)
 
 
+def test_tv_divergence_is_one_minus_ear_with_its_exact_gradient(monkeypatch):
+    """divergence="tv" (the allocation objective "ear"): the value is 1 - sum_v min(p, q) and
+    the chunked backward equals autograd through torch.minimum, for logits and hidden states."""
+    import vllm_slq.allocation.objective as objective
+
+    monkeypatch.setattr(objective, "_KL_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    g = torch.Generator().manual_seed(2)
+    ref_logits = torch.randn(2, 7, 50, generator=g)
+    ref = torch.log_softmax(ref_logits, -1)
+    z = (ref_logits + 0.5 * torch.randn(2, 7, 50, generator=g)).requires_grad_(True)
+    tv = objective.kl_full_vocab(ref, z, "tv")
+    tv.backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    want = 1 - torch.minimum(ref.exp(), torch.softmax(z2, -1)).sum(-1).mean()
+    want.backward()
+    assert torch.allclose(tv, want, atol=1e-6) and 0 < float(tv.detach()) < 1
+    assert torch.allclose(z.grad, z2.grad, atol=1e-6)
+    head = torch.nn.Linear(16, 50)
+    r, h = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g).requires_grad_(True)
+    tv = objective.kl_from_hidden(r, h, head, "tv")
+    tv.backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    want = 1 - torch.minimum(torch.softmax(head(r), -1), torch.softmax(head(h2), -1)).sum(-1).mean()
+    want.backward()
+    assert torch.allclose(tv, want, atol=1e-6) and torch.allclose(h.grad, h2.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="divergence 'js'"):
+        objective.kl_full_vocab(ref, z, "js")
+
+
+def test_ear_objective_scores_allocations_by_one_minus_ear(setup):
+    model, pb, cands, errors, obj, tokens = setup
+    tv = ModelKLObjective(model, pb, obj.store, tokens, batch_blocks=2, divergence="tv")
+    choice = np.full(pb.n_groups, 0)
+    with torch.no_grad():
+        ref = model(input_ids=tokens[:1]).logits.float()
+        with tv.applied(choice):
+            cand = model(input_ids=tokens[:1]).logits.float()
+    ear = torch.minimum(torch.softmax(ref, -1), torch.softmax(cand, -1)).sum(-1).mean()
+    assert tv.evaluate(choice, 1) == pytest.approx(1 - float(ear), abs=1e-5)
+    P = pb.one_hot(choice).requires_grad_(True)
+    tv(P, 0).backward()
+    assert P.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="divergence"):
+        ModelKLObjective(model, pb, obj.store, tokens, divergence="js")
+
+
 def test_checkpointed_blocks_give_the_same_gradient_and_keep_fewer_activations(setup):
     model, pb, cands, errors, obj, tokens = setup
     ckpt = ModelKLObjective(model, pb, obj.store, tokens, batch_blocks=2, checkpoint_blocks=True)
@@ -215,10 +261,10 @@ def test_checkpointed_blocks_give_the_same_gradient_and_keep_fewer_activations(s
             model._no_split_modules = saved
 
 
-def test_kl_from_hidden_matches_the_full_logits_kl(monkeypatch):
+def test_kl_from_hidden_matches_the_full_logits_kl():
     import vllm_slq.allocation.objective as objective
 
-    monkeypatch.setattr(objective, "_KL_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    assert len(objective._position_chunks(14, 50, 16)) == 7  # hidden 16: two positions per chunk
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         head = torch.nn.Linear(16, 50, bias=dtype == torch.float32).to(dtype)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vllm_slq.allocation.objective import ModelKLObjective, build_candidates, collect_hessians
-from vllm_slq.allocation.probe import FidelityProbe
+from vllm_slq.allocation.probe import FidelityProbe, reference_continuations
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.eval.metrics import position_metrics
 from vllm_slq.quant.spec import QuantSpec
@@ -69,6 +69,25 @@ def test_probe_without_a_plain_head_recomputes_the_reference(one_process):
     assert probe.head is None and not probe._ref_hidden
     for a, b in zip(probe(choice), got):
         assert torch.allclose(a.ear, b.ear, atol=1e-6) and torch.allclose(a.kl, b.kl, rtol=1e-4, atol=1e-7)
+
+
+def test_continuations_are_the_reference_models_and_the_probe_scores_only_them(one_process):
+    model, obj, tokens, choice, got = one_process
+    prompts = tokens[:, :10]
+    greedy = reference_continuations(obj, prompts, 6, greedy=True)
+    assert torch.equal(greedy[:, :10], prompts)
+    with torch.no_grad():  # each new token is the FP model's argmax after what precedes it
+        logits = model(input_ids=greedy).logits
+    assert torch.equal(logits[:, 9:-1].argmax(-1), greedy[:, 10:])
+    sampled = reference_continuations(obj, prompts, 6, greedy=False, seed=3)
+    assert torch.equal(sampled, reference_continuations(obj, prompts, 6, greedy=False, seed=3))
+    assert not torch.equal(sampled, greedy)
+    # first_position: the positions that predict the continuation, the same numbers as scoring it all
+    full, tail = FidelityProbe(obj, greedy)(choice), FidelityProbe(obj, greedy, first_position=9)(choice)
+    for a, b in zip(full, tail):
+        assert len(b) == 6 and torch.allclose(b.ear, a.ear[9:15]) and torch.equal(b.top1, a.top1[9:15])
+    with pytest.raises(ValueError, match="first_position 16"):
+        FidelityProbe(obj, greedy, first_position=16)
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:

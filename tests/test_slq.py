@@ -21,6 +21,18 @@ def test_bad_targets_are_rejected(bad, msg):
         parse_target(bad)
 
 
+def test_speculative_targets_parse_and_reach_the_modifier():
+    from vllm_slq.modifiers import SLQModifier
+
+    assert parse_target("speculative").kind == "speculative"
+    assert parse_target(" Speculative-Greedy ").describe() == "speculative-greedy"
+    assert SLQModifier(target_speculative="greedy").target_speculative == "greedy"
+    with pytest.raises(ValueError, match="exactly one of"):
+        SLQModifier(target_speculative="sampled", target_bpp=4.0)
+    with pytest.raises(ValueError, match="golden-section"):
+        SLQModifier(target_speculative="sampled", search_steps=1)
+
+
 def test_bad_target_fails_before_any_work(tmp_path, capsys):
     t0 = time.time()
     rc = main(["quantize", "no-such-model", "--target", "ear=2", "--output", str(tmp_path / "o")])
@@ -221,6 +233,36 @@ def test_database_cache_serves_a_second_target_without_gptq(tiny_with_tokenizer,
     assert second["allocation"]["database_cache"]["layers_read"] == second["allocation"]["database_cache"]["layers"] == 14
     assert second["bpp"] <= 3.0 + 1e-9
     assert "read from the cache for 14 of 14 layers" in (tmp_path / "b" / "slq_report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.llmcompressor
+def test_speculative_target_picks_the_probe_with_the_highest_predicted_speedup(tiny_with_tokenizer, tmp_path,
+                                                                               capsys):
+    from transformers import AutoConfig
+
+    from vllm_slq.speculative import draft_cost_ratio, predicted_speedup
+
+    out = tmp_path / "draft"
+    assert _quantize(tiny_with_tokenizer, out, "--target", "speculative-greedy", "--search-steps", "3",
+                     "--no-eval") == 0
+    report = json.loads((out / "slq_report.json").read_text())
+    spec = report["speculative"]
+    assert report["target"] == "speculative-greedy" and spec["acceptance_metric"] == "top1"
+    assert len(spec["probes"]) == 3 and len(report["search"]) == 3
+    assert spec["predicted_speedup"] == max(p["predicted_speedup"] for p in spec["probes"])
+    assert spec["bpp"] == pytest.approx(report["bpp"])  # the checkpoint is the chosen probe
+    lo, hi = spec["acceptance_ci95"]
+    assert 0.0 <= lo <= spec["acceptance"] <= hi <= 1.0
+    # the cost ratio: the linears' bits as written, plus the (untied) head read dense every step
+    cfg = AutoConfig.from_pretrained(out)
+    head = cfg.vocab_size * cfg.hidden_size
+    c = draft_cost_ratio(report["bpp"] * report["params_quantized"], report["params_quantized"], head)
+    assert spec["draft_cost_ratio"] == pytest.approx(c, rel=1e-6)
+    assert spec["predicted_speedup"] == pytest.approx(predicted_speedup(spec["acceptance"], spec["k"], c))
+    assert spec["serve"].endswith(f"--draft {out} --num-speculative-tokens {spec['k']}")
+    assert "As the original's speculative draft (MODEL)" in (out / "slq_report.md").read_text()
+    assert "or as the original's lossless draft: vllm-slq serve" in capsys.readouterr().out
 
 
 @pytest.mark.slow

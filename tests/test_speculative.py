@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from plugin_util import PROMPTS, build_mixed_checkpoint, prompt_ids, vllm_greedy
-from vllm_slq.speculative import (DEFAULT_SPECULATIVE_TOKENS, DraftError, check_draft_compatible,
-                                  draft_serve_argv, speculative_config)
+from vllm_slq.speculative import (DEFAULT_SPECULATIVE_TOKENS, MAX_SPECULATIVE_TOKENS, DraftError,
+                                  best_speculative_tokens, check_draft_compatible, draft_cost_ratio,
+                                  draft_serve_argv, predicted_speedup, speculative_config, tokens_per_step)
 from vllm_slq.testing import save_tiny_llama
 
 
@@ -94,3 +95,20 @@ def test_greedy_with_the_slq_draft_equals_the_original_token_for_token(reference
         drafted = counters["vllm:spec_decode_num_draft_tokens"]
         accepted = counters["vllm:spec_decode_num_accepted_tokens"]
         assert drafted > 0 and 0 < accepted <= drafted, (k, drafted, accepted)
+
+
+def test_speed_model_counts_tokens_per_step_and_the_drafts_weight_bytes():
+    assert tokens_per_step(0.0, 3) == 1.0 and tokens_per_step(1.0, 3) == 4.0
+    assert tokens_per_step(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    with pytest.raises(ValueError, match="acceptance"):
+        tokens_per_step(1.2, 1)
+    # 100 linear weights at 4 bits, 100 head weights read dense: (400 + 1600) / (16 * 200)
+    assert draft_cost_ratio(400, 100, 100) == pytest.approx(2000 / 3200)
+    assert draft_cost_ratio(400, 100, 0) == pytest.approx(0.25)
+    assert predicted_speedup(0.8, 3, 0.25) == pytest.approx(tokens_per_step(0.8, 3) / 1.75)
+    for a, c in ((0.5, 0.3), (0.9, 0.3), (0.99, 0.1)):
+        k, s = best_speculative_tokens(a, c)
+        assert s == max(predicted_speedup(a, j, c) for j in range(1, MAX_SPECULATIVE_TOKENS + 1))
+        assert predicted_speedup(a, k, c) == s
+    # a better draft at the same cost drafts deeper
+    assert best_speculative_tokens(0.95, 0.3)[0] > best_speculative_tokens(0.5, 0.3)[0]

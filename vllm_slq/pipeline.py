@@ -1,6 +1,6 @@
 """The main job: quantize a model to a fidelity target, write the checkpoint, prove it.
 
-    vllm-slq quantize [MODEL] --target ear=0.99 | bpp=3.5 | task-lossless
+    vllm-slq quantize [MODEL] --target ear=0.99 | bpp=3.5 | task-lossless | speculative[-greedy]
                       [--method slq|gsq|gptq|rtn]
 
 1. parse and check the target before any work (bad targets fail in milliseconds);
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 # answer in well under a second, not after a 10 s llmcompressor import.
 
 METHODS = ("slq", "gsq", "gptq", "rtn")
+# --target -> SLQModifier.target_speculative: the draft that makes the original fastest, for
+# drafts sampled at T = 1 (acceptance EAR) or for greedy decoding (acceptance top-1)
+SPECULATIVE_TARGETS = {"speculative": "sampled", "speculative-greedy": "greedy"}
 DEFAULT_BITS = {"gptq": 4, "rtn": 4, "gsq": 2}
 
 
@@ -48,7 +51,7 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "bpp" | "ear" | "task-lossless"
+    kind: str  # "bpp" | "ear" | "task-lossless" | "speculative" | "speculative-greedy"
     value: Optional[float] = None
 
     def describe(self) -> str:
@@ -102,9 +105,12 @@ def parse_target(text: str, group_size: Optional[int] = 64, symmetric: bool = Fa
     text = text.strip().lower()
     if text in ("task-lossless", "task_lossless", "task"):
         return Target("task-lossless")
+    if text in SPECULATIVE_TARGETS:
+        return Target(text)
     m = re.fullmatch(r"(ear|bpp)\s*=\s*([0-9.eE+-]+)", text)
     if not m:
-        raise TargetError(f"--target {text!r}: expected ear=<0..1>, bpp=<bits per parameter> or task-lossless")
+        raise TargetError(f"--target {text!r}: expected ear=<0..1>, bpp=<bits per parameter>, task-lossless, "
+                          f"speculative or speculative-greedy")
     kind, raw = m.group(1), m.group(2)
     try:
         value = float(raw)
@@ -141,7 +147,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
                    help="alias (smollm2-135m), local directory or HF id")
     p.add_argument("--target", default="bpp=4.5",
-                   help="ear=<p> (distribution-lossless), bpp=<b> (budget) or task-lossless")
+                   help="ear=<p> (distribution-lossless), bpp=<b> (budget), task-lossless, or speculative "
+                        "(the fastest speculative draft of the original at T=1; speculative-greedy: for "
+                        "greedy decoding)")
     p.add_argument("--method", choices=METHODS, default="slq")
     p.add_argument("--bits", type=int, default=None,
                    help="uniform bit width for gptq/rtn/gsq (default: the largest within a bpp target, else 4; gsq 2)")
@@ -165,10 +173,14 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
     g.add_argument("--sensitivity-passes", type=int, default=None, metavar="N",
                    help="at most N KL-sensitivity passes per width (default 32; fewer for big models on a CPU)")
+    g.add_argument("--objective", default=None, choices=("kl", "ear"),
+                   help="what the allocation minimises: kl (default), or ear: 1 - EAR, maximising the "
+                        "teacher-forced acceptance rate directly")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
-    g.add_argument("--checkpoint-blocks", action="store_true", default=None,
-                   help="recompute decoder blocks in the objective's backward (less memory, one more forward)")
+    g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute decoder blocks in the objective's backward: less memory, one more "
+                        "forward per step (default on; --no-checkpoint-blocks for speed when memory is ample)")
     g.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="for models whose weights and database exceed the device: keep the database, and "
                         "during the allocation the decoder blocks, in memory-mapped files under DIR and copy "
@@ -258,7 +270,7 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("eval_blocks", "eval_blocks"), ("probe_seq_len", "objective_seq_len"),
                        ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
-                       ("offload_dir", "offload_dir"),
+                       ("offload_dir", "offload_dir"), ("objective", "allocation_objective"),
                        ("sensitivity_passes", "sensitivity_max_passes")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
@@ -266,6 +278,8 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
         kw["target_bpp"] = target.value
     elif target.kind == "ear":
         kw["target_ear"] = target.value
+    elif target.kind in SPECULATIVE_TARGETS:
+        kw["target_speculative"] = SPECULATIVE_TARGETS[target.kind]
     else:
         kw["task_lossless"] = True
         if args.tasks:
@@ -388,7 +402,7 @@ def run_quantize(args) -> int:
     alloc = getattr(modifier, "allocation", None)
     allocation = None if alloc is None else {
         "seconds": alloc.extra.get("seconds"), "kl_sensitivities": alloc.extra.get("kl_sensitivities"),
-        "database_cache": alloc.extra.get("database_cache")}
+        "database_cache": alloc.extra.get("database_cache"), "objective": alloc.extra.get("objective")}
 
     # checkpoint and report are staged together and published with one rename; an existing
     # output (--overwrite) is deleted only once the new one is in place
@@ -406,6 +420,8 @@ def run_quantize(args) -> int:
             report["search"] = search
         if allocation:
             report["allocation"] = allocation
+        if target.kind in SPECULATIVE_TARGETS:
+            report["speculative"] = speculative_summary(search, str(model_path), str(out))
         if not args.no_eval:
             from llmcompressor.core import reset_session
 
@@ -436,7 +452,28 @@ def run_quantize(args) -> int:
     from vllm_slq.serve import serve_command
 
     print(f"checkpoint: {out}\nserve it:   {serve_command(str(out))}")
+    if "speculative" in report:
+        print(f"or as the original's lossless draft: {report['speculative']['serve']}")
     return 0
+
+
+def speculative_summary(search: Sequence[dict], original: str, draft: str) -> dict:
+    """The speculative target's report entry: the chosen probe's predicted acceptance, k and
+    speed-up (a MODEL: vllm_slq.speculative), every probe's, and the command that serves it."""
+    best = next((e for e in search if e.get("best")), None)
+    if best is None:
+        raise RuntimeError("the speculative search logged no chosen probe")
+    sampled = best["acceptance_metric"] == "ear"
+    serve = (f"vllm-slq serve {original} --draft {draft} --num-speculative-tokens {best['k']}"
+             + (" --draft-sampling probabilistic" if sampled else ""))
+    keys = ("bpp", "acceptance", "acceptance_ci95", "draft_cost_ratio", "k", "predicted_speedup")
+    return {"decoding": "sampled at T=1, drafts sampled from q (acceptance: EAR)" if sampled
+            else "greedy (acceptance: top-1 agreement)",
+            "acceptance_metric": best["acceptance_metric"], **{k: best[k] for k in keys},
+            "probes": [{k: e[k] for k in keys} for e in search if "predicted_speedup" in e],
+            "what": "speed-up over the original's batch-1 decode: a MODEL, E(k) / (1 + k c) "
+                    "(vllm_slq/speculative.py), not a timing",
+            "serve": serve}
 
 
 def render_report(report: dict) -> str:
@@ -453,6 +490,18 @@ def render_report(report: dict) -> str:
         lines.append(f"  - of which allocation search: {alloc['seconds']:.0f} s"
                      + (f"; GPTQ database read from the cache for {cache['layers_read']} of {cache['layers']} layers"
                         if cache else ""))
+    spec = report.get("speculative")
+    if spec:
+        lo, hi = spec["acceptance_ci95"]
+        lines += ["", "## As the original's speculative draft (MODEL)", "",
+                  f"- decoding: {spec['decoding']}",
+                  f"- predicted acceptance {spec['acceptance']:.3f} (95% CI {lo:.3f}-{hi:.3f}), draft cost "
+                  f"{spec['draft_cost_ratio']:.3f} of an original step, k = {spec['k']}: predicted speed-up "
+                  f"{spec['predicted_speedup']:.2f}x over the original (a model, not a timing)",
+                  f"- serve: `{spec['serve']}`", "",
+                  "| bpp | acceptance | draft cost | k | predicted speed-up |", "|---|---|---|---|---|"]
+        lines += [f"| {e['bpp']:.3f} | {e['acceptance']:.3f} | {e['draft_cost_ratio']:.3f} | {e['k']} | "
+                  f"{e['predicted_speedup']:.2f}x |" for e in sorted(spec["probes"], key=lambda e: e["bpp"])]
     fid = report.get("fidelity")
     if fid:  # an eval result: formatted by eval.report, as `vllm-slq eval` prints it
         lines += ["", "## Fidelity against the original", "", format_table([fid]), "", protocol_markdown(fid)]

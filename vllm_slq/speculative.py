@@ -29,6 +29,17 @@ again so the per-layer config groups match).
   * ``check_draft_compatible(original, draft)``: fails before any engine starts, naming the
     field, when the two cannot share token ids (vocabulary size, token table, special ids);
   * ``draft_serve_argv``: what ``vllm-slq serve ORIGINAL --draft CKPT`` hands to vLLM.
+
+Speed MODEL (a model, not a timing; ``vllm-slq quantize --target speculative`` maximises it):
+with acceptance a at every drafted position (positions independent), one verification step
+yields E(k) = (1 - a^(k+1)) / (1 - a) tokens (``tokens_per_step``) and costs one original
+step plus k draft steps; batch-1 decode reads every weight once per token, so a draft step
+costs c = the draft's weight bytes read per token over the original's (``draft_cost_ratio``:
+the quantized linears at their bits, the output head and anything else left dense at 16),
+both run at the same fraction of the memory bandwidth. The speed-up over the original is
+E(k) / (1 + k c) (``predicted_speedup``), best over k = 1..MAX_SPECULATIVE_TOKENS
+(``best_speculative_tokens``). Which a: EAR for drafts sampled from q at T = 1
+(draft_sampling "probabilistic"), top-1 agreement for greedy decoding.
 """
 from __future__ import annotations
 
@@ -42,6 +53,7 @@ from vllm_slq.data import resolve_model
 from vllm_slq.serve import vllm_distribution
 
 DEFAULT_SPECULATIVE_TOKENS = 3
+MAX_SPECULATIVE_TOKENS = 8
 DRAFT_SAMPLING = ("greedy", "probabilistic")  # vLLM's SpeculativeConfig.draft_sample_method
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -60,6 +72,39 @@ def speculative_config(draft: str | Path, num_speculative_tokens: int = DEFAULT_
         raise DraftError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {draft_sampling!r}")
     return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": int(num_speculative_tokens),
             "draft_sample_method": draft_sampling}
+
+
+def tokens_per_step(acceptance: float, k: int) -> float:
+    """Expected tokens per verification step with k drafted tokens, each kept with probability
+    `acceptance` (the first rejection ends the step, which still emits the original's token)."""
+    a = float(acceptance)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"acceptance must lie in [0, 1], got {a}")
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def draft_cost_ratio(quantized_bits: float, quantized_params: int, dense_params: int,
+                     dense_bits: int = 16) -> float:
+    """c: weight bits a draft decode step reads over the original's. quantized_bits: the
+    quantized linears' total bits (codes, scales, zero points); dense_params: what every step
+    reads and the draft keeps at dense_bits (the output head), beside the linears the original
+    holds at dense_bits too."""
+    original = dense_bits * (quantized_params + dense_params)
+    if original <= 0:
+        raise ValueError("draft_cost_ratio: the model has no weights")
+    return (float(quantized_bits) + dense_bits * dense_params) / original
+
+
+def predicted_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
+    """MODEL speed-up over the original's batch-1 decode: E(k) / (1 + k c)."""
+    return tokens_per_step(acceptance, k) / (1.0 + k * float(cost_ratio))
+
+
+def best_speculative_tokens(acceptance: float, cost_ratio: float,
+                            max_k: int = MAX_SPECULATIVE_TOKENS) -> tuple[int, float]:
+    """(k, speed-up) maximising predicted_speedup over k = 1..max_k."""
+    return max(((k, predicted_speedup(acceptance, k, cost_ratio)) for k in range(1, max_k + 1)),
+               key=lambda kv: kv[1])
 
 
 def check_draft_compatible(original: str | Path, draft: str | Path) -> None:

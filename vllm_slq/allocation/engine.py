@@ -8,9 +8,12 @@
       .allocate(budget)          RCO at a bpp budget (rco.rco_allocate); the rounding candidates
                                  are selected by the objective's calibration KL
       .search(accept, lo, hi)    the fewest bpp in [lo, hi] whose allocation `accept`s
+      .maximize(score, lo, hi)   the budget in [lo, hi] whose allocation scores highest
+                                 (the speculative target: predicted speed-up)
     bisect_budget(lo, hi, probe) the budget bisection itself: probe(b) -> accepted, monotone in
                                  practice; the EAR / task targets and the benchmark's
                                  distribution-lossless points all bisect with it
+    golden_section_max(lo, hi, f) the maximiser of a unimodal f(budget), one probe per step
 
 The SLQ modifier, allocate_model and benchmarks/slq.py and allocation.py call this,
 so their seeds, starts, selection rule and database options cannot drift apart.
@@ -29,7 +32,7 @@ from .problem import AllocationProblem
 from .rco import AllocationResult, RCOConfig, rco_allocate, sensitivity_logits
 from .sensitivity import kl_sensitivities
 
-__all__ = ["SLQ_GPTQ", "AllocationEngine", "bisect_budget"]
+__all__ = ["SLQ_GPTQ", "AllocationEngine", "bisect_budget", "golden_section_max"]
 
 # SLQ's database: asymmetric GPTQ per width from one Hessian, act-order columns, the
 # Hessian-weighted range search on 11 shrink factors (a seventh of the default grid's
@@ -56,6 +59,40 @@ def bisect_budget(lo: float, hi: float, probe: Callable[[float], bool], *, steps
         else:
             lo = mid
     return lo, hi, probes
+
+
+_INV_PHI = (5 ** 0.5 - 1) / 2
+
+
+def golden_section_max(lo: float, hi: float, f: Callable[[float], float], *, steps: int
+                       ) -> tuple[float, list[dict]]:
+    """Golden-section search for the maximum of f on [lo, hi], unimodal in practice: `steps`
+    probes (at least 2), each shrinking the bracket by 0.618 after the first two. Returns the
+    best probed budget (highest f; on a noisy f that beats the final bracket's midpoint) and
+    the probes [{"budget", "score"}] in order."""
+    if steps < 2:
+        raise ValueError(f"golden_section_max needs at least 2 probes, got steps={steps}")
+    probes: list[dict] = []
+
+    def probe(b: float) -> float:
+        v = float(f(b))
+        probes.append({"budget": b, "score": v})
+        return v
+
+    a, b = lo, hi
+    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
+    fc, fd = probe(c), probe(d)
+    for _ in range(steps - 2):
+        if fc >= fd:  # the maximum lies in [a, d]
+            b, d, fd = d, c, fc
+            c = b - _INV_PHI * (b - a)
+            fc = probe(c)
+        else:  # in [c, b]
+            a, c, fc = c, d, fd
+            d = a + _INV_PHI * (b - a)
+            fd = probe(d)
+    best = max(probes, key=lambda p: p["score"])
+    return best["budget"], probes
 
 
 class AllocationEngine:
@@ -122,3 +159,22 @@ class AllocationEngine:
             return results[hi], False
         _, best, _ = bisect_budget(lo, hi, probe, steps=steps, tolerance=tolerance)
         return results[best], True
+
+    def maximize(self, score: Callable[[np.ndarray], "tuple[float, dict]"], lo: float, hi: float, *,
+                 steps: int) -> AllocationResult:
+        """The allocation, among `steps` golden-section budgets in [lo, hi], whose
+        score(choice) -> (value, info) is highest. Every probe's value and info join its log
+        entry, the chosen one marked "best"."""
+        results: dict[float, tuple[AllocationResult, int]] = {}
+
+        def probe(budget: float) -> float:
+            res = self.allocate(budget)
+            value, info = score(np.asarray(res.choice))
+            self.log[-1].update({"score": float(value), **info})
+            results[budget] = (res, len(self.log) - 1)
+            return value
+
+        best, _ = golden_section_max(lo, hi, probe, steps=steps)
+        res, entry = results[best]
+        self.log[entry]["best"] = True
+        return res

@@ -110,8 +110,22 @@ class MixedLinear(torch.autograd.Function):
         return grad_x, grad_p, None, None, None
 
 
-# positions per fp32 chunk of the KL: bounds its temporaries to ~chunk * vocab * 4 B each
-_KL_CHUNK_ELEMENTS = 1 << 24
+# The KL works a chunk of positions at a time. Given logits, _KL_CHUNK_ELEMENTS bounds each fp32
+# [chunk, vocab] temporary. From hidden states through the output head, a chunk of hidden / 8
+# positions holds, at its peak, about the head's own bytes in temporaries (two fp32 copies and the
+# head's outputs, ~16 B per logit; a bf16 head is 2 * hidden B per vocabulary entry), so the KL adds
+# one head's worth to the peak at every model size (Llama-3.1-8B: 512 positions, ~1 GB; the
+# reference model: 72 positions, 54 MB), and each chunk's head product stays a GEMM of hundreds of
+# rows at the sizes where that matters.
+_KL_CHUNK_ELEMENTS = 1 << 22
+_HEAD_CHUNK_HIDDEN_PER_ROW = 8
+
+
+def _position_chunks(n: int, vocab: int, hidden: Optional[int] = None) -> list[tuple[int, int]]:
+    """[a, b) ranges over n positions: hidden // 8 positions each with an output head of width
+    `hidden`, else _KL_CHUNK_ELEMENTS // vocab."""
+    step = max(1, hidden // _HEAD_CHUNK_HIDDEN_PER_ROW if hidden is not None else _KL_CHUNK_ELEMENTS // vocab)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 # The chunk functions below work in place on fp32 [chunk, vocab] temporaries that their callers
@@ -138,6 +152,33 @@ def _chunk_kl_grad(ref_p: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) ->
     return q.mul_(ref_p.sum(-1, keepdim=True)).sub_(ref_p).mul_(scale)
 
 
+def _chunk_tv_sum(ref_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum over a chunk of positions of TV(p_ref, softmax(z)) = 1 - sum_v min(p_ref, q) = 1 - EAR;
+    both fp32 and overwritten."""
+    q, p = _log_softmax_(z).exp_(), ref_logp.exp_()
+    return z.shape[0] - torch.minimum(p, q, out=p).sum()
+
+
+def _chunk_tv_grad(ref_p: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d/dz of the chunk's TV sum times scale. With m_v = [q_v < p_v] (where min(p, q) is q),
+    d EAR / dz_j = sum_v m_v q_v (delta_vj - q_j) = m_j q_j - q_j s, s = sum_v m_v q_v, so
+    d TV / dz = q s - m q; fp32, z overwritten."""
+    q = _log_softmax_(z).exp_()
+    mq = torch.where(q < ref_p, q, 0.0)
+    return q.mul_(mq.sum(-1, keepdim=True)).sub_(mq).mul_(scale)
+
+
+# the per-position divergences the objective can minimise: (chunk sum, chunk gradient)
+#   kl: KL(p_ref || q), the default;  tv: 1 - EAR, i.e. maximise the acceptance rate itself
+DIVERGENCES = {"kl": (_chunk_kl_sum, _chunk_kl_grad), "tv": (_chunk_tv_sum, _chunk_tv_grad)}
+
+
+def _divergence(name: str):
+    if name not in DIVERGENCES:
+        raise ValueError(f"divergence {name!r}: expected one of {sorted(DIVERGENCES)}")
+    return DIVERGENCES[name]
+
+
 class _FullVocabKL(torch.autograd.Function):
     """Mean over positions of KL(p_ref || softmax(z)) in fp32, a chunk of positions at a time.
 
@@ -147,38 +188,37 @@ class _FullVocabKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def _chunks(n: int, vocab: int):
-        step = max(1, _KL_CHUNK_ELEMENTS // vocab)
-        return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-    @staticmethod
-    def forward(ctx, ref_logp, logits):
+    def forward(ctx, ref_logp, logits, divergence):
+        chunk_sum, _ = _divergence(divergence)
         v = logits.shape[-1]
         z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for a, b in _FullVocabKL._chunks(z.shape[0], v):
-            total += _chunk_kl_sum(_owned_fp32(r[a:b]), _owned_fp32(z[a:b]))
+        for a, b in _position_chunks(z.shape[0], v):
+            total += chunk_sum(_owned_fp32(r[a:b]), _owned_fp32(z[a:b]))
         ctx.save_for_backward(ref_logp, logits)
+        ctx.divergence = divergence
         return total / z.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
+        _, chunk_grad = _divergence(ctx.divergence)
         ref_logp, logits = ctx.saved_tensors
         v = logits.shape[-1]
         z, r = logits.reshape(-1, v), ref_logp.reshape(-1, v)
         out = torch.empty_like(z)
         scale = grad.to(torch.float32) / z.shape[0]
-        for a, b in _FullVocabKL._chunks(z.shape[0], v):
+        for a, b in _position_chunks(z.shape[0], v):
             p = _owned_fp32(r[a:b]).exp_()  # a cached fp16 reference sums to 1 only within rounding
-            out[a:b] = _chunk_kl_grad(p, _owned_fp32(z[a:b]), scale).to(out.dtype)
-        return None, out.reshape(logits.shape)
+            out[a:b] = chunk_grad(p, _owned_fp32(z[a:b]), scale).to(out.dtype)
+        return None, out.reshape(logits.shape), None
 
 
-def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || softmax(logits)), full vocabulary, fp32 (differentiable in logits)."""
+def kl_full_vocab(ref_logp: torch.Tensor, logits: torch.Tensor, divergence: str = "kl") -> torch.Tensor:
+    """Mean over positions of KL(p_ref || softmax(logits)) (or another of DIVERGENCES), full
+    vocabulary, fp32 (differentiable in logits)."""
     if ref_logp.shape != logits.shape:
         raise ValueError(f"kl_full_vocab: reference {tuple(ref_logp.shape)} and logits {tuple(logits.shape)} differ")
-    return _FullVocabKL.apply(ref_logp, logits)
+    return _FullVocabKL.apply(ref_logp, logits, divergence)
 
 
 class _HeadKL(torch.autograd.Function):
@@ -197,49 +237,57 @@ class _HeadKL(torch.autograd.Function):
         return _owned_fp32(torch.nn.functional.linear(x.to(weight.dtype), weight, bias))
 
     @staticmethod
-    def forward(ctx, ref_h, h, weight, bias):
+    def forward(ctx, ref_h, h, weight, bias, divergence):
+        chunk_sum, _ = _divergence(divergence)
         hidden = h.shape[-1]
         x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
-            total += _chunk_kl_sum(_log_softmax_(_HeadKL._logits(r[a:b], weight, bias)),
-                                   _HeadKL._logits(x[a:b], weight, bias))
+        for a, b in _position_chunks(x.shape[0], weight.shape[0], hidden):
+            total += chunk_sum(_log_softmax_(_HeadKL._logits(r[a:b], weight, bias)),
+                               _HeadKL._logits(x[a:b], weight, bias))
         ctx.save_for_backward(ref_h, h, weight, bias)
+        ctx.divergence = divergence
         return total / x.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
+        _, chunk_grad = _divergence(ctx.divergence)
         ref_h, h, weight, bias = ctx.saved_tensors
         hidden = h.shape[-1]
         x, r = h.reshape(-1, hidden), ref_h.reshape(-1, hidden)
         out = torch.empty_like(x)
         scale = grad.to(torch.float32) / x.shape[0]
-        for a, b in _FullVocabKL._chunks(x.shape[0], weight.shape[0]):
+        for a, b in _position_chunks(x.shape[0], weight.shape[0], hidden):
             p = _log_softmax_(_HeadKL._logits(r[a:b], weight, bias)).exp_()
-            dz = _chunk_kl_grad(p, _HeadKL._logits(x[a:b], weight, bias), scale).to(weight.dtype)
+            dz = chunk_grad(p, _HeadKL._logits(x[a:b], weight, bias), scale).to(weight.dtype)
             out[a:b] = (dz @ weight).to(out.dtype)
-        return None, out.reshape(h.shape), None, None
+        return None, out.reshape(h.shape), None, None, None
 
 
-def kl_from_hidden(ref_hidden: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-    """Mean over positions of KL(p_ref || p) with both distributions from the output head applied
-    to final hidden states, chunked (differentiable in `hidden`; the head is frozen)."""
+def kl_from_hidden(ref_hidden: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear,
+                   divergence: str = "kl") -> torch.Tensor:
+    """Mean over positions of KL(p_ref || p) (or another of DIVERGENCES) with both distributions
+    from the output head applied to final hidden states, chunked (differentiable in `hidden`;
+    the head is frozen)."""
     if ref_hidden.shape != hidden.shape:
         raise ValueError(f"kl_from_hidden: reference {tuple(ref_hidden.shape)} and hidden "
                          f"{tuple(hidden.shape)} differ")
-    return _HeadKL.apply(ref_hidden, hidden, head.weight, head.bias)
+    return _HeadKL.apply(ref_hidden, hidden, head.weight, head.bias, divergence)
 
 
 def plain_output_head(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.nn.Linear]:
     """The model's output Linear when its logits are exactly head(decoder(ids)), else None.
 
-    Checked on `ids` against the model's own forward, so a model that scales or caps
-    its logits (Gemma-2's softcapping, Cohere's logit_scale, ...) or has no separate
-    decoder is recognised by what it computes, not by its name."""
+    Checked on `ids` (their first 16 positions: the check is of what the model computes
+    after its decoder, and full-length logits would be the objective's largest transient)
+    against the model's own forward, so a model that scales or caps its logits (Gemma-2's
+    softcapping, Cohere's logit_scale, ...) or has no separate decoder is recognised by
+    what it computes, not by its name."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
         return None
+    ids = ids[..., :16]
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
@@ -366,13 +414,19 @@ class ModelKLObjective:
     reference as hidden states and compute the KL from hidden states chunk by chunk
     (kl_from_hidden): no [tokens, vocab] tensor at all, for three head products per
     chunk instead of one. Otherwise (or False) the full logits and cached log-probs.
+    divergence: what is minimised per position, one of DIVERGENCES: "kl" (default) or "tv",
+    1 - EAR, so the allocation maximises the teacher-forced acceptance rate directly
+    (``evaluate`` and the sensitivities then measure it too).
     """
 
     def __init__(self, model: torch.nn.Module, problem: AllocationProblem,
                  candidates: CandidateStore | dict[str, dict[QuantSpec, QuantizedWeight]], tokens: torch.Tensor,
                  batch_blocks: int = 2, cache_bytes: int = 1 << 30,
                  compute_dtype: Optional[torch.dtype] = torch.float32, checkpoint_blocks: bool = False,
-                 fused_head: bool = True, offload_dir=None, device: Optional[torch.device | str] = None):
+                 fused_head: bool = True, offload_dir=None, device: Optional[torch.device | str] = None,
+                 divergence: str = "kl"):
+        _divergence(divergence)
+        self.divergence = divergence
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
         self.model = (model if compute_dtype is None else model.to(compute_dtype)).eval()
@@ -391,7 +445,8 @@ class ModelKLObjective:
             flag = "offload_dir" if offload_dir is not None else "checkpoint_blocks"
             raise ValueError(f"{flag}: {type(self.model).__name__} names no decoder block class in "
                              f"_no_split_modules ({getattr(self.model, '_no_split_modules', None)}); "
-                             f"pass checkpoint_blocks=False and no offload_dir")
+                             f"pass checkpoint_blocks=False and no offload_dir (the CLI's --no-checkpoint-blocks, "
+                             f"without --offload-dir)")
         self._linear_patches: list = []  # the Linears' mixing while _mixing is active
         self._blocks_active = False  # inside _blocks_run
         self.offload: Optional[OffloadDir] = None
@@ -499,15 +554,15 @@ class ModelKLObjective:
         self._block_homes = []
 
     def _local_kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Mean KL over the blocks idx, in this process."""
+        """Mean divergence (KL unless told otherwise) over the blocks idx, in this process."""
         idx = idx.to(self.device)
         if self.head is not None:
             with self._mixing(P):
                 hidden = self._hidden(self.tokens[idx])
-            return kl_from_hidden(self._ref_hidden[idx], hidden, self.head)
+            return kl_from_hidden(self._ref_hidden[idx], hidden, self.head, self.divergence)
         with self._mixing(P):
             logits = self._logits(self.tokens[idx])
-        return kl_full_vocab(self._ref(idx), logits)
+        return kl_full_vocab(self._ref(idx), logits, self.divergence)
 
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Mean KL over the blocks idx; data-parallel under torch.distributed: this rank scores
@@ -566,20 +621,40 @@ class ModelKLObjective:
         with self._mixing(self.problem.one_hot(choice)), self._blocks_run():
             yield
 
+    def _logit_chunks(self, choice: np.ndarray, ids: torch.Tensor):
+        """(FP logits, allocation's logits) of ids, [chunk, vocab] pairs over the positions: from
+        hidden states through the head when it is plain (no [positions, vocab] tensor), else
+        slices of the full logits."""
+        if self.head is not None:
+            ref = self._hidden(ids)
+            with self.applied(choice):
+                mixed = self._hidden(ids)
+            ref, mixed = ref.reshape(-1, ref.shape[-1]), mixed.reshape(-1, mixed.shape[-1])
+            for a, b in _position_chunks(ref.shape[0], self.head.out_features, ref.shape[-1]):
+                yield self.head(ref[a:b]), self.head(mixed[a:b])
+            return
+        ref = self._logits(ids)
+        with self.applied(choice):
+            mixed = self._logits(ids)
+        v = ref.shape[-1]
+        ref, mixed = ref.reshape(-1, v), mixed.reshape(-1, v)
+        for a, b in _position_chunks(ref.shape[0], v):
+            yield ref[a:b], mixed[a:b]
+
     @torch.no_grad()
     def heldout_metrics(self, choice: np.ndarray, tokens: torch.Tensor) -> dict:
-        """KL / EAR / top-1 on held-out blocks (teacher-forced, fp32 softmax, T=1)."""
+        """KL / EAR / top-1 on held-out blocks (teacher-forced, fp32 softmax, T=1), a chunk of
+        positions at a time in three fp32 [chunk, vocab] temporaries."""
         tokens = tokens.to(self.device)
         kl, ear, top1 = [], [], []
         for s in range(tokens.shape[0]):
-            ids = tokens[s:s + 1]
-            logp = torch.log_softmax(self._logits(ids).float(), -1)
-            with self.applied(choice):
-                logq = torch.log_softmax(self._logits(ids).float(), -1)
-            p, q = logp.exp(), logq.exp()
-            kl.append((p * (logp - logq)).sum(-1).flatten())
-            ear.append(torch.minimum(p, q).sum(-1).flatten())
-            top1.append((logp.argmax(-1) == logq.argmax(-1)).float().flatten())
+            for ref, mixed in self._logit_chunks(choice, tokens[s:s + 1]):
+                logp, logq = _log_softmax_(_owned_fp32(ref)), _log_softmax_(_owned_fp32(mixed))
+                top1.append((logp.argmax(-1) == logq.argmax(-1)).float())
+                diff = logp - logq
+                p = logp.exp_()
+                kl.append(diff.mul_(p).sum(-1))
+                ear.append(torch.minimum(p, logq.exp_(), out=diff).sum(-1))
         kl, ear, top1 = torch.cat(kl), torch.cat(ear), torch.cat(top1)
         return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
                 "ear_p5": float(torch.quantile(ear, 0.05)), "ear_p50": float(torch.quantile(ear, 0.5)),

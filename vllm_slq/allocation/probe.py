@@ -27,11 +27,18 @@ from .objective import ModelKLObjective
 
 
 class FidelityProbe:
-    """probe(choice) -> per-block PositionMetrics of allocation `choice`, every block, in order."""
+    """probe(choice) -> per-block PositionMetrics of allocation `choice`, every block, in order.
 
-    def __init__(self, objective: ModelKLObjective, tokens: torch.Tensor):
+    first_position: when > 0, score positions first_position .. seq_len - 2 only, the ones that
+    predict a continuation's tokens (prompt_len - 1 for reference_continuations' output).
+    """
+
+    def __init__(self, objective: ModelKLObjective, tokens: torch.Tensor, first_position: int = 0):
         if tokens.dim() != 2:
             raise ValueError(f"probe tokens must be [n_blocks, seq_len], got shape {tuple(tokens.shape)}")
+        if first_position and not 0 < first_position < tokens.shape[1] - 1:
+            raise ValueError(f"probe first_position {first_position} outside 0..{tokens.shape[1] - 2}")
+        self.first_position = first_position
         self.objective = objective
         self.tokens = tokens.to(objective.device)
         self.n_blocks = tokens.shape[0]
@@ -59,7 +66,9 @@ class FidelityProbe:
                 with obj.applied(choice):
                     cand = obj._logits(ids)[0].float()
             m = position_metrics(ref, cand)
-            out.append((s, PositionMetrics(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+            # the last position predicts past the block: nothing to score there
+            keep = slice(self.first_position, ids.shape[1] - 1) if self.first_position else slice(None)
+            out.append((s, PositionMetrics(**{k: (v[keep].cpu() if isinstance(v, torch.Tensor) else v)
                                               for k, v in vars(m).items()})))
         return out
 
@@ -73,3 +82,26 @@ class FidelityProbe:
         if sorted(got) != list(range(self.n_blocks)):
             raise RuntimeError(f"fidelity probe: blocks {sorted(got)} scored, expected 0..{self.n_blocks - 1}")
         return [got[s] for s in range(self.n_blocks)]
+
+
+@torch.no_grad()
+def reference_continuations(objective: ModelKLObjective, prompts: torch.Tensor, new_tokens: int, *,
+                            greedy: bool, seed: int = 0) -> torch.Tensor:
+    """[n, P + new_tokens]: each prompt continued by the FP model the objective holds, sampled at
+    T = 1 (greedy: its argmax): the contexts a speculative draft meets, since every token the
+    original emits is distributed as the original's. All prompts decode together, a full forward
+    per new token (no KV cache: the objective's block runs allow none), only the last position's
+    logits formed; one seeded generator draws, so the result depends on (model, prompts, seed)."""
+    if new_tokens <= 0:
+        raise ValueError(f"new_tokens must be positive, got {new_tokens}")
+    g = torch.Generator().manual_seed(seed)
+    ids = prompts.to(objective.device)
+    for _ in range(new_tokens):
+        if objective.head is not None:
+            logits = objective.head(objective._hidden(ids)[:, -1])
+        else:
+            logits = objective._logits(ids)[:, -1]
+        probs = torch.softmax(logits.float(), -1).cpu()
+        nxt = probs.argmax(-1, keepdim=True) if greedy else torch.multinomial(probs, 1, generator=g)
+        ids = torch.cat([ids, nxt.to(ids.device)], dim=1)
+    return ids

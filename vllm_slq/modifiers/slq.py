@@ -16,6 +16,12 @@
                              at each probe (distribution-lossless)
                task_lossless: the fewest bpp whose lm-eval accuracies all stay
                              within the sampling interval of the original's
+               target_speculative: the bpp, and the number of drafted tokens k, whose
+                             predicted speed-up as the original's speculative draft is
+                             highest (vllm_slq.speculative's speed MODEL), the acceptance
+                             measured on continuations the original wrote: EAR for
+                             "sampled" (drafts sampled at T = 1), top-1 for "greedy";
+                             a golden-section search over the budget, RCO at each probe
     write      the chosen database entry becomes module.weight and
                module.slq_quantized, exactly what RCO evaluated
 
@@ -24,7 +30,7 @@ symmetric=True gives the gamma-squared ablation (the same search on a symmetric 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -38,15 +44,16 @@ from vllm_slq.allocation.artifact import allocation_from_choice, save_allocation
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
 from vllm_slq.allocation.objective import ModelKLObjective
 from vllm_slq.allocation.offload import OffloadDir
-from vllm_slq.allocation.probe import FidelityProbe
+from vllm_slq.allocation.probe import FidelityProbe, reference_continuations
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
 from vllm_slq.allocation.rco import RCOConfig
 from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.data import load_text, token_blocks
 from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
-from vllm_slq.eval.metrics import summarize
+from vllm_slq.eval.metrics import bootstrap_mean_ci, summarize
 from vllm_slq.quant.database import LayerDatabase, build_database_sharded
 from vllm_slq.quant.spec import MAX_BITS, MIN_BITS, QuantizedWeight, QuantSpec
+from vllm_slq.speculative import best_speculative_tokens, draft_cost_ratio
 
 from .base import QUANTIZED_ATTR, LayerwiseQuantModifier, attach_compressed_tensors_params
 
@@ -74,6 +81,15 @@ class SLQModifier(LayerwiseQuantModifier):
     target_ear: Optional[float] = None
     task_lossless: bool = False
     tasks: Optional[list[str]] = None
+    target_speculative: Optional[Literal["sampled", "greedy"]] = None
+    # the speculative target's contexts: eval_blocks prompts of this many evaluation-split
+    # tokens, each continued by the original for speculative_new_tokens tokens (the protocol
+    # of benchmarks/speculative.py's defaults, which measures vLLM's acceptance on them)
+    speculative_prompt_len: int = 32
+    speculative_new_tokens: int = 64
+    # what the allocation minimises per position: "kl", KL(p_fp || p_q), or "ear", 1 - EAR
+    # (the total variation distance), so RCO maximises teacher-forced acceptance directly
+    allocation_objective: Literal["kl", "ear"] = "kl"
     tie_fused: bool = True
     dampening_frac: float = SLQ_GPTQ["percdamp"]
     act_order: bool = SLQ_GPTQ["act_order"]  # GPTQ column order for the database (see SLQGPTQModifier)
@@ -97,8 +113,10 @@ class SLQModifier(LayerwiseQuantModifier):
     # options of a large model far from the quadratic regime would otherwise take one each
     sensitivity_max_passes: int = 32
     # recompute each decoder block in the backward instead of keeping its activations
-    # (ModelKLObjective checkpoint_blocks): for long blocks or many per step
-    checkpoint_blocks: bool = False
+    # (ModelKLObjective checkpoint_blocks): the saved activations shrink to one tensor per
+    # block, so the allocation's peak stays near model + packed database at every size
+    # (benchmarks/slq_memory.py), for one more forward per step (RCO about 25% slower)
+    checkpoint_blocks: bool = True
     # the path for models whose weights and database exceed the device (allocation/offload.py):
     # the database's candidates, and during the allocation the decoder blocks' weights, rest in
     # memory-mapped files under this directory, and one block at a time is copied onto the device
@@ -122,9 +140,14 @@ class SLQModifier(LayerwiseQuantModifier):
 
     @model_validator(mode="after")
     def _one_target(self):
-        n = sum([self.target_bpp is not None, self.target_ear is not None, bool(self.task_lossless)])
+        n = sum([self.target_bpp is not None, self.target_ear is not None, bool(self.task_lossless),
+                 self.target_speculative is not None])
         if n != 1:
-            raise ValueError("SLQModifier needs exactly one of target_bpp, target_ear, task_lossless")
+            raise ValueError("SLQModifier needs exactly one of target_bpp, target_ear, task_lossless, "
+                             "target_speculative")
+        if self.target_speculative is not None and self.search_steps < 2:
+            raise ValueError(f"SLQModifier.search_steps={self.search_steps}: the speculative target's "
+                             f"golden-section search needs at least 2 probes")
         if self.target_ear is not None and not (0.0 < self.target_ear <= 1.0):
             raise ValueError(f"SLQModifier.target_ear={self.target_ear}: must lie in (0, 1]")
         bad = [b for b in self.bits_options if not (MIN_BITS <= b <= MAX_BITS)]
@@ -213,7 +236,8 @@ class SLQModifier(LayerwiseQuantModifier):
                                                   from_end=True),
                                      batch_blocks=self._batch_blocks(), checkpoint_blocks=self.checkpoint_blocks,
                                      compute_dtype=None,  # the model's: fp32 on CPU, bf16/fp16 on GPU
-                                     offload_dir=self.offload_dir, device=device)
+                                     offload_dir=self.offload_dir, device=device,
+                                     divergence={"kl": "kl", "ear": "tv"}[self.allocation_objective])
         engine = AllocationEngine(problem, objective,
                                   rco=RCOConfig(steps=self.rco_steps, samples=self.rco_samples, lr=self.rco_lr,
                                                 seed=self.seed),
@@ -223,6 +247,10 @@ class SLQModifier(LayerwiseQuantModifier):
         if self.target_bpp is not None:
             problem.check_budget(self.target_bpp)
             choice = engine.allocate(self.target_bpp).choice
+        elif self.target_speculative is not None:
+            lo, hi = problem.feasible_range()
+            choice = engine.maximize(self._speculative_score(model, objective, problem), lo, hi,
+                                     steps=self.search_steps).choice
         else:
             accept = self._ear_accepts(model, objective) if self.target_ear is not None \
                 else self._tasks_accept(model, objective)
@@ -256,7 +284,9 @@ class SLQModifier(LayerwiseQuantModifier):
                    "kl_sensitivities": self._sensitivity_info,
                    "database_cache": None if not self.database_cache else
                    {"path": self.database_cache, "layers_read": self._cache_hits, "layers": len(self._names)},
-                   "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless}})
+                   "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless,
+                              "speculative": self.target_speculative},
+                   "objective": self.allocation_objective})
         if self.allocation_path:
             save_allocation(self._allocation, self.allocation_path)
         self._db.close()
@@ -292,6 +322,33 @@ class SLQModifier(LayerwiseQuantModifier):
                                               "kl": summ.get("kl"), "positions": summ["n_positions"]}
 
         return accept
+
+    def _speculative_score(self, model, objective, problem: AllocationProblem):
+        """score(choice) -> (predicted speed-up at its best k, info): the acceptance is the mean
+        EAR ("sampled") or top-1 agreement ("greedy") on the positions that predict the
+        original's own continuations of evaluation prompts, the contexts vLLM's first drafted
+        position meets; the draft's cost ratio counts the output head, read every step, dense."""
+        greedy = self.target_speculative == "greedy"
+        prompts = self._tokens(model, "evaluation", self.eval_blocks, self.speculative_prompt_len)
+        sequences = reference_continuations(objective, prompts, self.speculative_new_tokens,
+                                            greedy=greedy, seed=self.seed)
+        probe = FidelityProbe(objective, sequences, first_position=prompts.shape[1] - 1)
+        head = model.get_output_embeddings()
+        dense = 0 if head is None or head in self._names else head.weight.numel()
+        metric = "top1" if greedy else "ear"
+
+        def score(choice):
+            per_block = probe(choice)
+            summ = summarize(per_block, seed=self.seed)
+            ci = bootstrap_mean_ci([getattr(m, metric).double() for m in per_block], seed=self.seed)
+            acceptance = summ[metric]
+            c = draft_cost_ratio(problem.bits_of(choice), problem.total_params, dense)
+            k, speedup = best_speculative_tokens(acceptance, c)
+            return speedup, {"acceptance": acceptance, "acceptance_ci95": list(ci), "acceptance_metric": metric,
+                             "draft_cost_ratio": c, "k": k, "predicted_speedup": speedup,
+                             "positions": summ["n_positions"]}
+
+        return score
 
     def _tasks_accept(self, model, objective):
         """lm-eval (HF backend, this in-memory model) on the original once, then on each probe."""
