@@ -40,6 +40,7 @@ from vllm_slq.allocation.baselines import (EvolutionConfig, PenaltyConfig, evolu
 from vllm_slq.allocation.dp import solve_budget
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears, linear_shapes
+from vllm_slq.allocation.probe import heldout_metrics
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate, sensitivity_logits
 from vllm_slq.fileio import atomic_write_json
 from vllm_slq.quant.spec import QuantSpec
@@ -211,7 +212,7 @@ def run_model(args):
             if method == "rco":
                 wall += sens_info["wall_s"]
                 rco_wall = wall
-            m = obj.heldout_metrics(r.choice, held)
+            m = heldout_metrics(obj, r.choice, held)
             calib_kl = obj.evaluate(r.choice)
             rows.append({"budget_bpp": B, "method": method, "achieved_bpp": r.bpp, "wall_s": wall,
                          "calib_kl": calib_kl, **{f"heldout_{k}": v for k, v in m.items()},

@@ -16,7 +16,8 @@ bf16: what a GPU run uses; the CPU main job computes in fp32):
     sensitivity one KL-sensitivity pass (forward + backward through MixedLinear; the
                 phase repeats such passes, so its peak is one pass's)
     rco         rco_allocate, --rco-steps steps of --rco-samples samples
-    ear_probe   held-out KL/EAR of the chosen allocation (objective.heldout_metrics)
+    ear_probe   held-out KL/EAR of the chosen allocation (probe.heldout_metrics: the EAR
+                target's FidelityProbe)
     write       the chosen entries as QuantizedWeights, save_checkpoint to a temp dir
 
 Memory is RSS above the process's RSS once the libraries are imported and warmed up
@@ -61,6 +62,7 @@ from transformers import AutoModelForCausalLM
 from vllm_slq.allocation import objective as objective_mod
 from vllm_slq.allocation.objective import ModelKLObjective
 from vllm_slq.allocation.offload import OffloadDir, offload_module
+from vllm_slq.allocation.probe import heldout_metrics
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.rco import RCOConfig, rco_allocate
 from vllm_slq.allocation.store import CandidateStore
@@ -192,7 +194,7 @@ def measure(size: str, args) -> dict:
     cfg = RCOConfig(steps=args.rco_steps, samples=args.rco_samples, progress=False)
     res = phase("rco", lambda: rco_allocate(problem, budget, obj, config=cfg,
                                             select=lambda ch: obj.evaluate(ch, 1)))
-    phase("ear_probe", lambda: obj.heldout_metrics(res.choice, held))
+    phase("ear_probe", lambda: heldout_metrics(obj, res.choice, held))
 
     def write():
         specs = problem.module_specs(res.choice)

@@ -621,45 +621,6 @@ class ModelKLObjective:
         with self._mixing(self.problem.one_hot(choice)), self._blocks_run():
             yield
 
-    def _logit_chunks(self, choice: np.ndarray, ids: torch.Tensor):
-        """(FP logits, allocation's logits) of ids, [chunk, vocab] pairs over the positions: from
-        hidden states through the head when it is plain (no [positions, vocab] tensor), else
-        slices of the full logits."""
-        if self.head is not None:
-            ref = self._hidden(ids)
-            with self.applied(choice):
-                mixed = self._hidden(ids)
-            ref, mixed = ref.reshape(-1, ref.shape[-1]), mixed.reshape(-1, mixed.shape[-1])
-            for a, b in _position_chunks(ref.shape[0], self.head.out_features, ref.shape[-1]):
-                yield self.head(ref[a:b]), self.head(mixed[a:b])
-            return
-        ref = self._logits(ids)
-        with self.applied(choice):
-            mixed = self._logits(ids)
-        v = ref.shape[-1]
-        ref, mixed = ref.reshape(-1, v), mixed.reshape(-1, v)
-        for a, b in _position_chunks(ref.shape[0], v):
-            yield ref[a:b], mixed[a:b]
-
-    @torch.no_grad()
-    def heldout_metrics(self, choice: np.ndarray, tokens: torch.Tensor) -> dict:
-        """KL / EAR / top-1 on held-out blocks (teacher-forced, fp32 softmax, T=1), a chunk of
-        positions at a time in three fp32 [chunk, vocab] temporaries."""
-        tokens = tokens.to(self.device)
-        kl, ear, top1 = [], [], []
-        for s in range(tokens.shape[0]):
-            for ref, mixed in self._logit_chunks(choice, tokens[s:s + 1]):
-                logp, logq = _log_softmax_(_owned_fp32(ref)), _log_softmax_(_owned_fp32(mixed))
-                top1.append((logp.argmax(-1) == logq.argmax(-1)).float())
-                diff = logp - logq
-                p = logp.exp_()
-                kl.append(diff.mul_(p).sum(-1))
-                ear.append(torch.minimum(p, logq.exp_(), out=diff).sum(-1))
-        kl, ear, top1 = torch.cat(kl), torch.cat(ear), torch.cat(top1)
-        return {"kl": float(kl.mean()), "ear": float(ear.mean()), "top1": float(top1.mean()),
-                "ear_p5": float(torch.quantile(ear, 0.05)), "ear_p50": float(torch.quantile(ear, 0.5)),
-                "positions": int(kl.numel())}
-
 
 class _SumGradOverRanks(torch.autograd.Function):
     """Identity on P; its backward all-reduces dL/dP, so each rank's local backward yields

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vllm_slq.eval.metrics import HiddenStateLogits, PositionMetrics, position_metrics
+from vllm_slq.eval.metrics import HiddenStateLogits, PositionMetrics, position_metrics, summarize
 
 from .objective import ModelKLObjective
 
@@ -105,3 +105,11 @@ def reference_continuations(objective: ModelKLObjective, prompts: torch.Tensor, 
         nxt = probs.argmax(-1, keepdim=True) if greedy else torch.multinomial(probs, 1, generator=g)
         ids = torch.cat([ids, nxt.to(ids.device)], dim=1)
     return ids
+
+
+def heldout_metrics(objective: ModelKLObjective, choice: np.ndarray, tokens: torch.Tensor) -> dict:
+    """KL / EAR / top-1 of allocation `choice` on held-out blocks [n, L] (teacher-forced, T = 1),
+    averaged over every position: the probe's exact metrics, with EAR's 5th and 50th percentiles."""
+    s = summarize(FidelityProbe(objective, tokens)(choice))
+    return {"kl": s["kl"], "ear": s["ear"], "top1": s["top1"], "ear_p5": s["ear_p5"], "ear_p50": s["ear_p50"],
+            "positions": s["n_positions"]}
