@@ -170,7 +170,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective-blocks", type=int, default=None, help="calibration blocks for the RCO objective")
     g.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks per EAR probe")
     g.add_argument("--probe-seq-len", type=int, default=None, help="sequence length of RCO/EAR blocks")
-    g.add_argument("--search-steps", type=int, default=None, help="budget bisection steps (ear / task-lossless)")
+    g.add_argument("--search-steps", type=int, default=None, help="budget probes: bisection steps (ear / task-lossless), golden-section "
+                        "probes (speculative)")
     g.add_argument("--sensitivity-passes", type=int, default=None, metavar="N",
                    help="at most N KL-sensitivity passes per width (default 32; fewer for big models on a CPU)")
     g.add_argument("--objective", default=None, choices=("kl", "ear"),

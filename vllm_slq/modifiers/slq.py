@@ -338,15 +338,14 @@ class SLQModifier(LayerwiseQuantModifier):
         metric = "top1" if greedy else "ear"
 
         def score(choice):
-            per_block = probe(choice)
-            summ = summarize(per_block, seed=self.seed)
-            ci = bootstrap_mean_ci([getattr(m, metric).double() for m in per_block], seed=self.seed)
-            acceptance = summ[metric]
+            per_block = [getattr(m, metric).double() for m in probe(choice)]
+            acceptance = float(torch.cat(per_block).mean())
+            ci = bootstrap_mean_ci(per_block, seed=self.seed)
             c = draft_cost_ratio(problem.bits_of(choice), problem.total_params, dense)
             k, speedup = best_speculative_tokens(acceptance, c)
             return speedup, {"acceptance": acceptance, "acceptance_ci95": list(ci), "acceptance_metric": metric,
                              "draft_cost_ratio": c, "k": k, "predicted_speedup": speedup,
-                             "positions": summ["n_positions"]}
+                             "positions": sum(v.numel() for v in per_block)}
 
         return score
 
