@@ -194,7 +194,8 @@ def compile_variant(path: str, bits: int, symmetric: bool, group_size: int, cfg:
         if split > 1:
             sig["y_ptr"] = "*fp32"  # split-K partial tiles meet in an fp32 buffer
         const = dict(common, BLOCK_M=int(cfg["BLOCK_M"]), BLOCK_N=int(cfg["BLOCK_N"]),
-                     GROUP_M=int(cfg.get("GROUP_M", 8)), SPLIT_K=split, DOT_FP32=False)
+                     GROUP_M=int(cfg.get("GROUP_M", 8)), SPLIT_K=split, DOT_FP32=False,
+                     ASM=True)  # as a GPU launch sets it (triton_wna16._uses_asm)
         fn = tw._wna16_dot_kernel
         div = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "NP", "K", "stride_xm", "stride_ym")
     else:

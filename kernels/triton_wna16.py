@@ -37,10 +37,13 @@ multiply-add per weight.
     the tensor-core operand layout. Where consecutive slabs share one scale, their
     exact integer codes q - z go to tl.dot unscaled and the fp32 partial tile is
     scaled once per group (no multiply per weight); otherwise each slab is
-    dequantised to (q - z) * s with one rounding first. The extraction stays in
-    Triton here: inline asm would keep Triton from moving it into the operand layout
-    (a shared-memory round trip per slab: 18 barriers per iteration instead of 2 in
-    the 2-bit loop). For small M the grid also splits K (fp32 atomics, as the GEMV),
+    dequantised to (q - z) * s with one rounding first. The slab's magic offset is
+    added to z per column, so the asymmetric kernel subtracts once per weight, as the
+    symmetric one does. 2-4-bit extraction on GPU is unary inline PTX with immediate
+    constants (``_extract_imm_asm``): Triton moves a unary pure asm into the operand
+    layout as it moves its own ops (a two-input asm it leaves in the load's layout: a
+    shared-memory round trip per slab), and ptxas then keeps the exponent word in one
+    register. For small M the grid also splits K (fp32 atomics, as the GEMV),
     since a few rows give too few [BLOCK_M, BLOCK_N] tiles to fill the SMs.
 
 Padding makes every weight load unmasked: N_pad is a multiple of 64 and the
@@ -92,27 +95,42 @@ _magic_offsets = triton.constexpr_function(magic_offsets)
 
 
 @triton.constexpr_function
-def _extract_asm(sh, s, bits, container_bits):
+def _extract_asm(sh, s, bits, container_bits, exponent=None):
     """PTX giving the magic float of the code at bit s after a right shift by sh, on one
     32-bit register: two 16-bit containers (half2 lanes) or one 32-bit container. The
     pair is shifted as one word, which is safe: bits crossing from the high container
     land above the code's mask. Then (w & mask) | exponent in one lop3 (LUT 0xea =
-    a & b | c), the exponent word read from a register ($2).
+    a & b | c), the exponent word read from a register ($2), or an immediate if given.
     Why asm: with both constants immediate, ptxas re-materialises one of them (MOV or
     HFMA2.MMA) before every lop3, a sixth to an eighth of the inner loop, and in 16-bit
     lanes LLVM shifts each container apart (PRMT pairs)."""
     m = ((1 << bits) - 1) << s
     if container_bits == 16:
         m |= m << 16
-    lop = f"lop3.b32 $0, {{src}}, {hex(m)}, $2, 0xea;"
+    e = "$2" if exponent is None else hex(exponent)
+    lop = f"lop3.b32 $0, {{src}}, {hex(m)}, {e}, 0xea;"
     if sh == 0:
         return lop.format(src="$1")
     return "{ .reg .b32 t; shr.b32 t, $1, " + str(sh) + "; " + lop.format(src="t") + " }"
 
 
+@triton.constexpr_function
+def _extract_imm_asm(j, bits, mantissa):
+    """The tensor-core kernel's PTX for code slot j of two 16-bit containers (one register,
+    half2 lanes): ``_extract_asm``'s shift and lop3 with the exponent word as an immediate.
+    Unary and pure, so that Triton moves it into the tensor-core operand layout as it moves
+    its own ops (a two-input asm would stay in the load's layout: a shared-memory round
+    trip per slab). Written as asm, the exponent stays in one register for the whole loop;
+    written as Triton ops, ptxas re-materialises a constant before every lop3 and LLVM
+    shifts the two containers apart (PRMT pairs): about a third of the 2-bit loop."""
+    plan = _shift_plan(bits, 16, mantissa)
+    e = _magic_exponents(bits, mantissa, plan)[j]
+    return _extract_asm(plan[j], j * bits - plan[j], bits, 16, e | e << 16)
+
+
 @triton.jit
 def _slab_codes(w, e_ptr, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constexpr, FDTYPE: tl.constexpr,
-                MANT: tl.constexpr, EMU_BF16: tl.constexpr, ASM: tl.constexpr):
+                MANT: tl.constexpr, EMU_BF16: tl.constexpr, ASM: tl.constexpr, IMM_ASM: tl.constexpr = False):
     """Magic floats of slot J of the containers w, as FDTYPE: 2^(MANT - S) + u for the
     unsigned code u at bit S after the slot's shift (the caller subtracts
     ``_magic_offsets`` to get the signed code).
@@ -137,6 +155,11 @@ def _slab_codes(w, e_ptr, J: tl.constexpr, BITS: tl.constexpr, CBITS: tl.constex
         else:
             f = tl.inline_asm_elementwise(_extract_asm(SH, S, BITS, CBITS), "=r,r,r,r", [w, e], dtype=tl.bfloat16,
                                           is_pure=True, pack=2)
+    elif IMM_ASM and CBITS == 16:  # tensor-core kernel on GPU, half2 lanes: unary PTX, immediates
+        # the bits as int16, bitcast after (as below), so that LLVM keeps half2 math on them
+        c = tl.inline_asm_elementwise(_extract_imm_asm(J, BITS, MANT), "=r,r", [w], dtype=tl.int16,
+                                      is_pure=True, pack=2)
+        f = c.to(FDTYPE, bitcast=True)
     else:
         src = w
         if SH > 0:
@@ -230,7 +253,7 @@ def _wna16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, e_ptr, y_ptr, N, NP, K, TILES
 def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TILES_PER_PROG, stride_xm, stride_ym,
                       BITS: tl.constexpr, CBITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                      DOT_FP32: tl.constexpr, EMU_BF16: tl.constexpr):
+                      DOT_FP32: tl.constexpr, EMU_BF16: tl.constexpr, ASM: tl.constexpr = False):
     R: tl.constexpr = 16
     C: tl.constexpr = CBITS // BITS
     KT: tl.constexpr = R * C
@@ -275,12 +298,13 @@ def _wna16_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, NP, K, TILES, TIL
                 s = tl.load(s_ptr + g * NP + offs_n)
                 if HAS_ZP:
                     z = tl.load(z_ptr + g * NP + offs_n).to(MDTYPE)
-            # Triton's own extraction here: inline asm would stop the extraction from moving into
-            # the tensor-core operand layout (a shared-memory round trip per slab, 9x the barriers)
-            q = (_slab_codes(w, None, j, BITS, CBITS, MDTYPE, MANT, EMU_BF16 and MANT == 7, False)
-                 - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j])
-            if HAS_ZP:
-                q = q - z[None, :]  # exact: |q - z| <= 255 is an integer in fp16 and bf16
+            # 16-bit containers on GPU: unary inline PTX, which Triton moves into the mma operand
+            # layout with the rest (_extract_imm_asm); 32-bit containers and the interpreter: Triton ops
+            f = _slab_codes(w, None, j, BITS, CBITS, MDTYPE, MANT, EMU_BF16 and MANT == 7, False, ASM)
+            if HAS_ZP:  # the slot's magic offset joins z per column: one subtraction per weight, exact
+                q = f - (z + _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j])[None, :]
+            else:
+                q = f - _magic_offsets(BITS, MANT, _shift_plan(BITS, CBITS, MANT))[j]
             if FL > 1:
                 wq = q.to(ACT)  # exact: |q - z| <= 255
             else:
@@ -433,7 +457,7 @@ def launch_dot(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
         y_ptr=y, M=m, TILES_PER_PROG=per_prog, stride_xm=x2.stride(0), stride_ym=y.stride(0), **args,
         BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=int(cfg.get("GROUP_M", 8)), SPLIT_K=split_k,
         # bf16 tl.dot is wrong in the interpreter; fp16 and all GPU paths keep the native dtype.
-        DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16,
+        DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16, ASM=_uses_asm(),
         num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)),
     )
     return y if y.dtype == x2.dtype else y.to(x2.dtype)

@@ -196,9 +196,10 @@ def _run_extract_ptx(asm: str, regs: dict) -> int:
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_inline_ptx_extraction_gives_every_code(bits, dtype):
-    """The compiled GEMV extracts codes with inline PTX (which the interpreter cannot run):
-    on pairs of 16-bit containers (2-4 bits, half2 in the activation dtype) or single
-    32-bit ones (5-8 bits, fp32). Its shift, mask, LUT and exponent words, evaluated here
+    """The compiled kernels extract codes with inline PTX (which the interpreter cannot run):
+    the GEMV on pairs of 16-bit containers (2-4 bits, half2 in the activation dtype) or
+    single 32-bit ones (5-8 bits, fp32), the tensor-core kernel on pairs of 16-bit ones
+    (its exponent word an immediate). Its shift, mask, LUT and exponent words, evaluated here
     bit by bit, give every signed code, including those of a pair's high container, whose
     bits a 32-bit shift moves into the low one."""
     fmt = container_format(bits)
@@ -219,6 +220,8 @@ def test_inline_ptx_extraction_gives_every_code(bits, dtype):
         for j, sh in enumerate(shifts):
             asm = tw._extract_asm(sh, j * bits - sh, bits, fmt.container_bits)
             outs = [_run_extract_ptx(asm, {"$1": reg, "$2": exps[j] & 0xFFFFFFFF}) for reg in regs]
+            if fmt.container_bits == 16:  # the tensor-core kernel's form: the same word as an immediate
+                assert [_run_extract_ptx(tw._extract_imm_asm(j, bits, mant), {"$1": reg}) for reg in regs] == outs
             if fmt.container_bits == 16:
                 vals = torch.tensor([outs[0] & 0xFFFF, outs[0] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
             else:
