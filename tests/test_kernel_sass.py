@@ -15,8 +15,9 @@ in interpreter mode, where kernels cannot be compiled). Gates:
 
 BUDGET (kernels/sass.py) is a regression ceiling set 10% above what this design
 compiles to today, worst over every shipped config on sm_80/sm_90 (GEMV: 12.5 / 9.6 /
-7.4 / 8.7 / 7.7 / 5.8 / 5.8 at 2..8 bits; tl.dot: 26.2 / 20.2 / 15.7 / 12.9 / 12.2 /
-8.6 / 7.8, its worst being the narrow fallback tiles). It is NOT the bandwidth-bound
+7.4 / 8.7 / 7.7 / 5.8 / 5.8 at 2..8 bits; tl.dot: 17.1 / 16.8 / 10.4 / 12.3 / 11.7 /
+8.2 / 7.4, its worst being the prefill tile BLOCK_M 64 x BLOCK_N 128, whose 2-3-bit
+extraction Triton leaves outside the mma operand layout). It is NOT the bandwidth-bound
 target of issue #19 (about 7 per byte on H200); the README's kernel section gives
 where each width stands against it.
 """
