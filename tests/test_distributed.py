@@ -53,7 +53,10 @@ def _sharded_rank(rank: int, world: int, port: int, out: str) -> None:
         cached, hit = db.build_cached(W, H, specs, layer="blk.0.mlp.down", write=rank == 0, sharded=True)
         dist.barrier()
         again, hit2 = LayerDatabase(f"{out}.cache").build_cached(W, H, specs, write=rank == 0, sharded=True)
-        torch.save({"entries": entries, "cached": cached, "hits": (hit, hit2), "again": again}, f"{out}.{rank}")
+        # our GPTQ variant: a pass per group-parameter rule, picked by the reduced (whole-layer) objective
+        best = build_database_sharded(W, H, specs, layer="blk.0.mlp.down", scale_searches=("hessian", "minmax"))
+        torch.save({"entries": entries, "cached": cached, "hits": (hit, hit2), "again": again, "best": best},
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -73,6 +76,7 @@ def test_row_sharded_database_equals_one_process(tmp_path, world):
     mp.spawn(_sharded_rank, args=(world, _free_port(), str(tmp_path / "d")), nprocs=world, join=True)
     W, H, specs = _layer()
     one = build_database(W, H, specs, layer="blk.0.mlp.down")
+    one_best = build_database(W, H, specs, layer="blk.0.mlp.down", scale_searches=("hessian", "minmax"))
     for r in range(world):
         got = torch.load(tmp_path / f"d.{r}", weights_only=False)
         assert got["hits"] == (False, True)  # built (sharded) on every rank, then read back on every rank
@@ -85,6 +89,10 @@ def test_row_sharded_database_equals_one_process(tmp_path, world):
                 assert a.meta["rel_err"] == pytest.approx(b.meta["rel_err"], rel=1e-9)
                 assert a.meta["gptq_loss"] == pytest.approx(b.meta["gptq_loss"], rel=1e-9)
         assert got["entries"][specs[0]].meta["shards"] == world
+        for s in specs:
+            a, b = got["best"][s], one_best[s]
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), s.short()
+            assert a.meta["scale_search_tried"] == pytest.approx(b.meta["scale_search_tried"], rel=1e-9)
 
 
 def _free_port() -> int:

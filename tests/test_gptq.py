@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from vllm_slq.quant.database import DatabaseError, LayerDatabase, build_database
 from vllm_slq.quant.gptq import (
     GPTQ,
+    GPTQ_VARIANT,
     GPTQError,
     factor_hessian,
     gptq_quantize,
@@ -486,6 +487,28 @@ def test_act_order_database_equals_separate_runs_and_helps(layer192):
         assert one.meta["rel_err"] == pytest.approx(hessian_relative_error(w, one.dequantize(), gp.H), rel=1e-9)
     with pytest.raises(GPTQError, match="act_order"):
         gptq_quantize(w, gp.H, specs[0], act_order=True, factor=factor_hessian(gp.H))
+
+
+def test_database_with_scale_searches_equals_the_uniform_baselines_gptq(layer192):
+    """SLQ's database built with the uniform baseline's GPTQ options (GPTQ_VARIANT, which
+    SLQGPTQModifier's defaults are) gives, per width, gptq_quantize_best's entry bit for bit."""
+    w, gp, _ = layer192
+    specs = [QuantSpec(b, 64, False) for b in (2, 4)] + [QuantSpec(3, 64, True)]
+    kw = {k: v for k, v in GPTQ_VARIANT.items() if k != "scale_searches"}
+    db = build_database(w, gp.H, specs, layer="blk.0.mlp.down", scale_searches=GPTQ_VARIANT["scale_searches"], **kw)
+    for spec in specs:
+        one = gptq_quantize_best(w, gp.H, spec, scale_searches=GPTQ_VARIANT["scale_searches"], **kw)
+        assert torch.equal(db[spec].codes, one.codes) and torch.equal(db[spec].scale, one.scale), spec
+        assert db[spec].meta["scale_search_tried"] == one.meta["scale_search_tried"]
+    with pytest.raises(ValueError, match="scale_search or scale_searches"):
+        build_database(w, gp.H, specs, scale_search="hessian", scale_searches=("minmax",))
+    from vllm_slq.modifiers import SLQGPTQModifier, SLQModifier
+    uni = SLQGPTQModifier()
+    assert (uni.dampening_frac, uni.act_order, uni.scale_search, uni.try_minmax) == (
+        GPTQ_VARIANT["percdamp"], GPTQ_VARIANT["act_order"], "hessian", True)
+    slq = SLQModifier(target_bpp=4.0, shrink_grid=list(GPTQ_VARIANT["shrink_grid"]),
+                      scale_searches=list(GPTQ_VARIANT["scale_searches"]))
+    assert slq.scale_searches == ["hessian", "minmax"]
 
 
 def test_best_of_scale_searches_keeps_the_lower_layer_error(layer192):

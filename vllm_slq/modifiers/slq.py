@@ -95,6 +95,10 @@ class SLQModifier(LayerwiseQuantModifier):
     act_order: bool = SLQ_GPTQ["act_order"]  # GPTQ column order for the database (see SLQGPTQModifier)
     # range-shrink factors tried per group (Hessian-weighted)
     shrink_grid: list[float] = Field(default_factory=lambda: list(SLQ_GPTQ["shrink_grid"]))
+    # several group-parameter rules, e.g. ["hessian", "minmax"]: GPTQ once per rule and per
+    # width the lower layer objective, as the uniform baseline does (SLQGPTQModifier's
+    # try_minmax); None: the Hessian-weighted search alone, which measured better for SLQ
+    scale_searches: Optional[list[Literal["minmax", "mse", "hessian"]]] = None
     # the allocation objective and the EAR probes read their own token blocks
     dataset: str = "brown"
     objective_blocks: int = 8
@@ -176,6 +180,8 @@ class SLQModifier(LayerwiseQuantModifier):
         specs = [s for s in self.options if W.shape[1] % s.effective_group(W.shape[1]) == 0]
         gptq_kw = dict(SLQ_GPTQ, percdamp=self.dampening_frac, scale_dtype=self.scale_dtype_for(module),
                        shrink_grid=self.shrink_grid, act_order=self.act_order)
+        if self.scale_searches:
+            gptq_kw["scale_searches"] = tuple(self.scale_searches)
         if self.database_cache:
             if self._store is None:
                 self._store = LayerDatabase(self.database_cache)

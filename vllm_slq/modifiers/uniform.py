@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Optional
 
 import torch
+from pydantic import Field
 
 from vllm_slq.quant.grid import rtn
-from vllm_slq.quant.gptq import gptq_quantize_best
+from vllm_slq.quant.gptq import GPTQ_VARIANT, gptq_quantize_best
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
 
 from .base import LayerwiseQuantModifier
@@ -61,12 +62,16 @@ class SLQGPTQModifier(LayerwiseQuantModifier):
     needs_hessian: ClassVar[bool] = True
 
     block_size: int = 128
-    dampening_frac: float = 0.01
-    scale_search: Literal["minmax", "mse", "hessian"] = "hessian"
-    act_order: bool = True  # measured: 0.91x llmcompressor's error at w3 (benchmarks/results/gptq_vs_llmcompressor.json)
+    # defaults: gptq.GPTQ_VARIANT, which SLQ's database can be built with too (SLQModifier)
+    dampening_frac: float = GPTQ_VARIANT["percdamp"]
+    scale_search: Literal["minmax", "mse", "hessian"] = GPTQ_VARIANT["scale_searches"][0]
+    # measured: 0.91x llmcompressor's error at w3 (benchmarks/results/gptq_vs_llmcompressor.json)
+    act_order: bool = GPTQ_VARIANT["act_order"]
     # also run GPTQ with min/max group parameters and keep the lower layer error
     # (vllm_slq.quant.gptq.gptq_quantize_best); doubles the GPTQ time
-    try_minmax: bool = True
+    try_minmax: bool = "minmax" in GPTQ_VARIANT["scale_searches"]
+    # range-shrink factors tried per group
+    shrink_grid: list[float] = Field(default_factory=lambda: list(GPTQ_VARIANT["shrink_grid"]))
 
     def quantize_module(self, name: str, module: torch.nn.Linear, H: Optional[torch.Tensor],
                         spec: QuantSpec) -> QuantizedWeight:
@@ -74,5 +79,6 @@ class SLQGPTQModifier(LayerwiseQuantModifier):
         return gptq_quantize_best(module.weight.data, H, spec, layer=name, percdamp=self.dampening_frac,
                                   blocksize=self.block_size, scale_searches=searches,
                                   scale_dtype=self.scale_dtype_for(module), act_order=self.act_order,
+                                  shrink_grid=tuple(self.shrink_grid),
                                   # compressed-tensors/vLLM kernels assume positive scales
-                                  negative_scale=False)
+                                  negative_scale=GPTQ_VARIANT["negative_scale"])

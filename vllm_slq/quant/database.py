@@ -9,7 +9,9 @@ at 2..8 bits). Building them costs one GPTQ pass over the columns for all widths
                                   (gptq.gptq_quantize_many); each entry records
                                   meta["rel_err"] = tr((W-Q) H (W-Q)^T) / tr(W H W^T),
                                   the per-layer sensitivity the proxy-DP baseline and
-                                  RCO's initialisation read
+                                  RCO's initialisation read; with scale_searches, one
+                                  such pass per group-parameter rule and the lower
+                                  objective per spec (gptq.lowest_error)
     build_database_sharded(...)   the same over torch.distributed ranks: GPTQ's rows are
                                   independent given H, so each rank quantizes its share
                                   of the N rows and the codes, scales and zero points are
@@ -49,7 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..fileio import atomic_path, atomic_write
-from .gptq import gptq_quantize_many
+from .gptq import gptq_quantize_many, lowest_error
 from .spec import QuantizedWeight, QuantSpec
 
 __all__ = ["build_database", "LayerDatabase", "DatabaseError", "INDEX_NAME"]
@@ -63,16 +65,30 @@ class DatabaseError(ValueError):
     """A malformed database directory, or a request for a layer/spec it does not hold."""
 
 
+def _runs_per_rule(build, W, H, specs, layer, scale_searches, gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
+    """`build` once per group-parameter rule, then per spec the lowest objective
+    (gptq.lowest_error, as gptq_quantize_best chooses for the uniform baseline)."""
+    if "scale_search" in gptq_kw:
+        raise ValueError(f"build_database{' ' + layer if layer else ''}: give scale_search or scale_searches, "
+                         "not both")
+    return lowest_error({mode: build(W, H, specs, layer=layer, scale_search=mode, **gptq_kw)
+                         for mode in dict.fromkeys(scale_searches)})
+
+
 def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
-                   **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
+                   scale_searches: Optional[Sequence[str]] = None, **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
     """GPTQ of W for every spec from one factorisation of H and one pass over the columns.
 
     Keyword options are those of gptq.gptq_quantize_many (percdamp, blocksize,
     scale_search, shrink_grid, negative_scale, scale_dtype, factor, device).
     Each entry equals, bit for bit, gptq_quantize(W, H, spec) with the same options,
     is stored compactly (int8 codes/zeros, scale in scale_dtype, on the CPU) and
-    carries meta["rel_err"] and meta["bpp"].
+    carries meta["rel_err"] and meta["bpp"]. scale_searches (e.g. gptq.GPTQ_VARIANT's
+    ("hessian", "minmax")): one pass per group-parameter rule, and per spec the entry
+    with the lower objective, equal to gptq_quantize_best's.
     """
+    if scale_searches is not None:
+        return _runs_per_rule(build_database, W, H, specs, layer, scale_searches, gptq_kw)
     out = gptq_quantize_many(W, H, specs, layer=layer, **gptq_kw)
     k = W.shape[1]
     for spec, qw in out.items():
@@ -108,10 +124,14 @@ def _all_gather_rows(t: Optional[torch.Tensor], rows: list[int], device: torch.d
 
 
 def build_database_sharded(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec], layer: str = "",
+                           scale_searches: Optional[Sequence[str]] = None,
                            **gptq_kw) -> dict[QuantSpec, QuantizedWeight]:
     """build_database with the rows of W split over the torch.distributed ranks (a plain
     build_database outside a process group). Every rank must call it with the same H, specs
-    and options; every rank returns the full entries."""
+    and options; every rank returns the full entries. With scale_searches each rule's
+    entries are reduced first, so every rank picks by the whole layer's objective."""
+    if scale_searches is not None:
+        return _runs_per_rule(build_database_sharded, W, H, specs, layer, scale_searches, gptq_kw)
     rank, world = _world()
     n = W.shape[0]
     if world == 1 or n < world:

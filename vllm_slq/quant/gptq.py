@@ -33,6 +33,10 @@ and the map from paper to code below is:
                             come from exactly-current weights, for any G | K (incl. K=576).
     gptq_quantize           one spec (= gptq_quantize_many with [spec])
     hessian_relative_error  tr((W-Q) H (W-Q)^T) / tr(W H W^T), recorded in meta["rel_err"]
+    lowest_error            per spec, the lowest-objective run among several group-parameter
+                            rules (searched range vs plain min/max): gptq_quantize_best and
+                            SLQ's database (quant.database) both choose this way
+    GPTQ_VARIANT            the uniform baseline's GPTQ options (SLQ's database may use them)
 
 The S specs of gptq_quantize_many share the factorisation and one pass over the
 columns on a batched [S, K, N] copy of W (transposed, so that a column of every
@@ -65,7 +69,9 @@ __all__ = [
     "gptq_quantize",
     "gptq_quantize_best",
     "gptq_quantize_many",
+    "GPTQ_VARIANT",
     "hessian_relative_error",
+    "lowest_error",
 ]
 
 SCALE_SEARCH_MODES = ("minmax", "mse", "hessian")
@@ -433,6 +439,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, layer: s
     return gptq_quantize_many(W, H, [spec], layer=layer, **kw)[spec]
 
 
+def lowest_error(runs: dict[str, dict[QuantSpec, QuantizedWeight]]) -> dict[QuantSpec, QuantizedWeight]:
+    """Per spec, the run (one per group-parameter rule, e.g. {"hessian": ..., "minmax": ...})
+    with the lowest tr((W-Q) H (W-Q)^T); meta["scale_search_tried"] records every run's
+    rel_err. A tie keeps the earlier rule."""
+    first = next(iter(runs.values()))
+    out = {}
+    for spec in first:
+        tried = {mode: entries[spec].meta["rel_err"] for mode, entries in runs.items()}
+        best = min(tried, key=tried.get)
+        out[spec] = runs[best][spec]
+        out[spec].meta["scale_search_tried"] = tried
+    return out
+
+
 def gptq_quantize_best(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, layer: str = "",
                        scale_searches: Sequence[str] = ("hessian", "minmax"), **kw) -> QuantizedWeight:
     """GPTQ once per group-parameter rule; keep the lowest tr((W-Q) H (W-Q)^T).
@@ -442,11 +462,12 @@ def gptq_quantize_best(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, lay
     on some layers that costs more than it gains, so plain min/max wins there. The
     GPTQ objective itself decides, per layer (meta["scale_search_tried"] has both).
     """
-    tried, best = {}, None
-    for mode in dict.fromkeys(scale_searches):
-        qw = gptq_quantize(W, H, spec, layer=layer, scale_search=mode, **kw)
-        tried[mode] = qw.meta["rel_err"]
-        if best is None or qw.meta["rel_err"] < best.meta["rel_err"]:
-            best = qw
-    best.meta["scale_search_tried"] = tried
-    return best
+    return lowest_error({mode: {spec: gptq_quantize(W, H, spec, layer=layer, scale_search=mode, **kw)}
+                         for mode in dict.fromkeys(scale_searches)})[spec]
+
+
+# The uniform GPTQ baseline's options (SLQGPTQModifier's defaults). SLQ's database can be built
+# by them too (SLQModifier(shrink_grid=..., scale_searches=...)); by default it is not, as
+# measured (allocation.engine.SLQ_GPTQ says why).
+GPTQ_VARIANT = dict(percdamp=0.01, negative_scale=False, shrink_grid=DEFAULT_SHRINK_GRID, act_order=True,
+                    scale_searches=("hessian", "minmax"))
