@@ -489,26 +489,26 @@ def test_act_order_database_equals_separate_runs_and_helps(layer192):
         gptq_quantize(w, gp.H, specs[0], act_order=True, factor=factor_hessian(gp.H))
 
 
-def test_database_with_scale_searches_equals_the_uniform_baselines_gptq(layer192):
-    """SLQ's database built with the uniform baseline's GPTQ options (GPTQ_VARIANT, which
-    SLQGPTQModifier's defaults are) gives, per width, gptq_quantize_best's entry bit for bit."""
+def test_database_and_uniform_baseline_are_one_gptq_variant(layer192):
+    """SLQ's database and the uniform GPTQ baseline share GPTQ_VARIANT's options; built with
+    several group-parameter rules, a database entry is gptq_quantize_best's, bit for bit."""
+    from vllm_slq.allocation.engine import SLQ_GPTQ
+    from vllm_slq.modifiers import SLQGPTQModifier, SLQModifier
+    uni, slq = SLQGPTQModifier(), SLQModifier(target_bpp=4.0)
+    assert SLQ_GPTQ == GPTQ_VARIANT
+    assert (uni.dampening_frac, uni.act_order, tuple(uni.shrink_grid), uni.try_minmax) == (
+        slq.dampening_frac, slq.act_order, tuple(slq.shrink_grid), bool(slq.scale_searches)) == (
+        GPTQ_VARIANT["percdamp"], GPTQ_VARIANT["act_order"], tuple(GPTQ_VARIANT["shrink_grid"]), False)
     w, gp, _ = layer192
     specs = [QuantSpec(b, 64, False) for b in (2, 4)] + [QuantSpec(3, 64, True)]
-    kw = {k: v for k, v in GPTQ_VARIANT.items() if k != "scale_searches"}
-    db = build_database(w, gp.H, specs, layer="blk.0.mlp.down", scale_searches=GPTQ_VARIANT["scale_searches"], **kw)
+    rules = ("hessian", "minmax")
+    db = build_database(w, gp.H, specs, layer="blk.0.mlp.down", scale_searches=rules, **GPTQ_VARIANT)
     for spec in specs:
-        one = gptq_quantize_best(w, gp.H, spec, scale_searches=GPTQ_VARIANT["scale_searches"], **kw)
+        one = gptq_quantize_best(w, gp.H, spec, scale_searches=rules, **GPTQ_VARIANT)
         assert torch.equal(db[spec].codes, one.codes) and torch.equal(db[spec].scale, one.scale), spec
         assert db[spec].meta["scale_search_tried"] == one.meta["scale_search_tried"]
     with pytest.raises(ValueError, match="scale_search or scale_searches"):
         build_database(w, gp.H, specs, scale_search="hessian", scale_searches=("minmax",))
-    from vllm_slq.modifiers import SLQGPTQModifier, SLQModifier
-    uni = SLQGPTQModifier()
-    assert (uni.dampening_frac, uni.act_order, uni.scale_search, uni.try_minmax) == (
-        GPTQ_VARIANT["percdamp"], GPTQ_VARIANT["act_order"], "hessian", True)
-    slq = SLQModifier(target_bpp=4.0, shrink_grid=list(GPTQ_VARIANT["shrink_grid"]),
-                      scale_searches=list(GPTQ_VARIANT["scale_searches"]))
-    assert slq.scale_searches == ["hessian", "minmax"]
 
 
 def test_best_of_scale_searches_keeps_the_lower_layer_error(layer192):

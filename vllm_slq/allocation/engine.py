@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vllm_slq.quant.scale_search import COARSE_SHRINK_GRID
+from vllm_slq.quant.gptq import GPTQ_VARIANT
 
 from .problem import AllocationProblem
 from .rco import AllocationResult, RCOConfig, rco_allocate, sensitivity_logits
@@ -34,13 +34,10 @@ from .sensitivity import kl_sensitivities
 
 __all__ = ["SLQ_GPTQ", "AllocationEngine", "bisect_budget", "golden_section_max"]
 
-# SLQ's database: asymmetric GPTQ per width from one Hessian, act-order columns, the
-# Hessian-weighted range search on 11 shrink factors (a seventh of the default grid's
-# cost for all 7 widths), positive scales (what compressed-tensors and vLLM assume).
-# Not the uniform baseline's variant (gptq.GPTQ_VARIANT: 81 factors, min/max tried too,
-# the lower layer objective kept): built that way, SLQ at 4.0 bpp measured a 1.037x
-# higher held-out KL, paired 95% CI [1.004, 1.067] (README, "One GPTQ variant?").
-SLQ_GPTQ = dict(percdamp=0.01, negative_scale=False, shrink_grid=tuple(COARSE_SHRINK_GRID), act_order=True)
+# SLQ's database: every width by our GPTQ (gptq.GPTQ_VARIANT, the uniform baseline's too):
+# act-order columns, the Hessian-weighted range search on 11 shrink factors, positive
+# scales (what compressed-tensors and vLLM assume)
+SLQ_GPTQ = dict(GPTQ_VARIANT)
 
 Accept = Callable[[np.ndarray], "tuple[bool, dict]"]
 

@@ -96,8 +96,8 @@ class SLQModifier(LayerwiseQuantModifier):
     # range-shrink factors tried per group (Hessian-weighted)
     shrink_grid: list[float] = Field(default_factory=lambda: list(SLQ_GPTQ["shrink_grid"]))
     # several group-parameter rules, e.g. ["hessian", "minmax"]: GPTQ once per rule and per
-    # width the lower layer objective, as the uniform baseline does (SLQGPTQModifier's
-    # try_minmax); None: the Hessian-weighted search alone, which measured better for SLQ
+    # width the lower layer objective (as SLQGPTQModifier(try_minmax=True)); None: the
+    # Hessian-weighted search alone, which measured better (gptq.GPTQ_VARIANT)
     scale_searches: Optional[list[Literal["minmax", "mse", "hessian"]]] = None
     # the allocation objective and the EAR probes read their own token blocks
     dataset: str = "brown"

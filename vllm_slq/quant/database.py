@@ -83,9 +83,9 @@ def build_database(W: torch.Tensor, H: torch.Tensor, specs: Sequence[QuantSpec],
     scale_search, shrink_grid, negative_scale, scale_dtype, factor, device).
     Each entry equals, bit for bit, gptq_quantize(W, H, spec) with the same options,
     is stored compactly (int8 codes/zeros, scale in scale_dtype, on the CPU) and
-    carries meta["rel_err"] and meta["bpp"]. scale_searches (e.g. gptq.GPTQ_VARIANT's
-    ("hessian", "minmax")): one pass per group-parameter rule, and per spec the entry
-    with the lower objective, equal to gptq_quantize_best's.
+    carries meta["rel_err"] and meta["bpp"]. scale_searches (e.g. ("hessian", "minmax")):
+    one pass per group-parameter rule, and per spec the entry with the lower objective,
+    equal to gptq_quantize_best's (not our default: gptq.GPTQ_VARIANT says why).
     """
     if scale_searches is not None:
         return _runs_per_rule(build_database, W, H, specs, layer, scale_searches, gptq_kw)
