@@ -101,9 +101,11 @@ def _extract_asm(sh, s, bits, container_bits, exponent=None):
     pair is shifted as one word, which is safe: bits crossing from the high container
     land above the code's mask. Then (w & mask) | exponent in one lop3 (LUT 0xea =
     a & b | c), the exponent word read from a register ($2), or an immediate if given.
-    Why asm: with both constants immediate, ptxas re-materialises one of them (MOV or
-    HFMA2.MMA) before every lop3, a sixth to an eighth of the inner loop, and in 16-bit
-    lanes LLVM shifts each container apart (PRMT pairs)."""
+    Why asm: written as Triton ops (both constants immediate), ptxas re-materialises one
+    of them (MOV or HFMA2.MMA) before every lop3, a sixth to an eighth of the inner loop,
+    and in 16-bit lanes LLVM shifts each container apart (PRMT pairs). In the GEMV an
+    immediate exponent inside this asm compiles about the same as the register one
+    (2-bit: 9.7 vs 9.3 SASS per byte)."""
     m = ((1 << bits) - 1) << s
     if container_bits == 16:
         m |= m << 16
