@@ -2,7 +2,7 @@
 
 torchrun with 2 ranks, each calibrating on half the blocks, against one process on all of
 them: Hessians all-reduced before GPTQ, the objective's blocks split over the ranks with
-dL/dP summed, one checkpoint written by rank 0.
+dL/dP (and the scale tuning's gradients) summed, one checkpoint written by rank 0.
 """
 import json
 import os
@@ -127,7 +127,7 @@ def test_all_reduced_hessian_is_the_hessian_of_all_tokens(tmp_path, world):
 def _quantize(model_dir, out, nproc: int):
     args = ["quantize", str(model_dir), "--target", "bpp=4.0", "--calib-samples", "4", "--seq-len", "64",
             "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4", "--probe-seq-len", "64",
-            "--eval-tokens", "256", "--output", str(out)]
+            "--eval-tokens", "256", "--tune-steps", "4", "--output", str(out)]
     launch = [sys.executable, "-m", "vllm_slq.cli"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
          str(_free_port()), "-m", "vllm_slq.cli"]
@@ -157,6 +157,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, reference_model_dir):
         assert torch.allclose(a.quantized[n].scale.float(), b.quantized[n].scale.float(), rtol=1e-2), n
     reports = [json.loads((tmp_path / d / "slq_report.json").read_text()) for d in ("one", "two")]
     assert reports[1]["search"][0]["calib_kl"] == pytest.approx(reports[0]["search"][0]["calib_kl"], rel=1e-2)
+    # the scale tuning took the same steps on both ranks (gradients summed over them) as one
+    # process on all blocks: the scales above match, and so does what it measured
+    tuned = [r["allocation"]["scale_tuning"] for r in reports]
+    assert [e["step"] for e in tuned[1]["log"]] == [e["step"] for e in tuned[0]["log"]] == [0, 4]
+    assert tuned[0]["log"][1]["heldout_kl"] != tuned[0]["log"][0]["heldout_kl"]  # the steps moved the scales
+    for x, y in zip(tuned[0]["log"], tuned[1]["log"]):
+        assert y["heldout_kl"] == pytest.approx(x["heldout_kl"], rel=1e-2)
     # rank 0 evaluated the checkpoint after leaving the process group
     ears = [r["fidelity"]["teacher_forced"]["ear"] for r in reports]
     assert 0 < ears[1] <= 1 and ears[1] == pytest.approx(ears[0], abs=1e-3)

@@ -177,6 +177,12 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", default=None, choices=("kl", "ear"),
                    help="what the allocation minimises: kl (default), or ear: 1 - EAR, maximising the "
                         "teacher-forced acceptance rate directly")
+    g.add_argument("--bits-options", type=int, nargs="+", default=None, metavar="B",
+                   help="the widths SLQ may give a layer (default 2..8); one width gives the uniform "
+                        "baseline through SLQ's database and tuning")
+    g.add_argument("--tune-steps", type=int, default=None, metavar="N",
+                   help="after the allocation, tune the chosen group scales on the model's KL for N steps "
+                        "(codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,
@@ -272,7 +278,8 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("probe_seq_len", "eval_seq_len"), ("search_steps", "search_steps"),
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
                        ("offload_dir", "offload_dir"), ("objective", "allocation_objective"),
-                       ("sensitivity_passes", "sensitivity_max_passes")):
+                       ("sensitivity_passes", "sensitivity_max_passes"), ("tune_steps", "tune_steps"),
+                       ("bits_options", "bits_options")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
     if target.kind == "bpp":
@@ -403,7 +410,8 @@ def run_quantize(args) -> int:
     alloc = getattr(modifier, "allocation", None)
     allocation = None if alloc is None else {
         "seconds": alloc.extra.get("seconds"), "kl_sensitivities": alloc.extra.get("kl_sensitivities"),
-        "database_cache": alloc.extra.get("database_cache"), "objective": alloc.extra.get("objective")}
+        "database_cache": alloc.extra.get("database_cache"), "objective": alloc.extra.get("objective"),
+        "scale_tuning": alloc.extra.get("scale_tuning")}
 
     # checkpoint and report are staged together and published with one rename; an existing
     # output (--overwrite) is deleted only once the new one is in place
@@ -491,6 +499,11 @@ def render_report(report: dict) -> str:
         lines.append(f"  - of which allocation search: {alloc['seconds']:.0f} s"
                      + (f"; GPTQ database read from the cache for {cache['layers_read']} of {cache['layers']} layers"
                         if cache else ""))
+        tuning = alloc.get("scale_tuning")
+        if tuning:
+            lines.append(f"  - group scales tuned on the model's KL ({tuning['steps']} steps, {tuning['seconds']:.0f} s): "
+                         f"held-back calibration KL {tuning['heldout_kl_start']:.4g} -> {tuning['heldout_kl_best']:.4g}"
+                         f" (step {tuning['best_step']})")
     spec = report.get("speculative")
     if spec:
         lo, hi = spec["acceptance_ci95"]

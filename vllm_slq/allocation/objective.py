@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager, nullcontext
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -509,18 +509,28 @@ class ModelKLObjective:
             return _log_softmax_(_owned_fp32(self._logits(self.tokens[idx])))
 
     @contextmanager
-    def _mixing(self, P: torch.Tensor):
-        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear)."""
-        P = P.to(self.device)
-        linears = [(self.linears[m.name], functools.partial(_mixed_forward, self.linears[m.name], P[i],
-                                                            self.candidates[m.name]))
-                   for i, g in enumerate(self.problem.groups) for m in g.modules]
+    def computing_with(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]]):
+        """Inside, each named quantized Linear computes y = forwards[name](x) instead of its own
+        forward, in every model call of the objective (checkpointed recomputes and offloaded
+        blocks included). The allocation's mixing is one such set of forwards; the scale
+        tuning (scale_tuning.py) is another."""
+        unknown = sorted(set(forwards) - set(self.linears))
+        if unknown:
+            raise ValueError(f"computing_with: {unknown[:3]} are not quantized Linears of the objective")
+        linears = [(self.linears[name], forward) for name, forward in forwards.items()]
         previous, self._linear_patches = self._linear_patches, linears
         try:
             with _patched_forwards(linears):
                 yield
         finally:
             self._linear_patches = previous
+
+    def _mixing(self, P: torch.Tensor):
+        """Inside, every quantized Linear of the model computes with W(P[group]) (MixedLinear)."""
+        P = P.to(self.device)
+        return self.computing_with({m.name: functools.partial(_mixed_forward, self.linears[m.name], P[i],
+                                                              self.candidates[m.name])
+                                    for i, g in enumerate(self.problem.groups) for m in g.modules})
 
     @contextmanager
     def _blocks_run(self):
@@ -553,27 +563,39 @@ class ModelKLObjective:
         self.offload.close()
         self._block_homes = []
 
-    def _local_kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Mean divergence (KL unless told otherwise) over the blocks idx, in this process."""
+    def _local_kl(self, computing, idx: torch.Tensor) -> torch.Tensor:
+        """Mean divergence (KL unless told otherwise) over the blocks idx, in this process, with
+        the model computing inside the context `computing` (a fresh one per call)."""
         idx = idx.to(self.device)
         if self.head is not None:
-            with self._mixing(P):
+            with computing:
                 hidden = self._hidden(self.tokens[idx])
             return kl_from_hidden(self._ref_hidden[idx], hidden, self.head, self.divergence)
-        with self._mixing(P):
+        with computing:
             logits = self._logits(self.tokens[idx])
         return kl_full_vocab(self._ref(idx), logits, self.divergence)
 
     def _kl(self, P: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Mean KL over the blocks idx; data-parallel under torch.distributed: this rank scores
-        its share idx[rank::world], and the value and dL/dP are those of all of idx."""
+        """Mean KL over the blocks idx of the mix P; data-parallel under torch.distributed: this
+        rank scores its share idx[rank::world], and the value and dL/dP are those of all of idx."""
+        if self.world > 1 and P.requires_grad:
+            P = _SumGradOverRanks.apply(P)
+        return self._ranks_mean(lambda: self._mixing(P), idx)
+
+    def divergence_with(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                        idx: torch.Tensor) -> torch.Tensor:
+        """Mean KL over the blocks idx with the Linears computing through `forwards`
+        (computing_with). Under torch.distributed the value is all ranks' and its gradient
+        flows to this rank's share only: the caller sums its parameters' gradients over ranks."""
+        return self._ranks_mean(lambda: self.computing_with(forwards), idx)
+
+    def _ranks_mean(self, computing, idx: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
-            return self._local_kl(P, idx)
+            return self._local_kl(computing(), idx)
         if len(idx) % self.world:
             raise ValueError(f"{len(idx)} blocks per objective call do not split over {self.world} ranks; "
                              f"make batch_blocks a multiple of the world size")
-        local = self._local_kl(_SumGradOverRanks.apply(P) if P.requires_grad else P,
-                               idx[self.rank::self.world]) / self.world
+        local = self._local_kl(computing(), idx[self.rank::self.world]) / self.world
         total = local.detach().clone()
         dist.all_reduce(total)
         return local + (total - local.detach())  # the mean over all ranks; its gradient flows locally
@@ -604,15 +626,28 @@ class ModelKLObjective:
     def evaluate(self, choice: np.ndarray, n_blocks: Optional[int] = None) -> float:
         """Mean KL of a hard allocation on the first n_blocks calibration blocks (no grad)."""
         P = self.problem.one_hot(choice)
-        n = self.tokens.shape[0] if n_blocks is None else min(n_blocks, self.tokens.shape[0])
+        return self._mean_over_blocks(lambda: self._mixing(P), range(self._first_blocks(n_blocks)))
+
+    @torch.no_grad()
+    def mean_divergence_with(self, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                             blocks: Sequence[int]) -> float:
+        """Mean KL over the given calibration blocks with the Linears computing through
+        `forwards` (no grad)."""
+        return self._mean_over_blocks(lambda: self.computing_with(forwards), blocks)
+
+    def _first_blocks(self, n_blocks: Optional[int]) -> int:
+        return self.tokens.shape[0] if n_blocks is None else min(n_blocks, self.tokens.shape[0])
+
+    def _mean_over_blocks(self, computing, blocks: Sequence[int]) -> float:
+        blocks = list(blocks)
         if self.world == 1:
-            return sum(float(self._kl(P, torch.tensor([s]))) for s in range(n)) / n
+            return sum(float(self._local_kl(computing(), torch.tensor([s]))) for s in blocks) / len(blocks)
         # data-parallel: blocks round-robin over ranks, one all-reduce of the sum
         tot = torch.zeros((), dtype=torch.float64, device=self.device)
-        for s in range(self.rank, n, self.world):
-            tot += self._local_kl(P, torch.tensor([s])).double()
+        for s in blocks[self.rank::self.world]:
+            tot += self._local_kl(computing(), torch.tensor([s])).double()
         dist.all_reduce(tot)
-        return float(tot) / n
+        return float(tot) / len(blocks)
 
     @contextmanager
     def applied(self, choice: np.ndarray):

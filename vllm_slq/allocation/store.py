@@ -109,9 +109,15 @@ class StoredCandidate:
         unsigned = unpack_planes([self._resident(p) for p in self.planes], self.spec.bits, self.in_features)
         return (unsigned.to(torch.int16) - (1 << (self.spec.bits - 1))).to(torch.int8)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_codes(self.codes(), self._resident(self.scale), self._resident(self.zero_point),
-                                self.spec.group_size, dtype)
+    def resident_scale(self) -> torch.Tensor:
+        """The stored scale [N, groups] on the device the entry is used on."""
+        return self._resident(self.scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(q - z) * s in `dtype`; `scale` [N, groups] replaces the stored scale (the scale tuning's
+        trial scales, on the device the entry is used on)."""
+        return dequantize_codes(self.codes(), self._resident(self.scale) if scale is None else scale,
+                                self._resident(self.zero_point), self.spec.group_size, dtype)
 
     def to_quantized(self) -> QuantizedWeight:
         """The entry as a QuantizedWeight on the CPU (what the checkpoint writer takes)."""

@@ -47,6 +47,7 @@ from vllm_slq.allocation.offload import OffloadDir
 from vllm_slq.allocation.probe import FidelityProbe, reference_continuations
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
 from vllm_slq.allocation.rco import RCOConfig
+from vllm_slq.allocation.scale_tuning import ScaleTuning, tune_scales
 from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.data import load_text, token_blocks
 from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
@@ -125,6 +126,14 @@ class SLQModifier(LayerwiseQuantModifier):
     # the database's candidates, and during the allocation the decoder blocks' weights, rest in
     # memory-mapped files under this directory, and one block at a time is copied onto the device
     offload_dir: Optional[str] = None
+    # after the allocation, tune the chosen candidates' group scales on the model's KL
+    # (allocation/scale_tuning.py) for this many steps, codes and zero points fixed; 0: off.
+    # It trains on tune_blocks calibration blocks just before the objective's (the end of the
+    # split) and keeps the scales that measure best on the objective's own blocks
+    tune_steps: int = 0
+    tune_blocks: int = 128
+    tune_lr: float = 2e-3
+    tune_check_every: int = 8
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
     allocation_path: Optional[str] = None
@@ -268,6 +277,7 @@ class SLQModifier(LayerwiseQuantModifier):
             choice = res.choice
         choice = np.asarray(choice)
         objective.close()  # offloaded blocks back where they were
+        tuning = self._tune_scales(model, problem, choice, device) if self.tune_steps > 0 else None
         self._search_log = engine.log
         self._sensitivity_info = engine.sensitivity_info
         model.to(dtype)
@@ -275,6 +285,8 @@ class SLQModifier(LayerwiseQuantModifier):
         with torch.no_grad():
             for name, spec in specs.items():
                 qw = self._db.quantized(name, spec)
+                if tuning is not None:
+                    qw.scale = tuning.scales[name]
                 module = mods[name]
                 module.weight.data.copy_(qw.dequantize(module.weight.dtype).to(module.weight.device))
                 qw = QuantizedWeight(qw.codes, qw.scale, qw.zero_point, qw.spec,
@@ -292,11 +304,32 @@ class SLQModifier(LayerwiseQuantModifier):
                    {"path": self.database_cache, "layers_read": self._cache_hits, "layers": len(self._names)},
                    "target": {"bpp": self.target_bpp, "ear": self.target_ear, "task_lossless": self.task_lossless,
                               "speculative": self.target_speculative},
-                   "objective": self.allocation_objective})
+                   "objective": self.allocation_objective,
+                   "scale_tuning": None if tuning is None else
+                   {"steps": self.tune_steps, "blocks": self.tune_blocks, "lr": self.tune_lr, **tuning.summary()}})
         if self.allocation_path:
             save_allocation(self._allocation, self.allocation_path)
         self._db.close()
         logger.info(f"SLQModifier: allocated {problem.achieved_bpp(choice):.3f} bpp in {time.time() - t0:.0f} s")
+
+    def _tune_scales(self, model, problem: AllocationProblem, choice: np.ndarray, device) -> ScaleTuning:
+        """The chosen candidates' scales tuned on the model's KL: an objective over the calibration
+        split's last tune_blocks + objective_blocks blocks, training on the first tune_blocks and
+        checking on the rest (the allocation objective's own blocks)."""
+        tokens = self._tokens(model, "calibration", self.tune_blocks + self.objective_blocks,
+                              self.objective_seq_len, from_end=True)
+        objective = ModelKLObjective(model, problem, self._db, tokens, batch_blocks=self._batch_blocks(),
+                                     checkpoint_blocks=self.checkpoint_blocks, compute_dtype=None,
+                                     offload_dir=self.offload_dir, device=device,
+                                     divergence={"kl": "kl", "ear": "tv"}[self.allocation_objective])
+        try:
+            tuning = tune_scales(objective, choice, self.tune_blocks, self.tune_steps, lr=self.tune_lr,
+                                 check_every=self.tune_check_every)
+        finally:
+            objective.close()
+        logger.info(f"SLQModifier: scales tuned in {tuning.seconds:.0f} s, held-back KL "
+                    f"{tuning.heldout_kl_start:.4f} -> {tuning.heldout_kl_best:.4f} (step {tuning.best_step})")
+        return tuning
 
     @staticmethod
     def _batch_blocks() -> int:

@@ -1,0 +1,130 @@
+"""What tuning the group scales on the model's KL (allocation/scale_tuning.py) buys, on the reference model.
+
+Four runs of the main job, as subprocesses, sharing one GPTQ database cache (so each pair
+differs in the tuning alone):
+
+    slq        vllm-slq quantize smollm2-135m --target bpp=4.0
+    slq+tune   ... --tune-steps N
+    w4         --target bpp=4.3125 --bits-options 4   (uniform asymmetric w4 g64: SLQ's database
+               and pipeline with one width, the same GPTQ as `--method gptq --bits 4`)
+    w4+tune    ... --tune-steps N
+
+with the main job's evaluation (--eval-tokens held-out tokens of the evaluation split, which
+neither GPTQ nor the tuning read). Paired on the same sequences (the statistics of `vllm-slq
+report --compare`): each tuned run against its untuned twin, and SLQ against uniform w4
+with and without tuning (issue #15's target: SLQ at 4.0 bpp <= 0.75x uniform w4's KL).
+
+    PYTHONPATH=.. python scale_tuning.py [--tune-steps 64] [--runs slq slq+tune w4 w4+tune]
+
+Prints a table, writes results/scale_tuning.json (after every run) and
+results/scale_tuning.png (held-back calibration KL against the tuning step; held-out KL per run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, print_table, save_figure, write_json
+
+from vllm_slq.eval.report import paired_comparison
+
+RUNS = {
+    "slq": ["--target", "bpp=4.0"],
+    "slq+tune": ["--target", "bpp=4.0", "--tune-steps", "{steps}"],
+    "w4": ["--target", "bpp=4.3125", "--bits-options", "4"],
+    "w4+tune": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "{steps}"],
+}
+PAIRS = [("slq+tune", "slq"), ("w4+tune", "w4"), ("slq", "w4"), ("slq+tune", "w4"), ("slq+tune", "w4+tune")]
+
+
+def run(name: str, args, out_root: Path) -> dict:
+    out = out_root / name
+    cmd = [str(Path(sys.executable).parent / "vllm-slq"), "quantize", args.model, "--eval-tokens", str(args.eval_tokens),
+           "--database-cache", str(out_root / "db"), "--output", str(out), "--overwrite",
+           *[a.format(steps=args.tune_steps) for a in RUNS[name]]]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if r.returncode:
+        raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    report = json.loads((out / "slq_report.json").read_text())
+    fid = report["fidelity"]
+    fid["label"] = name
+    tuning = (report.get("allocation") or {}).get("scale_tuning")
+    return {"run": name, "command": " ".join(cmd), "wall_s": time.time() - t0, "bpp": report["bpp"],
+            "kl": fid["teacher_forced"]["kl"], "ear": fid["teacher_forced"]["ear"],
+            "ear_ci95": fid["teacher_forced"]["ear_ci95"], "ppl": fid["teacher_forced"].get("ppl_cand"),
+            "tuning_s": None if tuning is None else tuning["seconds"],
+            "heldback_kl_ratio": None if tuning is None else tuning["heldout_kl_ratio"],
+            "tuning": tuning, "fidelity": fid}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        if r["tuning"]:
+            log = r["tuning"]["log"]
+            a.plot([e["step"] for e in log], [e["heldout_kl"] for e in log], marker="o", label=r["run"])
+    a.set_xlabel("tuning step")
+    a.set_ylabel("held-back calibration KL")
+    a.set_title("scale tuning: KL on blocks it did not fit")
+    a.legend()
+    b.bar([r["run"] for r in rows], [r["kl"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        b.text(i, r["kl"], f"{r['kl']:.3f}\n{r['bpp']:.2f} bpp", ha="center", va="bottom", fontsize=8)
+    b.set_ylabel("held-out KL (evaluation split)")
+    b.set_title("held-out KL to the original")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--tune-steps", type=int, default=64)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "scale_tuning"))
+    p.add_argument("--out", default=str(RESULTS / "scale_tuning.json"))
+    args = p.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows, result = [], {"benchmark": "scale_tuning", "settings": vars(args),
+                        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    for name in args.runs:
+        rows.append(run(name, args, work))
+        print(f"{name}: KL {rows[-1]['kl']:.4f} in {rows[-1]['wall_s']:.0f} s", flush=True)
+        result["rows"] = [{k: v for k, v in r.items() if k != "fidelity"} for r in rows]
+        write_json(args.out, result)
+    by = {r["run"]: r["fidelity"] for r in rows}
+    comparisons = []
+    for a, b in PAIRS:
+        if a in by and b in by:
+            c = paired_comparison(by[a], by[b])
+            lo, hi = c["kl"]["ci95"]
+            comparisons.append({"a": a, "b": b, "kl_ratio": c["kl"]["ratio_a_over_b"], "kl_ratio_ci": [lo, hi],
+                                "kl_ratio_ci_text": f"[{lo:.3f}, {hi:.3f}]",
+                                "ear_difference": c["ear"]["a_minus_b"], "ear_difference_ci": c["ear"]["ci95"]})
+    result["comparisons"] = comparisons
+    print_table(rows, [("run", "run", ""), ("bpp", "bpp", ".3f"), ("kl", "held-out KL", ".4f"), ("ear", "EAR", ".4f"), ("ppl", "PPL", ".2f"),
+                       ("heldback_kl_ratio", "held-back KL tuned/start", ".3f"), ("tuning_s", "tuning s", ".0f"),
+                       ("wall_s", "wall s", ".0f")])
+    print()
+    print_table(comparisons, [("a", "a", ""), ("b", "b", ""), ("kl_ratio", "KL a/b", ".3f"),
+                              ("kl_ratio_ci_text", "paired 95% CI", ""), ("ear_difference", "EAR a-b", "+.4f")])
+    write_json(args.out, result)
+    plot(rows, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Tuning the chosen group scales on the model's KL, codes fixed (allocation/scale_tuning.py)."""
+import numpy as np
+import pytest
+import torch
+
+from vllm_slq.allocation.objective import ModelKLObjective, build_candidates
+from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
+from vllm_slq.allocation.scale_tuning import ScaledLinear, tune_scales
+from vllm_slq.allocation.store import StoredCandidate
+from vllm_slq.quant.grid import rtn
+from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
+from vllm_slq.testing import tiny_llama
+
+torch.set_num_threads(1)
+OPTS = [QuantSpec(b, 32, False) for b in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 16, False), QuantSpec(4, 16, True), QuantSpec(2, None, False)])
+def test_scaled_linear_matches_autograd_through_the_dense_weight(spec):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 48, generator=g)
+    qw = rtn(W, spec, scale_dtype=torch.float16)
+    c = StoredCandidate.from_quantized(qw, "cpu")
+    groups = qw.scale.shape[1]
+    d = (0.1 * torch.randn(24, groups, generator=g)).requires_grad_()
+    x = torch.randn(5, 7, 48, generator=g, requires_grad=True)
+    bias = torch.randn(24, generator=g)
+    y = ScaledLinear.apply(x, d, bias, c)
+    gy = torch.randn(y.shape, generator=g)
+    gx, gd = torch.autograd.grad(y, (x, d), gy)
+    # the same function written densely, differentiated by autograd
+    d2, x2 = d.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    grp = spec.effective_group(48)
+    integers = qw.codes.float().reshape(24, -1, grp) - (0 if qw.zero_point is None else qw.zero_point.float().unsqueeze(-1))
+    dense = (integers * (qw.scale.float() * torch.exp(d2)).unsqueeze(-1)).reshape(24, 48)
+    y2 = torch.nn.functional.linear(x2, dense, bias)
+    gx2, gd2 = torch.autograd.grad(y2, (x2, d2), gy)
+    assert torch.allclose(y, y2, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, gx2, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(gd, gd2, rtol=1e-4, atol=1e-4)
+    # d = 0 is the candidate itself
+    zero = ScaledLinear.apply(x.detach(), torch.zeros_like(d), None, c)
+    assert torch.equal(zero, torch.nn.functional.linear(x.detach(), qw.dequantize(torch.float32)))
+
+
+def _setup(seed=0, n_blocks=6):
+    model = tiny_llama(seed=seed)
+    pb = AllocationProblem(group_linears(linear_shapes(model)), OPTS)
+    tokens = torch.randint(0, 512, (n_blocks, 32), generator=torch.Generator().manual_seed(seed))
+    db = build_candidates(model, pb, method="rtn", progress=False)
+    obj = ModelKLObjective(model, pb, db, tokens, batch_blocks=2)
+    return model, pb, db, tokens, obj
+
+
+def test_tuning_lowers_the_held_back_kl_and_returns_the_scales_it_measured():
+    model, pb, db, tokens, obj = _setup()
+    choice = np.zeros(pb.n_groups, dtype=int)  # every layer 2-bit: RTN's min/max scales are far off
+    res = tune_scales(obj, choice, train_blocks=4, steps=12, lr=2e-2, check_every=3)
+    assert res.heldout_kl_best < 0.97 * res.heldout_kl_start, res.summary()  # measured 0.94
+    assert res.best_step > 0 and [e["step"] for e in res.log] == [0, 3, 6, 9, 12]
+    assert res.heldout_kl_best == min(e["heldout_kl"] for e in res.log)
+    tuned = {}
+    for name, entries in db.items():
+        qw = entries[OPTS[0]]
+        scale = res.scales[name]
+        assert scale.dtype == qw.scale.dtype and scale.shape == qw.scale.shape
+        assert not torch.equal(scale, qw.scale)
+        tuned[name] = {OPTS[0]: QuantizedWeight(qw.codes, scale, qw.zero_point, qw.spec)}
+    # the returned scales, written as a database of their own, score the best held-back KL
+    # (up to their rounding to the stored fp16)
+    pb1 = AllocationProblem(group_linears(linear_shapes(model)), OPTS[:1])
+    check = ModelKLObjective(model, pb1, tuned, tokens[4:])
+    assert check.evaluate(np.zeros(pb1.n_groups, dtype=int)) == pytest.approx(res.heldout_kl_best, rel=2e-3)
+
+
+def test_no_step_that_helps_keeps_the_stored_scales():
+    _, pb, db, _, obj = _setup(seed=1)
+    choice = np.full(pb.n_groups, 2)
+    res = tune_scales(obj, choice, train_blocks=4, steps=2, lr=0.0, check_every=1)
+    assert res.best_step == 0 and res.heldout_kl_best == res.heldout_kl_start
+    for name, entries in db.items():
+        assert torch.equal(res.scales[name], entries[OPTS[2]].scale)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    _, pb, _, _, obj = _setup()
+    choice = np.zeros(pb.n_groups, dtype=int)
+    with pytest.raises(ValueError, match="train_blocks=6"):
+        tune_scales(obj, choice, train_blocks=6, steps=1)
+    with pytest.raises(ValueError, match="steps=0"):
+        tune_scales(obj, choice, train_blocks=4, steps=0)
