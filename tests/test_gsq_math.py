@@ -149,11 +149,14 @@ def test_edge_codes_mask_off_grid_candidates():
     assert gw.hard_codes()[0, 0] != -6
 
 
-def test_rejects_asymmetric_and_bad_ternary_init():
+def test_rejects_inconsistent_zero_points_and_bad_ternary_init():
     spec = QuantSpec(2, 4, symmetric=False)
-    qw = QuantizedWeight(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int8), spec)
-    with pytest.raises(QuantSpecError, match="symmetric"):
+    qw = QuantizedWeight(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, 1), None, spec)
+    with pytest.raises(QuantSpecError, match="model.layers.0.mlp.up_proj.*w2ag4 init lacks zero points"):
         GSQWeight(qw, name="model.layers.0.mlp.up_proj")
+    qw = QuantizedWeight(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int8), spec)
+    with pytest.raises(QuantSpecError, match="ternary GSQ is symmetric"):
+        GSQWeight(qw, ternary=True, name="x")
     spec = QuantSpec(2, 4, symmetric=True)
     qw = QuantizedWeight(torch.full((2, 4), -2, dtype=torch.int8), torch.ones(2, 1), None, spec)
     with pytest.raises(QuantSpecError, match="ternary"):
@@ -257,3 +260,80 @@ def test_ternary_init_runs_the_gptq_loop_with_ternary_codes():
     err_gptq = hessian_relative_error(W, qw.dequantize(torch.float32), H)
     err_rtn = hessian_relative_error(W, rtn.dequantize(torch.float32), H)
     assert err_gptq < 0.9 * err_rtn, (err_gptq, err_rtn)
+
+
+# ---- asymmetric grids: W = (q - z) * s with GPTQ's integer zero points fixed ----------
+
+def asym_rtn(w: torch.Tensor, bits: int, group: int) -> QuantizedWeight:
+    """Minimal asymmetric min/max RTN for the tests (independent of grid.py), signed convention."""
+    spec = QuantSpec(bits, group, symmetric=False)
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(1e-8)
+    zero = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
+    codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)), spec.qmin, spec.qmax)
+    return QuantizedWeight(codes.to(torch.int8).view(n, k), scale, zero.to(torch.int8), spec)
+
+
+def _asym_weight(bits, n=6, k=16, group=8, seed=0, chunk_elems=1 << 21):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) + 0.7  # off-centre rows
+    init = asym_rtn(w, bits, group)
+    return w, init, GSQWeight(init, seed=seed, chunk_elems=chunk_elems, fp_weight=w)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("chunk_elems", [1 << 21, 40])
+def test_asymmetric_soft_weight_and_backward_match_autograd(bits, chunk_elems):
+    _, init, gw = _asym_weight(bits, chunk_elems=chunk_elems)
+    assert gw.zero is not None and torch.equal(gw.zero_point, init.zero_point)
+    with torch.no_grad():
+        gw.logits.add_(0.02 * torch.randn(gw.logits.shape, generator=torch.Generator().manual_seed(5)))
+    grad_out = torch.randn(gw.q0.shape, generator=torch.Generator().manual_seed(9))
+    soft = gw.soft_weight(0.7, 150.0, 1234)
+    (soft * grad_out).sum().backward()
+    g_logits, g_scale = gw.logits.grad.clone(), gw.scale.grad.clone()
+    gw.logits.grad = gw.scale.grad = None
+    ref = soft_weight_reference(gw, 0.7, 150.0, 1234)
+    torch.testing.assert_close(soft, ref.detach(), rtol=1e-5, atol=1e-6)
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(g_logits, gw.logits.grad, rtol=1e-4, atol=1e-5 * g_logits.abs().max().item())
+    torch.testing.assert_close(g_scale, gw.scale.grad, rtol=1e-4, atol=1e-5 * g_scale.abs().max().item())
+    # the hard weight keeps the zero points; before any step it is the init (the prior's argmax)
+    hard = gw.to_quantized()
+    assert torch.equal(hard.zero_point, init.zero_point) and hard.spec == init.spec
+
+
+def test_asymmetric_backward_float64_gradcheck():
+    from vllm_slq.quant.gsq import GumbelSoftWeight
+
+    _, _, gw = _asym_weight(3, n=3, k=8, group=4)
+    logits = (gw.logits.detach().double() * 3).requires_grad_(True)
+    scale = gw.scale.detach().double().requires_grad_(True)
+    fn = lambda lg, sc: GumbelSoftWeight.apply(lg, sc, gw.base, gw.offsets.double(), 0.9, 100.0, 7, gw.spec.qmin,
+                                               gw.spec.qmax, 1 << 21, torch.float64, None, gw.zero.double())
+    assert torch.autograd.gradcheck(fn, (logits, scale), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_asymmetric_refine_lowers_output_error_and_keeps_codes_on_the_grid(bits):
+    """As the symmetric test above: GSQ on one linear (loss = output MSE) beats its RTN init,
+    here on an asymmetric grid whose zero points stay as they were."""
+    torch.manual_seed(0)
+    n, k, group = 32, 64, 16
+    w = torch.randn(n, k) + 0.5  # off-centre rows: the asymmetric grid's case
+    x = torch.randn(256, k) @ torch.randn(k, k) * 0.3
+    init = asym_rtn(w, bits, group)
+    gw = {"w": GSQWeight(init, fp_weight=w)}
+    batches = [x[i:i + 32] for i in range(0, 256, 32)]
+    target = {id(b): b @ w.T for b in batches}
+
+    def loss_fn(weights, batch):
+        return ((batch @ weights["w"].T - target[id(batch)]) ** 2).mean()
+
+    cfg = GSQConfig(epochs=12, batch_size=2, logit_lr=2e-3, scale_lr=1e-3)
+    res = refine(gw, batches, loss_fn, cfg, keep_init_if_worse=False)
+    assert res.final_hard_loss < 0.9 * res.init_hard_loss, (res.init_hard_loss, res.final_hard_loss)
+    q = gw["w"].to_quantized()
+    assert int(q.codes.min()) >= q.spec.qmin and int(q.codes.max()) <= q.spec.qmax
+    assert torch.equal(q.zero_point, init.zero_point)

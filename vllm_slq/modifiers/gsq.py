@@ -7,7 +7,8 @@ sequential pipeline, for every decoder layer ("block"):
                       class) and a pre-hook/forward hook on the block cache its
                       inputs (already quantized-propagated) and its FP output
   sequential_epoch_end
-      1. GPTQ init on a symmetric grid: vllm_slq.quant.gptq.gptq_quantize
+      1. GPTQ init on the layer's grid (symmetric, or asymmetric with integer zero
+         points that stay fixed): vllm_slq.quant.gptq.gptq_quantize
          (ternary: vllm_slq.quant.gsq_ternary.gptq_ternary, codes {-1,0,1})
       2. GSQ refinement of the block's target Linears *jointly*: loss = MSE between
          the block output with the soft weights and the cached FP output, on the
@@ -22,7 +23,7 @@ sequential pipeline, for every decoder layer ("block"):
 Defaults follow the paper: MLP gate/up/down quantized and refined, attention kept
 in high precision (``include_attention: true`` quantizes and refines q/k/v/o too).
 Per-layer bits (mixed 2/3/4-bit) come from ``layer_specs`` (an RCO allocation
-artifact), as for every vllm-slq modifier; every spec must be symmetric.
+artifact), as for every vllm-slq modifier, at any width 2-8, symmetric or asymmetric.
 
 Storage: the true bit width (2-bit codes packed as 2-bit). Ternary is stored on the
 2-bit symmetric grid (codes in {-1, 0, 1}, the -2 code unused), i.e. 2 bits/weight.
@@ -72,7 +73,9 @@ def _detach(x):
 
 
 class GSQModifier(LayerwiseQuantModifier):
-    """GSQ (Gumbel-Softmax scalar quantization) on a symmetric grid, block by block.
+    """GSQ (Gumbel-Softmax scalar quantization), block by block, on a symmetric grid (the
+    paper's) or an asymmetric one (``symmetric: false``: GPTQ's zero points kept, codes and
+    scales refined).
 
     Grid: bits (2..8), group_size, ternary (codes {-1,0,1} on the 2-bit grid).
     Targets: MLP gate/up/down by default; include_attention adds q/k/v/o.
@@ -129,8 +132,8 @@ class GSQModifier(LayerwiseQuantModifier):
 
     @model_validator(mode="after")
     def _check_grid(self):
-        if not self.symmetric:
-            raise ValueError("GSQModifier: GSQ is a symmetric format; symmetric must be true")
+        if self.ternary and not self.symmetric:
+            raise ValueError("GSQModifier: ternary codes {-1, 0, 1} are symmetric; set symmetric: true")
         if self.ternary and self.bits != 2:
             raise ValueError(f"GSQModifier: ternary codes are stored on the 2-bit grid; set bits: 2 (got {self.bits})")
         if self.epochs < 1 or self.batch_size < 1:
@@ -158,9 +161,9 @@ class GSQModifier(LayerwiseQuantModifier):
         if self.include_attention:
             self.targets = list(dict.fromkeys(list(self.targets) + ATTENTION_TARGETS))
         super().on_initialize(state, **kwargs)
-        bad = {n: s.short() for n, s in self._specs.items() if not s.symmetric or (self.ternary and s.bits != 2)}
+        bad = {n: s.short() for n, s in self._specs.items() if self.ternary and (s.bits != 2 or not s.symmetric)}
         if bad:
-            raise SpecResolutionError(f"GSQModifier: layer specs must be symmetric{' 2-bit (ternary)' if self.ternary else ''}; "
+            raise SpecResolutionError(f"GSQModifier: ternary layer specs must be symmetric 2-bit; "
                                       f"got {dict(list(bad.items())[:6])}")
         model = state.model
         types = self.block_types or list(getattr(model, "_no_split_modules", None) or [])
@@ -265,7 +268,7 @@ class GSQModifier(LayerwiseQuantModifier):
             qw = w.to_quantized()
             sdt = self.scale_dtype_for(modules[n])
             # scales are stored in half precision: round now so propagation sees the stored weight
-            qw = QuantizedWeight(qw.codes, qw.scale.to(sdt), None, qw.spec,
+            qw = QuantizedWeight(qw.codes, qw.scale.to(sdt), qw.zero_point, qw.spec,
                                  meta={**qw.meta, "gsq_init_mse": res.init_hard_loss,
                                        "gsq_final_mse": res.final_hard_loss, "gsq_kept": res.kept})
             self._refined[n] = qw

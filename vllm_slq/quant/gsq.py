@@ -1,8 +1,9 @@
 """GSQ: Gumbel-Softmax scalar quantization (Dadgarnia et al.), the pure math.
 
-GSQ keeps a plain **symmetric** group-wise integer format (w ~ q * s) and learns,
-per weight, which grid code to use, and per group, the scale, by relaxing the
-discrete choice with a Gumbel-Softmax. It starts from GPTQ codes q0 and scales.
+GSQ keeps a plain group-wise integer format, symmetric (w ~ q * s) or asymmetric
+(w ~ (q - z) * s, the integer zero point z kept as GPTQ chose it), and learns, per
+weight, which grid code to use, and per group, the scale, by relaxing the discrete
+choice with a Gumbel-Softmax. It starts from GPTQ codes q0 and scales.
 
 Equations (docs/methods.md section 3) and where they live below:
 
@@ -17,7 +18,7 @@ Equations (docs/methods.md section 3) and where they live below:
   (std 0.01, strength 6).
 * Soft weight (:class:`GumbelSoftWeight`, :class:`TernarySoftWeight`):
     y = softmax((alpha * kappa + g) / tau),   g ~ Gumbel(0, 1)
-    W_soft = (base + sum_k y_k d_k) * s
+    W_soft = (base + sum_k y_k d_k - z) * s          (z = 0 when symmetric)
   For weights up to ``save_elems`` logits (default 64M) the forward keeps
   y_k (d_k - e) for the backward (as much memory as the logits); larger weights
   **replay** g from a seed in the backward instead, so no soft one-hot [N, K, C]
@@ -26,7 +27,7 @@ Equations (docs/methods.md section 3) and where they live below:
   an order of magnitude slower on CPU), so transient buffers stay small.
   Gradients (y_k = softmax output, e = E_y[d]):
     dL/dalpha_k = (kappa / tau) * (dL/dW * s) * y_k * (d_k - e)
-    dL/ds_group = sum_{group} dL/dW * (base + e)
+    dL/ds_group = sum_{group} dL/dW * (base + e - z)
 * Schedules per step (quant/lion.py: ``linear_schedule``, ``cosine_lr``):
     tau 2.0 -> 0.05 linear, kappa 100 -> 500 linear, lr cosine to 0.1 * lr.
 * Optimiser (quant/lion.py: ``Lion``): u = sign(b1 m + (1 - b1) g);
@@ -231,9 +232,10 @@ def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 
 class GumbelSoftWeight(torch.autograd.Function):
-    """W_soft = (base + sum_k softmax((alpha*kappa + g)/tau)_k d_k) * s.
+    """W_soft = (base + sum_k softmax((alpha*kappa + g)/tau)_k d_k - z) * s.
 
-    Inputs: logits [N,K,C] fp32, scale [N,groups] fp32, base int8 [N,K], offsets [C];
+    Inputs: logits [N,K,C] fp32, scale [N,groups] fp32, base int8 [N,K], offsets [C],
+    zero: the asymmetric grid's zero points [N,groups] (fp32, integer values) or None;
     candidates outside [qmin, qmax] are masked from (base, offsets) on the fly.
     save_elems: if logits.numel() <= save_elems, forward keeps y*(d - e) ([N,K,C]
     fp32, as much memory as the logits) for the backward; otherwise the backward
@@ -247,7 +249,7 @@ class GumbelSoftWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, scale, base, offsets, tau, kappa, seed, qmin, qmax, chunk_elems, out_dtype,
-                save_elems=None):
+                save_elems=None, zero=None):
         n, k, c = logits.shape
         rows = _chunk_rows(n, k, c, chunk_elems)
         out = torch.empty((n, k), dtype=out_dtype, device=logits.device)
@@ -259,16 +261,16 @@ class GumbelSoftWeight(torch.autograd.Function):
                 r1 = min(n, r0 + rows)
                 y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
                 e = torch.tensordot(offs, y, dims=([0], [0]))  # [rows, K]
-                be = base[r0:r1].to(logits.dtype) + e
+                be = _shifted(base[r0:r1], e, zero, r0, r1)
                 out[r0:r1] = (be * _expand_groups(scale[r0:r1], k)).to(out_dtype)
                 if save:
                     # y_k (d_k - e), the per-candidate factor of dL/dalpha (zero where masked)
                     saved_a.append(y.mul_((offs.view(c, 1, 1) - e)))
                     saved_be.append(be)
         ctx.save_for_backward(logits, scale, base, offs)
+        ctx.zero = zero
         ctx.saved_chunks = (saved_a, saved_be) if save else None
         ctx.cfg = (tau, kappa, seed, qmin, qmax, chunk_elems)
-        ctx.n_inputs = 11 if save_elems is None else 12
         return out
 
     @staticmethod
@@ -290,7 +292,7 @@ class GumbelSoftWeight(torch.autograd.Function):
             else:
                 y = _soft_assign(logits[r0:r1], base[r0:r1], offs, tau, kappa, seed, i, qmin, qmax)
                 e = torch.tensordot(offs, y, dims=([0], [0]))
-                be = base[r0:r1].to(logits.dtype) + e
+                be = _shifted(base[r0:r1], e, ctx.zero, r0, r1)
                 a = y.mul_(offs.view(c, 1, 1) - e)  # y*(d - e) is zero for masked candidates (y = 0)
             g = grad_out[r0:r1].to(logits.dtype)
             if need_scale:
@@ -298,7 +300,13 @@ class GumbelSoftWeight(torch.autograd.Function):
             if need_logits:
                 gs = g * _expand_groups(scale[r0:r1], k) * (kappa / tau)
                 g_logits[r0:r1].permute(2, 0, 1).copy_(a.mul_(gs))
-        return (g_logits, g_scale) + (None,) * (ctx.n_inputs - 2)
+        return (g_logits, g_scale) + (None,) * 11  # (autograd drops the Nones past the inputs given)
+
+
+def _shifted(base: torch.Tensor, e: torch.Tensor, zero: Optional[torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """base + e - z for rows [r0, r1) (z expanded over its groups; none when symmetric)."""
+    be = base.to(e.dtype) + e
+    return be if zero is None else be.sub_(_expand_groups(zero[r0:r1], be.shape[1]))
 
 
 def _soft_assign(logits, base, offs, tau, kappa, seed, chunk_index, qmin, qmax):
@@ -383,7 +391,8 @@ def soft_weight_reference(w: "GSQWeight", tau: float, kappa: float, seed: int) -
     z = z.masked_fill(~w.valid_mask(), float("-inf"))
     y = torch.softmax(z, dim=-1)
     e = (y * w.offsets).sum(-1)
-    return (w.base.to(torch.float32) + e) * _expand_groups(w.scale, k)
+    z = 0.0 if w.zero is None else _expand_groups(w.zero, k)
+    return (w.base.to(torch.float32) + e - z) * _expand_groups(w.scale, k)
 
 
 # --------------------------------------------------------------------------- #
@@ -393,8 +402,9 @@ def soft_weight_reference(w: "GSQWeight", tau: float, kappa: float, seed: int) -
 class GSQWeight:
     """Learnable assignment logits and group scales for one linear weight.
 
-    Built from an initial symmetric quantization (GPTQ codes q0 and scales). The
-    trainable tensors are ``logits`` ([N,K,C] fp32) and ``scale`` ([N,groups] fp32).
+    Built from an initial quantization (GPTQ codes q0, scales and, on an asymmetric
+    grid, zero points, which stay fixed). The trainable tensors are ``logits``
+    ([N,K,C] fp32) and ``scale`` ([N,groups] fp32).
     """
 
     def __init__(
@@ -415,8 +425,10 @@ class GSQWeight:
         replay the noise from its seed instead."""
         spec = init.spec
         where = f"layer {name!r}: " if name else ""
-        if not spec.symmetric or init.zero_point is not None:
-            raise QuantSpecError(f"{where}GSQ refines symmetric quantization only, got {spec.short()}")
+        if spec.symmetric != (init.zero_point is None):
+            raise QuantSpecError(f"{where}{spec.short()} init {'has' if spec.symmetric else 'lacks'} zero points")
+        if ternary and not spec.symmetric:
+            raise QuantSpecError(f"{where}ternary GSQ is symmetric (codes -1, 0, 1), got {spec.short()}")
         q0 = init.codes
         if q0.dim() != 2:
             raise QuantSpecError(f"{where}codes must be [N, K], got shape {tuple(q0.shape)}")
@@ -444,6 +456,8 @@ class GSQWeight:
             logits = init_logits(self.q0, self.base, self.offsets, init_std, init_strength, gen)
         self.logits = logits.requires_grad_(True)
         self.scale = init.scale.detach().to(torch.float32).clone().requires_grad_(True)
+        self.zero_point = init.zero_point  # int8 [N, groups] or None: fixed, as GPTQ chose it
+        self.zero = None if init.zero_point is None else init.zero_point.to(device=device, dtype=torch.float32)
         self.meta = dict(init.meta)
 
     @property
@@ -462,7 +476,7 @@ class GSQWeight:
                                            self.chunk_elems, dtype)
         return GumbelSoftWeight.apply(self.logits, self.scale, self.base, self.offsets, float(tau), float(kappa),
                                       int(seed), self.spec.qmin, self.spec.qmax, self.chunk_elems, dtype,
-                                      self.save_elems)
+                                      self.save_elems, self.zero)
 
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
@@ -486,7 +500,7 @@ class GSQWeight:
         return QuantizedWeight(
             codes=self.hard_codes(),
             scale=self.scale.detach().clone(),
-            zero_point=None,
+            zero_point=self.zero_point,
             spec=self.spec,
             meta=meta,
         )
@@ -610,7 +624,7 @@ def hard_loss(weights, batches, loss_fn, dtype, codes: Optional[Mapping[str, tor
     hard = {}
     for n, w in weights.items():
         c = w.hard_codes() if codes is None else codes[n]
-        hard[n] = QuantizedWeight(c, w.scale.detach(), None, w.spec).dequantize(dtype)
+        hard[n] = QuantizedWeight(c, w.scale.detach(), w.zero_point, w.spec).dequantize(dtype)
     total = 0.0
     for b in batches:
         total += float(loss_fn(hard, b))
