@@ -13,6 +13,10 @@ seconds (refinement only, one thread by default).
 
     python benchmarks/gsq_block.py --bits 2 --layers 0 2 10 20
     python benchmarks/gsq_block.py --bits 3 --layers 2 --profile   # cProfile of one block
+    python benchmarks/gsq_block.py --asymmetric --bits 2 3 4 5 6 7 8 --layers 2 20 --out results/gsq_block_asym.json
+
+--asymmetric: the asymmetric grid, initialised by the GPTQ variant SLQ's database and the
+uniform baseline use (gptq.GPTQ_VARIANT), zero points fixed; several --bits run in turn.
 """
 from __future__ import annotations
 
@@ -73,17 +77,19 @@ def capture_layers(model, tokens: torch.Tensor, layers, batch: int = 1):
     return items, {i: {n: hess[i][n].H for n in MLP_NAMES} for i in layers}
 
 
-def refine_block(block, block_index, items, heldout, H, bits, group, cfg, threads=1, profile=None):
+def refine_block(block, block_index, items, heldout, H, bits, group, cfg, threads=1, profile=None,
+                 symmetric=True):
     """GPTQ init, then the package's GSQ block refinement (vllm_slq.quant.gsq_block) of the MLP."""
-    from vllm_slq.quant.gptq import gptq_quantize
+    from vllm_slq.quant.gptq import GPTQ_VARIANT, gptq_quantize
     from vllm_slq.quant.gsq_block import refine_block as gsq_refine_block
     from vllm_slq.quant.spec import QuantSpec
 
-    spec = QuantSpec(bits, group, symmetric=True)
+    spec = QuantSpec(bits, group, symmetric=symmetric)
     mods = {n: getattr(block.mlp, n) for n in MLP_NAMES}
+    gptq_kw = dict(negative_scale=False) if symmetric else dict(GPTQ_VARIANT)
     t0 = time.perf_counter()
     inits = {n: gptq_quantize(mods[n].weight.data, H[n], spec, layer=n, scale_search="hessian",
-                              scale_dtype=torch.float16, negative_scale=False) for n in MLP_NAMES}
+                              scale_dtype=torch.float16, **gptq_kw) for n in MLP_NAMES}
     t_init = time.perf_counter() - t0
     t1 = time.perf_counter()
     if profile:
@@ -126,12 +132,15 @@ def plot(payload, path):
         ax.bar([x - 0.2 for x in xs], [blocks[l][a] for l in layers], 0.4, label="GPTQ init")
         ax.bar([x + 0.2 for x in xs], [blocks[l][b] for l in layers], 0.4, label="GSQ (hard)")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([f"layer {l}" for l in layers])
+        ax.set_xticklabels([str(l) if str(l).startswith("w") else f"layer {l}" for l in layers],
+                           rotation=45 if len(layers) > 4 else 0, fontsize=7 if len(layers) > 4 else None)
         ax.set_yscale("log")
         ax.set_title(f"block-output MSE, {title}")
     axes[0].legend()
     st = payload["settings"]
-    fig.suptitle(f"SmolLM2-135M MLP, {st['bits']}-bit G{st['group_size']}: {payload['blocks'][layers[0]]['steps']} "
+    bits = st["bits"] if isinstance(st["bits"], int) else "/".join(map(str, st["bits"]))
+    grid = "asymmetric" if st.get("asymmetric") else "symmetric"
+    fig.suptitle(f"SmolLM2-135M MLP, {bits}-bit {grid} G{st['group_size']}: {payload['blocks'][layers[0]]['steps']} "
                  f"steps/block, logit lr {st['logit_lr']:g}, scale lr {st['scale_lr']:g}, strength {st['init_strength']:g}",
                  fontsize=9)
     fig.tight_layout()
@@ -144,7 +153,8 @@ def main(argv=None):
     d = GSQConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--bits", type=int, nargs="+", default=[2])
+    ap.add_argument("--asymmetric", action="store_true", help="asymmetric grid, GPTQ_VARIANT init")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 2, 10, 20])
     ap.add_argument("--n-calib", type=int, default=16)
@@ -198,15 +208,18 @@ def main(argv=None):
                     final_lr_fraction=args.final_lr_fraction, init_std=args.init_std,
                     init_strength=args.init_strength, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     rows = {}
-    print(f"{'layer':>5} {'init':>9} {'final':>9} {'ratio':>6} {'held init':>9} {'held fin':>9} {'ratio':>6} "
-          f"{'steps':>5} {'refine s':>8} {'changed':>7}")
-    for i in args.layers:
-        r = refine_block(model.model.layers[i], i, data["items"][i], data["held"][i], data["H"][i], args.bits,
-                         args.group_size, cfg, threads=args.threads, profile=args.profile)
-        rows[i] = r
-        print(f"{i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} {r['heldout_init_mse']:9.4g} "
-              f"{r['heldout_final_mse']:9.4g} {r['heldout_ratio']:6.3f} {r['steps']:>5} {r['refine_s']:8.1f} "
-              f"{r['codes_changed_frac']:7.3f}", flush=True)
+    print(f"{'bits':>4} {'layer':>5} {'init':>9} {'final':>9} {'ratio':>6} {'held init':>9} {'held fin':>9} "
+          f"{'ratio':>6} {'steps':>5} {'refine s':>8} {'changed':>7}")
+    for bits in args.bits:
+        for i in args.layers:
+            r = refine_block(model.model.layers[i], i, data["items"][i], data["held"][i], data["H"][i], bits,
+                             args.group_size, cfg, threads=args.threads, profile=args.profile,
+                             symmetric=not args.asymmetric)
+            r["bits"], r["layer"] = bits, i
+            rows[i if len(args.bits) == 1 else f"w{bits}-layer{i}"] = r
+            print(f"{bits:>4} {i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} "
+                  f"{r['heldout_init_mse']:9.4g} {r['heldout_final_mse']:9.4g} {r['heldout_ratio']:6.3f} "
+                  f"{r['steps']:>5} {r['refine_s']:8.1f} {r['codes_changed_frac']:7.3f}", flush=True)
     if args.out:
         out = Path(args.out)
         payload = {"settings": vars(args), "config": {k: v for k, v in vars(cfg).items()}, "blocks": rows}

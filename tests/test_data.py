@@ -84,6 +84,18 @@ def test_txt_and_jsonl_datasets_split_deterministically(tmp_path):
     assert sorted(s.calibration + s.evaluation) == sorted(f"t{i}" for i in range(10))
 
 
+def test_both_sides_of_the_split_mix_a_corpus_stored_by_topic():
+    """Blocks are cut from the start (Hessians, evaluation) or the end (objective) of a side: in
+    corpus order Brown gave press to the first two and fiction to the third. Each side is in hash
+    order, so its first and last documents come from across the corpus."""
+    docs = [(f"c{topic}{i:02d}", f"{topic}{i}") for topic in "abcdefghij" for i in range(20)]
+    cal, ev = data._split(docs, 0.2)
+    assert sorted(cal + ev) == sorted(t for _, t in docs)
+    for side in (cal, ev):
+        assert len({t[0] for t in side[:10]}) >= 5 and len({t[0] for t in side[-10:]}) >= 5
+    assert data._split(list(reversed(docs)), 0.2) == (cal, ev)  # load order does not matter
+
+
 def test_unreadable_dataset_files_are_named(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         data.load_text(str(tmp_path / "missing.txt"))
