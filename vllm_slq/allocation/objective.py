@@ -74,6 +74,12 @@ def _mixed_weight(p: torch.Tensor, w_ref: torch.Tensor, candidates: Sequence[Opt
     return w
 
 
+def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dL/dW = g^T x of a linear y = x W^T over all leading dimensions, fp32 [N, K]."""
+    n, k = grad_y.shape[-1], x.shape[-1]
+    return grad_y.reshape(-1, n).to(torch.float32).T @ x.reshape(-1, k).to(torch.float32)
+
+
 class MixedLinear(torch.autograd.Function):
     """y = x W(p)^T + b, W(p) = W_ref + sum_k p_k (W^(k) - W_ref), candidates dequantized on the fly.
 
@@ -100,8 +106,7 @@ class MixedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _mixed_weight(p, w_ref, candidates).to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            n, k = w_ref.shape
-            grad_w = grad_y.reshape(-1, n).to(torch.float32).T @ x.reshape(-1, k).to(torch.float32)
+            grad_w = linear_weight_grad(grad_y, x)
             w32 = w_ref.to(torch.float32)
             grad_p = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             for j, c in enumerate(candidates):

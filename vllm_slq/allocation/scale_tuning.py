@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .objective import ModelKLObjective
+from .objective import ModelKLObjective, linear_weight_grad
 from .store import StoredCandidate
 
 __all__ = ["ScaledLinear", "ScaleTuning", "tune_scales"]
@@ -64,7 +64,7 @@ class ScaledLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             n, k = c.scale.shape[0], c.in_features
             g = c.spec.effective_group(k)
-            grad_w = grad_y.reshape(-1, n).to(torch.float32).T @ x.reshape(-1, k).to(torch.float32)
+            grad_w = linear_weight_grad(grad_y, x)
             integers = c.dequantize(torch.float32, scale=torch.ones_like(d))  # q - z
             grad_d = (grad_w * integers).reshape(n, k // g, g).sum(-1) * _scale(c, d)
         return grad_x, grad_d, None, None
