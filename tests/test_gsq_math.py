@@ -195,15 +195,10 @@ def test_lion_matches_formula():
     torch.testing.assert_close(p.detach(), ref)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "ternary" if m[1] else f"{m[0]}bit")
-def test_refine_lowers_output_error_on_a_linear_layer(mode):
-    """GSQ on a single linear (loss = output MSE) beats its RTN init."""
-    torch.manual_seed(0)
-    n, k, group = 32, 64, 16
-    w = torch.randn(n, k)
-    x = torch.randn(256, k) @ torch.randn(k, k) * 0.3  # correlated inputs: rounding interacts
-    init = sym_rtn(w, mode[0], group, mode[1])
-    gw = {"w": GSQWeight(init, ternary=mode[1], fp_weight=w)}
+def _refine_on_one_linear(gw: dict, w: torch.Tensor):
+    """GSQ for 12 epochs on one linear y = x w^T, loss = output MSE against the FP layer, on
+    correlated inputs (so that roundings interact); no fallback to the init."""
+    x = torch.randn(256, w.shape[1]) @ torch.randn(w.shape[1], w.shape[1]) * 0.3
     batches = [x[i:i + 32] for i in range(0, 256, 32)]
     target = {id(b): b @ w.T for b in batches}
 
@@ -211,7 +206,17 @@ def test_refine_lowers_output_error_on_a_linear_layer(mode):
         return ((batch @ weights["w"].T - target[id(batch)]) ** 2).mean()
 
     cfg = GSQConfig(epochs=12, batch_size=2, logit_lr=2e-3, scale_lr=1e-3)
-    res = refine(gw, batches, loss_fn, cfg, keep_init_if_worse=False)
+    return refine(gw, batches, loss_fn, cfg, keep_init_if_worse=False)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "ternary" if m[1] else f"{m[0]}bit")
+def test_refine_lowers_output_error_on_a_linear_layer(mode):
+    """GSQ on a single linear (loss = output MSE) beats its RTN init."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    init = sym_rtn(w, mode[0], 16, mode[1])
+    gw = {"w": GSQWeight(init, ternary=mode[1], fp_weight=w)}
+    res = _refine_on_one_linear(gw, w)
     assert res.steps == 12 * 4 and len(res.losses) == res.steps
     assert res.final_hard_loss < 0.9 * res.init_hard_loss, (res.init_hard_loss, res.final_hard_loss)
     codes = gw["w"].hard_codes()
@@ -320,19 +325,10 @@ def test_asymmetric_refine_lowers_output_error_and_keeps_codes_on_the_grid(bits)
     """As the symmetric test above: GSQ on one linear (loss = output MSE) beats its RTN init,
     here on an asymmetric grid whose zero points stay as they were."""
     torch.manual_seed(0)
-    n, k, group = 32, 64, 16
-    w = torch.randn(n, k) + 0.5  # off-centre rows: the asymmetric grid's case
-    x = torch.randn(256, k) @ torch.randn(k, k) * 0.3
-    init = asym_rtn(w, bits, group)
+    w = torch.randn(32, 64) + 0.5  # off-centre rows: the asymmetric grid's case
+    init = asym_rtn(w, bits, 16)
     gw = {"w": GSQWeight(init, fp_weight=w)}
-    batches = [x[i:i + 32] for i in range(0, 256, 32)]
-    target = {id(b): b @ w.T for b in batches}
-
-    def loss_fn(weights, batch):
-        return ((batch @ weights["w"].T - target[id(batch)]) ** 2).mean()
-
-    cfg = GSQConfig(epochs=12, batch_size=2, logit_lr=2e-3, scale_lr=1e-3)
-    res = refine(gw, batches, loss_fn, cfg, keep_init_if_worse=False)
+    res = _refine_on_one_linear(gw, w)
     assert res.final_hard_loss < 0.9 * res.init_hard_loss, (res.init_hard_loss, res.final_hard_loss)
     q = gw["w"].to_quantized()
     assert int(q.codes.min()) >= q.spec.qmin and int(q.codes.max()) <= q.spec.qmax
