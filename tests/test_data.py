@@ -162,6 +162,34 @@ def test_token_blocks(tmp_path):
         data.token_blocks(Tok(), docs, seq_len=3, from_end=True)
 
 
+def test_token_blocks_spread_over_documents():
+    """One block per document before any document gives a second (round-robin), prefix-stable
+    from the start and suffix-stable from the end, reading only the documents needed."""
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [ord(c) for c in text]})()
+
+    docs = ["aaaaaaa", "bbbbbbb", "ccccccc", "ddd"]  # 8, 8, 8, 4 tokens with the EOS
+    rows = lambda t: ["".join(chr(c) if c else "|" for c in r) for r in t.tolist()]  # noqa: E731
+    assert rows(data.token_blocks(Tok(), docs, seq_len=4, n_blocks=3)) == ["aaaa", "bbbb", "cccc"]
+    # every document's first block, then the second ones; the short last one owns one block
+    five = data.token_blocks(Tok(), docs, seq_len=4, n_blocks=5)
+    assert rows(five) == ["aaaa", "bbbb", "cccc", "ddd|", "aaa|"]
+    for k in range(1, 6):
+        assert torch.equal(data.token_blocks(Tok(), docs, seq_len=4, n_blocks=k), five[:k])
+    # no n_blocks: every block in text order
+    assert rows(data.token_blocks(Tok(), docs, seq_len=4)) == [
+        "aaaa", "aaa|", "bbbb", "bbb|", "cccc", "ccc|", "ddd|"]
+    # from_end: the mirror image (blocks aligned to the end, the last document first), the
+    # last k of n being the k-block answer
+    tail = data.token_blocks(Tok(), docs, seq_len=4, n_blocks=5, from_end=True)
+    assert rows(tail) == ["cccc", "aaa|", "bbb|", "ccc|", "ddd|"]
+    for k in range(1, 6):
+        assert torch.equal(data.token_blocks(Tok(), docs, seq_len=4, n_blocks=k, from_end=True), tail[5 - k:])
+
+
 @pytest.mark.slow
 def test_reference_model_says_paris_and_has_fixed_special_tokens(reference_model_dir):
     model, tok = data.load_model("smollm2-135m", dtype=torch.float32)

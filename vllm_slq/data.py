@@ -290,35 +290,72 @@ def load_text(spec: str = "brown", eval_fraction: float = 0.2) -> TextSplits:
 
 def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None = None,
                  from_end: bool = False) -> torch.Tensor:
-    """Concatenate documents (EOS-separated) and cut [n_blocks, seq_len] token blocks.
+    """[n_blocks, seq_len] token blocks of the documents, spread over as many documents as there
+    are blocks.
 
-    from_end (needs n_blocks): the last n_blocks * seq_len tokens of that concatenation
-    instead of the first, tokenizing only the documents they come from -- text disjoint
-    from the first blocks (e.g. an objective beside the calibration Hessians' tokens).
+    The documents are concatenated (EOS-separated) and cut into consecutive seq_len blocks;
+    each block belongs to the document it starts in. n_blocks of them are taken round-robin:
+    the first block of every document in turn, then the second ones, and so on. Brown's
+    documents hold about 2,600 tokens each, so 16 x 512 contiguous tokens would be three
+    documents: a held-out set, a Hessian or an allocation objective fit to a few texts. The
+    order is prefix-stable (the first k of n blocks are the k-block answer) and reads only the
+    documents it needs. n_blocks None: every block, in text order.
+
+    from_end (needs n_blocks): the mirror image, blocks cut from the end of the concatenation
+    and the last document's first; they come back in the reverse of that order, so the last k
+    of n are the k-block answer -- text disjoint from the first blocks while the two together
+    need no more documents than there are (e.g. an objective beside the Hessians' tokens).
     """
     if not docs:
         raise DataError("no documents to tokenize")
     if from_end and n_blocks is None:
         raise DataError("token_blocks(from_end=True) needs n_blocks")
     sep = tokenizer.eos_token_id
-    need = None if n_blocks is None else n_blocks * seq_len
-    pieces: list[list[int]] = []
-    have_tokens = 0
-    for d in (reversed(docs) if from_end else docs):
-        piece = list(tokenizer(d, add_special_tokens=False).input_ids)
-        if sep is not None:
-            piece.append(sep)
-        pieces.append(piece)
-        have_tokens += len(piece)
-        if need is not None and have_tokens >= need:
+
+    def pieces():  # each document's tokens with its EOS; from_end: mirrored, last token first
+        for d in (reversed(docs) if from_end else docs):
+            piece = list(tokenizer(d, add_special_tokens=False).input_ids)
+            if sep is not None:
+                piece.append(sep)
+            yield piece[::-1] if from_end else piece
+
+    blocks, owners = _cut_blocks(pieces(), seq_len, n_blocks)
+    if not blocks or (n_blocks is not None and len(blocks) < n_blocks):
+        raise DataError(f"text makes {len(blocks)} blocks of {seq_len} tokens: fewer than {n_blocks or 1} blocks")
+    if n_blocks is None:
+        chosen = blocks
+    else:
+        by_owner: dict[int, list[list[int]]] = {}
+        for b, o in zip(blocks, owners):
+            by_owner.setdefault(o, []).append(b)
+        rounds = max(len(v) for v in by_owner.values())
+        order = [v[j] for j in range(rounds) for v in by_owner.values() if j < len(v)]
+        chosen = order[:n_blocks]
+    if from_end:  # mirror back: each block's tokens, and the blocks into text order
+        chosen = [b[::-1] for b in reversed(chosen)]
+    return torch.tensor(chosen, dtype=torch.long).view(len(chosen), seq_len)
+
+
+def _cut_blocks(pieces, seq_len: int, n_blocks: int | None) -> tuple[list[list[int]], list[int]]:
+    """Consecutive seq_len blocks of the concatenated pieces, each with the index of the piece
+    it starts in. With n_blocks it stops reading pieces once n_blocks different pieces own a
+    complete block (all that the round-robin's first n_blocks picks need)."""
+    blocks: list[list[int]] = []
+    owners: list[int] = []
+    buf: list[int] = []
+    buf_owner = 0  # the piece the block being filled started in
+    for i, piece in enumerate(pieces):
+        for t in piece:
+            if not buf:
+                buf_owner = i
+            buf.append(t)
+            if len(buf) == seq_len:
+                blocks.append(buf)
+                owners.append(buf_owner)
+                buf = []
+        if n_blocks is not None and len(set(owners)) >= n_blocks:
             break
-    ids = [t for piece in (reversed(pieces) if from_end else pieces) for t in piece]
-    have = len(ids) // seq_len
-    if have == 0 or (n_blocks is not None and have < n_blocks):
-        raise DataError(f"text has {len(ids)} tokens: fewer than {n_blocks or 1} blocks of {seq_len}")
-    n = have if n_blocks is None else n_blocks
-    kept = ids[len(ids) - n * seq_len:] if from_end else ids[: n * seq_len]
-    return torch.tensor(kept, dtype=torch.long).view(n, seq_len)
+    return blocks, owners
 
 
 def calibration_dataset(tokenizer, spec: str = "brown", n_samples: int = 64, seq_len: int = 512):
