@@ -311,3 +311,43 @@ def test_search_arguments_reach_the_modifier():
     assert mod.sensitivity_max_passes == 4 and mod.rco_steps == 3 and mod.target_bpp == 4.0
     assert mod.tune_steps == 5 and mod.bits_options == [2, 4] and mod.bits == 4
     assert mod.offload_dir == "/some/dir"
+
+
+@pytest.mark.llmcompressor
+def test_the_allocation_and_tuning_compare_against_the_fp_model(tiny_with_tokenizer, monkeypatch):
+    """The database phase leaves compressed-tensors' fake-quantizing forward on every layer;
+    the objective the allocation and the scale tuning minimise must still take the FP model
+    as its reference (it once took the propagated entry's quantized model), and the written
+    model must compute with the chosen entries again."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import vllm_slq.modifiers.slq as slq_module
+    from vllm_slq.data import calibration_dataset
+    from vllm_slq.modifiers import SLQModifier, quantized_weights
+
+    tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).eval()
+    seen = {}
+    real_tune = slq_module.tune_scales
+
+    def spying_tune(objective, *args, **kwargs):
+        ids = objective.tokens[:2]
+        with torch.no_grad():
+            seen["objective_model"] = objective.model(input_ids=ids, use_cache=False).logits
+            seen["fp"] = fp(input_ids=ids.cpu(), use_cache=False).logits
+        return real_tune(objective, *args, **kwargs)
+
+    monkeypatch.setattr(slq_module, "tune_scales", spying_tune)
+    mod = SLQModifier(target_bpp=4.3125, bits_options=[4], objective_blocks=2, objective_seq_len=64,
+                      tune_steps=2, tune_blocks=4, tune_check_every=1, rco_steps=2)
+    model = oneshot(model=model, tokenizer=tok, recipe=[mod], dataset=calibration_dataset(tok, "brown", 4, 64),
+                    num_calibration_samples=4, max_seq_length=64, pipeline="sequential")
+    torch.testing.assert_close(seen["objective_model"].cpu(), seen["fp"], rtol=1e-4, atol=1e-4)
+    # the written layers compute with their (tuned) entries, through compressed-tensors' forward too
+    q = quantized_weights(model)
+    name, qw = next(iter(q.items()))
+    layer = dict(model.named_modules())[name]
+    assert getattr(layer, "quantization_enabled", True)
+    torch.testing.assert_close(layer.weight.data, qw.dequantize(layer.weight.dtype))

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal, Optional
 import numpy as np
 import torch
 from compressed_tensors.offload import get_execution_device, remove_dispatch
+from compressed_tensors.quantization.lifecycle.helpers import disable_quantization, enable_quantization
 from llmcompressor.core import State
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
@@ -242,6 +243,10 @@ class SLQModifier(LayerwiseQuantModifier):
         with torch.no_grad():  # RCO mixes around the FP weights: put them back
             for name, w in self._w_ref.items():
                 mods[name].weight.data.copy_(w.to(mods[name].weight.device))
+                # the database phase attached the propagated entry's compressed-tensors scheme,
+                # whose forward fake-quantizes the weight: left on, the objective's "FP"
+                # reference would be that quantized model (w4 runs: KL 0.207 against FP's 0.123)
+                disable_quantization(mods[name])
         shapes = [LinearShape(n, *self._w_ref[n].shape) for n in self._names.values()]
         self._w_ref.clear()  # the model holds the FP weights again: the copies would only take host memory
         problem = AllocationProblem(group_linears(shapes, tie_fused=self.tie_fused), self.options)
@@ -289,6 +294,7 @@ class SLQModifier(LayerwiseQuantModifier):
                     qw.scale = tuning.scales[name]
                 module = mods[name]
                 module.weight.data.copy_(qw.dequantize(module.weight.dtype).to(module.weight.device))
+                enable_quantization(module)  # the weight is the chosen entry again
                 qw = QuantizedWeight(qw.codes, qw.scale, qw.zero_point, qw.spec,
                                      {**qw.meta, "layer": name, "method": "SLQModifier"})
                 setattr(module, QUANTIZED_ATTR, qw)
