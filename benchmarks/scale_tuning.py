@@ -14,7 +14,10 @@ neither GPTQ nor the tuning read). Paired on the same sequences (the statistics 
 report --compare`): each tuned run against its untuned twin, and SLQ against uniform w4
 with and without tuning (issue #15's target: SLQ at 4.0 bpp <= 0.75x uniform w4's KL).
 
-    PYTHONPATH=.. python scale_tuning.py [--tune-steps 64] [--runs slq slq+tune w4 w4+tune]
+    PYTHONPATH=.. python scale_tuning.py [--tune-steps 64] [--runs slq slq+tune w4 w4+tune ...]
+
+(slq/obj32, slq/obj32+tune: the same with --objective-blocks 32; slq/obj32+longtune with
+--long-tune-steps, default 256.)
 
 Prints a table, writes results/scale_tuning.json (after every run) and
 results/scale_tuning.png (held-back calibration KL against the tuning step; held-out KL per run).
@@ -39,15 +42,24 @@ RUNS = {
     "slq+tune": ["--target", "bpp=4.0", "--tune-steps", "{steps}"],
     "w4": ["--target", "bpp=4.3125", "--bits-options", "4"],
     "w4+tune": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "{steps}"],
+    # the allocation objective on 32 blocks instead of 8: RCO's steps and the sensitivities
+    # read the same number of blocks per step either way, so this costs little compute;
+    # it asks whether 2,048 tokens are too few to choose the widths from
+    "slq/obj32": ["--target", "bpp=4.0", "--objective-blocks", "32"],
+    "slq/obj32+tune": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "{steps}"],
+    "slq/obj32+longtune": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "{long_steps}"],
 }
-PAIRS = [("slq+tune", "slq"), ("w4+tune", "w4"), ("slq", "w4"), ("slq+tune", "w4"), ("slq+tune", "w4+tune")]
+PAIRS = [("slq+tune", "slq"), ("w4+tune", "w4"), ("slq", "w4"), ("slq+tune", "w4"), ("slq+tune", "w4+tune"),
+         ("slq/obj32", "slq"), ("slq/obj32", "w4"), ("slq/obj32+tune", "slq/obj32"), ("slq/obj32+tune", "w4"),
+         ("slq/obj32+tune", "w4+tune"), ("slq/obj32+longtune", "slq/obj32"), ("slq/obj32+longtune", "w4"),
+         ("slq/obj32+longtune", "w4+tune")]
 
 
 def run(name: str, args, out_root: Path) -> dict:
     out = out_root / name
     cmd = [str(Path(sys.executable).parent / "vllm-slq"), "quantize", args.model, "--eval-tokens", str(args.eval_tokens),
            "--database-cache", str(out_root / "db"), "--output", str(out), "--overwrite",
-           *[a.format(steps=args.tune_steps) for a in RUNS[name]]]
+           *[a.format(steps=args.tune_steps, long_steps=args.long_tune_steps) for a in RUNS[name]]]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode:
@@ -93,19 +105,27 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--tune-steps", type=int, default=64)
+    p.add_argument("--long-tune-steps", type=int, default=256, help="the +longtune runs' steps")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "scale_tuning"))
     p.add_argument("--out", default=str(RESULTS / "scale_tuning.json"))
+    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds (same settings)")
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows, result = [], {"benchmark": "scale_tuning", "settings": vars(args),
                         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["run"] in args.runs]
     for name in args.runs:
+        if any(r["run"] == name for r in rows):
+            print(f"{name}: kept from {args.out}", flush=True)
+            continue
         rows.append(run(name, args, work))
         print(f"{name}: KL {rows[-1]['kl']:.4f} in {rows[-1]['wall_s']:.0f} s", flush=True)
-        result["rows"] = [{k: v for k, v in r.items() if k != "fidelity"} for r in rows]
+        result["rows"] = rows
         write_json(args.out, result)
+    result["rows"] = rows
     by = {r["run"]: r["fidelity"] for r in rows}
     comparisons = []
     for a, b in PAIRS:
