@@ -344,16 +344,18 @@ def _cut_blocks(pieces, seq_len: int, n_blocks: int | None) -> tuple[list[list[i
     owners: list[int] = []
     buf: list[int] = []
     buf_owner = 0  # the piece the block being filled started in
+    distinct = 0
     for i, piece in enumerate(pieces):
         for t in piece:
             if not buf:
                 buf_owner = i
             buf.append(t)
             if len(buf) == seq_len:
+                distinct += not owners or owners[-1] != buf_owner  # owners never decrease
                 blocks.append(buf)
                 owners.append(buf_owner)
                 buf = []
-        if n_blocks is not None and len(set(owners)) >= n_blocks:
+        if n_blocks is not None and distinct >= n_blocks:
             break
     return blocks, owners
 
