@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "scale_tuning"))
     p.add_argument("--out", default=str(RESULTS / "scale_tuning.json"))
-    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds (same settings)")
+    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds (their settings are not checked: pass the same ones)")
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
