@@ -14,7 +14,7 @@ neither GPTQ nor the tuning read). Paired on the same sequences (the statistics 
 report --compare`): each tuned run against its untuned twin, and SLQ against uniform w4
 with and without tuning (issue #15's target: SLQ at 4.0 bpp <= 0.75x uniform w4's KL).
 
-    PYTHONPATH=.. python scale_tuning.py [--tune-steps 64] [--runs slq slq+tune w4 w4+tune ...]
+    PYTHONPATH=.. python scale_tuning.py [--tune-steps 64] [--tune-lr LR] [--runs slq slq+tune w4 w4+tune ...]
 
 (slq/obj32, slq/obj32+tune: the same with --objective-blocks 32; slq/obj32+longtune with
 --long-tune-steps, default 256.)
@@ -60,6 +60,8 @@ def run(name: str, args, out_root: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "vllm-slq"), "quantize", args.model, "--eval-tokens", str(args.eval_tokens),
            "--database-cache", str(out_root / "db"), "--output", str(out), "--overwrite",
            *[a.format(steps=args.tune_steps, long_steps=args.long_tune_steps) for a in RUNS[name]]]
+    if "+" in name and args.tune_lr is not None:
+        cmd += ["--tune-lr", str(args.tune_lr)]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if r.returncode:
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--tune-steps", type=int, default=64)
     p.add_argument("--long-tune-steps", type=int, default=256, help="the +longtune runs' steps")
+    p.add_argument("--tune-lr", type=float, default=None, help="the tuned runs' --tune-lr (default: the CLI's)")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "scale_tuning"))
     p.add_argument("--out", default=str(RESULTS / "scale_tuning.json"))
@@ -116,7 +119,10 @@ def main() -> None:
     rows, result = [], {"benchmark": "scale_tuning", "settings": vars(args),
                         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
-        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["run"] in args.runs]
+        kept = json.loads(Path(args.out).read_text())
+        rows = [r for r in kept["rows"] if r["run"] in args.runs]
+        if "notes" in kept:  # written by hand: which rows predate which fix
+            result["notes"] = kept["notes"]
     for name in args.runs:
         if any(r["run"] == name for r in rows):
             print(f"{name}: kept from {args.out}", flush=True)

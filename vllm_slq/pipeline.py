@@ -183,6 +183,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help="after the allocation, tune the chosen group scales on the model's KL for N steps "
                         "(codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
+    g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
+                   help="the scale tuning's Adam rate on log-scales (default 2e-3), cosine-decayed to 0")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,
@@ -279,7 +281,7 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
                        ("offload_dir", "offload_dir"), ("objective", "allocation_objective"),
                        ("sensitivity_passes", "sensitivity_max_passes"), ("tune_steps", "tune_steps"),
-                       ("bits_options", "bits_options")):
+                       ("tune_lr", "tune_lr"), ("bits_options", "bits_options")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
     if target.kind == "bpp":
