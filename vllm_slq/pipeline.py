@@ -182,7 +182,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "baseline through SLQ's database and tuning")
     g.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help="after the allocation, tune the chosen group scales on the model's KL for N steps "
-                        "(codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
+                        "(default 64; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
     g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
                    help="the scale tuning's Adam rate on log-scales (default 2e-3), cosine-decayed to 0")
     g.add_argument("--database-cache", default=None, metavar="DIR",
