@@ -33,7 +33,9 @@ Equations (docs/methods.md section 3) and where they live below:
 * Optimiser (quant/lion.py: ``Lion``): u = sign(b1 m + (1 - b1) g);
     p <- p * (1 - lr * wd) - lr * u;  m <- b2 m + (1 - b2) g
   logits: lr 2e-4, decoupled wd 1.0 (pulls logits towards uniform: the real
-  regulariser); scales: lr 1e-4, fp32, no decay.
+  regulariser); scales: lr 1e-4 at 2 bits, times 3 / (2^b - 1) at width b
+  (:func:`scale_lr_factor`: Lion's step is absolute, a b-bit scale ~ 1 / (2^b - 1)),
+  fp32, no decay.
 * End: hard argmax codes times the learned scale (:meth:`GSQWeight.to_quantized`).
 * The optimisation loop over calibration batches for a set of weights refined
   jointly against one loss (the decoder block output MSE): :func:`refine`. One
@@ -76,6 +78,7 @@ __all__ = [
     "sample_noise",
     "soft_weight_reference",
     "refine",
+    "scale_lr_factor",
     "ternary_init",
 ]
 
@@ -93,7 +96,7 @@ class GSQConfig:
     kappa_end: float = 500.0
     logit_lr: float = 2e-4
     logit_weight_decay: float = 1.0
-    scale_lr: float = 1e-4
+    scale_lr: float = 1e-4  # at 2 bits; width b uses scale_lr * scale_lr_factor(b)
     betas: tuple[float, float] = (0.9, 0.95)
     final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of lr
     init_std: float = 0.01
@@ -523,6 +526,21 @@ class RefineResult:
     kept: str = "final"  # "final" or "init" (if the refined hard weights were worse)
 
 
+def scale_lr_factor(bits: int) -> float:
+    """3 / (2^b - 1): the scale rate at width b relative to 2 bits (what scale_lr is tuned for).
+
+    Lion moves every scale by +-lr per step, an absolute amount, while a b-bit group's scale
+    is s ~ range / (2^b - 1). So one rate is a relative step (2^b - 1) / 3 times larger at
+    width b than at 2 bits, and it moves weights (2^b - 1) / 2 steps from the zero point by
+    about lr (2^b - 1)^2 / (2 range) grid steps. This factor makes the step the same fraction
+    of the scale at every width. Measured per decoder block (benchmarks/gsq_block.py
+    --asymmetric, layers 2 and 20, held-out block-output MSE over GPTQ's): with one absolute
+    rate, w7 and w8 refinements ended 1.2-2.9x worse than GPTQ (scales alone: 2.2x); with
+    this factor 0.94-1.01; with its square 0.98-1.04, and 3-6 bits also lost (0.97-1.06
+    against this factor's 0.94-1.05)."""
+    return 3.0 / (2 ** int(bits) - 1)
+
+
 def refine(
     weights: Mapping[str, GSQWeight],
     batches: Sequence,
@@ -552,15 +570,12 @@ def refine(
     total = steps_per_epoch * cfg.epochs
     names = list(weights)
     logit_params = [weights[n].logits for n in names]
-    scale_params = [weights[n].scale for n in names]
-    opt = Lion(
-        [
-            dict(params=logit_params, lr=cfg.logit_lr, weight_decay=cfg.logit_weight_decay),
-            dict(params=scale_params, lr=cfg.scale_lr, weight_decay=0.0),
-        ],
-        betas=cfg.betas,
-    )
-    base_lrs = [cfg.logit_lr, cfg.scale_lr]
+    widths = sorted({weights[n].spec.bits for n in names})
+    scale_groups = [dict(params=[weights[n].scale for n in names if weights[n].spec.bits == b],
+                         lr=cfg.scale_lr * scale_lr_factor(b), weight_decay=0.0) for b in widths]
+    opt = Lion([dict(params=logit_params, lr=cfg.logit_lr, weight_decay=cfg.logit_weight_decay), *scale_groups],
+               betas=cfg.betas)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     result = RefineResult()
     init_state = {n: (weights[n].scale.detach().clone()) for n in names}
     init_codes = {n: weights[n].q0.clone() for n in names}
