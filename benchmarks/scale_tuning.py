@@ -60,7 +60,7 @@ def run(name: str, args, out_root: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "vllm-slq"), "quantize", args.model, "--eval-tokens", str(args.eval_tokens),
            "--database-cache", str(out_root / "db"), "--output", str(out), "--overwrite",
            *[a.format(steps=args.tune_steps, long_steps=args.long_tune_steps) for a in RUNS[name]]]
-    if "+" in name and args.tune_lr is not None:
+    if "--tune-steps" in RUNS[name] and args.tune_lr is not None:
         cmd += ["--tune-lr", str(args.tune_lr)]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
