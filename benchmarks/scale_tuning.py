@@ -3,9 +3,9 @@
 Four runs of the main job, as subprocesses, sharing one GPTQ database cache (so each pair
 differs in the tuning alone):
 
-    slq        vllm-slq quantize smollm2-135m --target bpp=4.0
-    slq+tune   ... --tune-steps N
-    w4         --target bpp=4.3125 --bits-options 4   (uniform asymmetric w4 g64: SLQ's database
+    slq        vllm-slq quantize smollm2-135m --target bpp=4.0 --tune-steps 0
+    slq+tune   ... --tune-steps N           (the main job since tuning is on by default: N = 64)
+    w4         --target bpp=4.3125 --bits-options 4 --tune-steps 0   (uniform asymmetric w4 g64: SLQ's database
                and pipeline with one width, the same GPTQ as `--method gptq --bits 4`)
     w4+tune    ... --tune-steps N
 
@@ -37,15 +37,16 @@ from common import RESULTS, print_table, save_figure, write_json
 
 from vllm_slq.eval.report import paired_comparison
 
+# the untuned runs say --tune-steps 0: SLQ tunes 64 steps by default since 2026-12-06
 RUNS = {
-    "slq": ["--target", "bpp=4.0"],
+    "slq": ["--target", "bpp=4.0", "--tune-steps", "0"],
     "slq+tune": ["--target", "bpp=4.0", "--tune-steps", "{steps}"],
-    "w4": ["--target", "bpp=4.3125", "--bits-options", "4"],
+    "w4": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "0"],
     "w4+tune": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "{steps}"],
     # the allocation objective on 32 blocks instead of 8: RCO's steps and the sensitivities
     # read the same number of blocks per step either way, so this costs little compute;
     # it asks whether 2,048 tokens are too few to choose the widths from
-    "slq/obj32": ["--target", "bpp=4.0", "--objective-blocks", "32"],
+    "slq/obj32": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "0"],
     "slq/obj32+tune": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "{steps}"],
     "slq/obj32+longtune": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "{long_steps}"],
 }
@@ -60,7 +61,7 @@ def run(name: str, args, out_root: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "vllm-slq"), "quantize", args.model, "--eval-tokens", str(args.eval_tokens),
            "--database-cache", str(out_root / "db"), "--output", str(out), "--overwrite",
            *[a.format(steps=args.tune_steps, long_steps=args.long_tune_steps) for a in RUNS[name]]]
-    if "--tune-steps" in RUNS[name] and args.tune_lr is not None:
+    if args.tune_lr is not None:  # ignored by the runs with --tune-steps 0
         cmd += ["--tune-lr", str(args.tune_lr)]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
