@@ -7,6 +7,12 @@ blocks and evaluated on held-out blocks of the other split:
                    (true bpp with scales and zero points: 4-bit = 4.3125)
     slq_asym       SLQ: RCO allocation (true model KL, q/k/v and gate/up tied) over
                    the asymmetric GPTQ database w2..w8 g64, one run per budget
+    slq_asym_tuned with --tune-steps N: each slq_asym point of --budgets (--tune-budgets)
+                   after SLQModifier's scale tuning (allocation/scale_tuning.py: N Adam
+                   steps on the model KL, codes and zero points fixed), as the product
+                   runs it; trained on --tune-blocks calibration blocks of --tune-seq-len
+                   cut from the split's end, best scales kept by --tune-check-blocks more
+                   (disjoint from GPTQ's, the objective's and the held-out blocks)
     uniform_sym    symmetric GPTQ g64, 2..8 bits
     slq_sym        the same RCO search on the symmetric database: the gamma-squared
                    ablation (symmetric grids inflate the noise by gamma^2 per group)
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -48,12 +55,14 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
 from vllm_slq.allocation.rco import RCOConfig
+from vllm_slq.allocation.scale_tuning import tune_scales
 from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
 from vllm_slq.eval.metrics import summarize
 from vllm_slq.fileio import atomic_write_json
@@ -70,6 +79,7 @@ DEFAULT_BUDGETS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0]
 CURVES = {
     "uniform_asym": "uniform asymmetric GPTQ g64",
     "slq_asym": "SLQ (asym, RCO)",
+    "slq_asym_tuned": "SLQ (asym, RCO) + scale tuning",
     "uniform_sym": "uniform symmetric GPTQ g64",
     "slq_sym": "SLQ sym (gamma^2 ablation)",
     "gsq": "GSQ (symmetric)",
@@ -114,8 +124,6 @@ def gamma_squared(model, shapes, group: int = GROUP) -> dict:
 
 def database_error_ratio(errors: dict) -> dict:
     """Median over layers of GPTQ's Hessian-weighted error, symmetric over asymmetric, per width."""
-    import numpy as np
-
     a, s = np.asarray(errors["asym"]), np.asarray(errors["sym"])
     return {str(b): float(np.median(s[:, k] / np.maximum(a[:, k], 1e-30))) for k, b in enumerate(BITS)}
 
@@ -148,9 +156,11 @@ class HeldoutEvaluator:
         self.cand = HFRunner(self.cand_model, name="quantized")
 
     @torch.no_grad()
-    def __call__(self, problem: AllocationProblem, cands, choice) -> dict:
+    def __call__(self, problem: AllocationProblem, cands, choice, scales: dict | None = None) -> dict:
+        """scales: per-layer scales replacing the candidates' (tuned ones), or None."""
         for name, spec in problem.module_specs(choice).items():
-            self.mods[name].weight.copy_(cands[name][spec].dequantize(torch.float32))
+            qw = cands[name][spec] if scales is None else dataclasses.replace(cands[name][spec], scale=scales[name])
+            self.mods[name].weight.copy_(qw.dequantize(torch.float32))
         return heldout_metrics(self.ref, self.cand, self.blocks, self.n_boot, self.seed)
 
 
@@ -236,7 +246,8 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    styles = {"uniform_asym": ("s", "--", "C0"), "slq_asym": ("o", "-", "C0"), "uniform_sym": ("s", "--", "C1"),
+    styles = {"uniform_asym": ("s", "--", "C0"), "slq_asym": ("o", "-", "C0"),
+              "slq_asym_tuned": ("*", "-", "C3"), "uniform_sym": ("s", "--", "C1"),
               "slq_sym": ("o", "-", "C1"), "gsq": ("D", ":", "C2"), "gsq_gptq": ("x", ":", "C2")}
     for curve, (mk, ls, col) in styles.items():
         pts = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["achieved_bpp"])
@@ -323,6 +334,16 @@ def main():
                     help="GPTQ database cache (default: <vllm_slq cache>/databases)")
     ap.add_argument("--gsq-json", type=Path, default=RESULTS / "gsq_all_linears.json",
                     help="GSQ rows over every decoder linear (benchmarks/gsq.py --include-attention)")
+    ap.add_argument("--tune-steps", type=int, default=0,
+                    help="also score each slq_asym point after this many scale-tuning steps (SLQModifier's "
+                         "tune_steps, 64 in the product); 0: allocation only")
+    ap.add_argument("--tune-budgets", type=float, nargs="+", default=None,
+                    help="tune only the points at these budgets (default: every --budgets point)")
+    ap.add_argument("--tune-lr", type=float, default=2e-3)
+    ap.add_argument("--tune-blocks", type=int, default=128, help="training blocks (SLQModifier's tune_blocks)")
+    ap.add_argument("--tune-check-blocks", type=int, default=8,
+                    help="held-back blocks choosing the best step (SLQModifier's objective_blocks)")
+    ap.add_argument("--tune-seq-len", type=int, default=256, help="SLQModifier's objective_seq_len")
     ap.add_argument("--out", type=Path, default=RESULTS / "slq.json")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the points already in --out when its settings match (budgets and "
@@ -352,6 +373,9 @@ def main():
     # tokens GPTQ fitted, low widths look far better than they are on new text
     calib, objective_tokens = both[:args.calib_blocks], both[args.calib_blocks:]
     held = token_blocks(tok, text.evaluation, args.seq_len, args.eval_blocks)
+    # the tuning's blocks, as SLQModifier cuts them: from the calibration split's end
+    tune_tokens = (token_blocks(tok, text.calibration, args.tune_seq_len, args.tune_blocks + args.tune_check_blocks,
+                                from_end=True) if args.tune_steps > 0 else None)
     shapes = decoder_shapes(model, args.max_layers)
     groups = group_linears(shapes)
     problems = {"asym": AllocationProblem(groups, [QuantSpec(b, GROUP, False) for b in BITS])}
@@ -379,6 +403,11 @@ def main():
                 "rounding": "best of logp / deshifted / linearized DP (budget-filled) / sensitivity DP, by objective KL",
                 "select": "calibration KL of the rounding candidates (all objective blocks)",
                 "seed": args.seed},
+        "tuning": None if args.tune_steps <= 0 else {
+            "curve": "slq_asym_tuned", "steps": args.tune_steps, "lr": args.tune_lr, "blocks": args.tune_blocks,
+            "check_blocks": args.tune_check_blocks, "seq_len": args.tune_seq_len,
+            "tokens": "the calibration split's last blocks (SLQModifier's); disjoint from GPTQ's and the objective's",
+            "batch_blocks": 2, "check_every": 8},
         "distribution_lossless": {"curve": "slq_asym", "targets": list(TARGETS), "bisect_steps": args.bisect_steps,
                                   "tolerance_bpp": args.bisect_tolerance,
                                   "criterion": "held-out EAR lower 95% bootstrap bound >= target"},
@@ -395,13 +424,15 @@ def main():
     if args.resume and args.out.is_file():
         old = json.loads(args.out.read_text())
         # budgets and the set of databases (--skip-sym) may change: points are keyed per curve
-        free = ("budgets", "options", "feasible_bpp")
+        free = ("budgets", "options", "feasible_bpp", "tuning")
         same = {k: v for k, v in old.get("settings", {}).items() if k not in free} == \
             {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in free}
         if not same:
             raise SystemExit(f"--resume: {args.out} was written with other settings; use another --out")
         previous = {(r["curve"], r.get("option"), r.get("budget")): r for r in old.get("rows", [])
                     if r["curve"] not in GSQ_JSON_CURVES.values()}
+        if old["settings"].get("tuning") != settings["tuning"]:  # tuned points of other settings are not these
+            previous = {k: r for k, r in previous.items() if k[0] != "slq_asym_tuned"}
         # stages not rerun this time (a resumed database's sensitivities) keep their old figures
         stages.update({k: v for k, v in old.get("stages", {}).items() if k not in stages})
         print(f"resuming: {len(previous)} points from {args.out}")
@@ -453,10 +484,40 @@ def main():
         stages[f"objective_{kind}_s"] = time.perf_counter() - t
         lo, hi = pb.feasible_range()
 
+        def tune_point(budget, row):
+            """The point's allocation (its row's group widths) after SLQModifier's scale tuning."""
+            if (f"slq_{kind}_tuned", None, budget) in previous:
+                add_row({**previous[(f"slq_{kind}_tuned", None, budget)], "resumed": True})
+                return
+            by_bits = {o.bits: k for k, o in enumerate(pb.options)}
+            choice = np.array([by_bits[b] for b in row["group_bits"]])
+            t = time.perf_counter()
+            tune_obj = ModelKLObjective(model, pb, cands, tune_tokens, batch_blocks=2)
+            try:
+                tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr)
+            finally:
+                tune_obj.close()
+            t_tune = time.perf_counter() - t
+            t = time.perf_counter()
+            m = evaluator(pb, cands, choice, scales=tuning.scales)
+            summary = tuning.summary()
+            add_row({"curve": f"slq_{kind}_tuned", "budget": budget, "achieved_bpp": row["achieved_bpp"], **m,
+                     "group_bits": row["group_bits"], "param_share_by_bits": row["param_share_by_bits"],
+                     "tuning": {k: summary[k] for k in ("heldout_kl_start", "heldout_kl_best", "best_step",
+                                                        "seconds", "log")},
+                     "alloc_s": row.get("alloc_s", 0) + t_tune, "tune_s": t_tune,
+                     "eval_s": time.perf_counter() - t})
+
+        def tuned(budget):
+            return kind == "asym" and args.tune_steps > 0 and (args.tune_budgets is None or any(
+                abs(budget - b) < 1e-9 for b in args.tune_budgets))
+
         def run_point(budget, probe=False):
             if (f"slq_{kind}", None, budget) in previous:
                 row = {**previous[(f"slq_{kind}", None, budget)], "resumed": True}
                 add_row(row)
+                if not probe and tuned(budget):
+                    tune_point(budget, row)
                 return row
             t = time.perf_counter()
             measured = engine.sensitivity_info is not None
@@ -477,6 +538,8 @@ def main():
             if probe:
                 row["probe"] = "distribution-lossless bisection"
             add_row(row)
+            if not probe and tuned(budget):
+                tune_point(budget, row)
             return row
 
         budgets = sorted({min(max(b, lo), hi) for b in args.budgets})
@@ -552,14 +615,15 @@ def gsq_vs_curves(rows) -> list[dict]:
     return out
 
 
-def slq_vs_uniform_line(rows, kind: str) -> list[dict]:
-    """Each SLQ point against the line through the uniform points of the same database
-    (log KL vs bpp): below 1 is what mixing widths buys over interpolating uniform widths."""
+def slq_vs_uniform_line(rows, kind: str, curve: str | None = None) -> list[dict]:
+    """Each SLQ point (of `curve`, default slq_<kind>) against the line through the (untuned)
+    uniform points of the same database (log KL vs bpp): below 1 is what mixing widths (and,
+    for slq_asym_tuned, the scale tuning) buys over interpolating uniform widths."""
     from vllm_slq.eval.report import log_interpolate
 
     uniform = [(r["achieved_bpp"], r["kl"]) for r in rows if r["curve"] == f"uniform_{kind}"]
     out = []
-    for r in sorted((r for r in rows if r["curve"] == f"slq_{kind}"), key=lambda r: r["achieved_bpp"]):
+    for r in sorted((r for r in rows if r["curve"] == (curve or f"slq_{kind}")), key=lambda r: r["achieved_bpp"]):
         at = log_interpolate(uniform, r["achieved_bpp"])
         if at:
             out.append({"budget": r["budget"], "bpp": r["achieved_bpp"], "kl": r["kl"], "uniform_line_kl": at[0],
@@ -626,6 +690,8 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
     comp["gsq_vs_uniform_sym_and_slq"] = gsq_vs_curves(rows) or gsq_note
     comp["slq_vs_uniform_line"] = {k: slq_vs_uniform_line(rows, k) for k in ("asym", "sym")
                                    if any(r["curve"] == f"slq_{k}" for r in rows)}
+    if any(r["curve"] == "slq_asym_tuned" for r in rows):
+        comp["slq_vs_uniform_line"]["asym_tuned"] = slq_vs_uniform_line(rows, "asym", "slq_asym_tuned")
     result["comparisons"] = comp
     result["status"] = "complete"
     save()
