@@ -25,7 +25,9 @@ output exists is skipped):
 7. SLQ at each mix's bpw over the linears: read from the slq.py results (--slq-json,
    default results/slq_peer_budgets.json, written by `slq.py --budgets <these bpws>` on the
    same protocol); a mix with no SLQ row at its bpw is reported as missing (the command
-   that measures it is printed).
+   that measures it is printed). Where slq.py also tuned the point's scales (--tune-steps,
+   as SLQModifier does by default) the tuned row is SLQ's, and the allocation-only row is
+   compared too ("allocation_only").
    Paired comparisons on the same held-out sequences: KL ratio SLQ / best peer (imatrix or
    not) with a paired bootstrap 95% CI, and the EAR difference.
 
@@ -42,6 +44,7 @@ Writes results/peers.json (read by our checks: "comparisons", one per mix) and p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -93,6 +96,7 @@ def build_llama_cpp(work: Path) -> Path:
     bin_dir = work / "build" / "bin"
     if all((bin_dir / t).is_file() for t in ("llama-quantize", "llama-imatrix")):
         return bin_dir
+    work.mkdir(parents=True, exist_ok=True)
     if not src.is_dir():
         sdist = work / f"{name}.tar.gz"
         if not sdist.is_file():
@@ -220,16 +224,21 @@ def reference_grid(model, group: int = 32, levels: int = 16) -> dict:
 
 
 # ------------------------------------------------------------------ comparisons
-def slq_row_at(rows: list[dict], bpw: float, tol: float, top: float | None = None) -> dict | None:
-    """SLQ's row at this bpw (within tol). At SLQ's top bpw (`top`, every layer at the widest
-    option) the only allocation is uniform, so the uniform row of that width is SLQ's."""
-    at = [r for r in rows if r["curve"] == "slq_asym" and abs(r["achieved_bpp"] - bpw) <= tol]
-    if not at and top is not None and abs(bpw - top) <= tol:
+def slq_row_at(rows: list[dict], bpw: float, tol: float, top: float | None = None,
+               curve: str = "slq_asym") -> dict | None:
+    """SLQ's row of `curve` at this bpw (within tol). At SLQ's top bpw (`top`, every layer at the
+    widest option) the only allocation is uniform, so the uniform row of that width is SLQ's."""
+    at = [r for r in rows if r["curve"] == curve and abs(r["achieved_bpp"] - bpw) <= tol]
+    if not at and top is not None and abs(bpw - top) <= tol and curve == "slq_asym":
         at = [r for r in rows if r["curve"] == "uniform_asym" and abs(r["achieved_bpp"] - top) <= tol]
     return min(at, key=lambda r: abs(r["achieved_bpp"] - bpw)) if at else None
 
 
-def compare(mix: str, peers: list[dict], slq: dict | None, n_boot: int, seed: int) -> dict:
+def compare(mix: str, peers: list[dict], slq: dict | None, n_boot: int, seed: int,
+            untuned: dict | None = None) -> dict:
+    """The mix's best peer against SLQ's row at its bpw: the product's (scale-tuned) row where
+    --slq-json has one, else the allocation-only row; `untuned`, when `slq` is tuned, is also
+    compared, as "allocation_only"."""
     best = min(peers, key=lambda r: r["kl"])
     out = {"mix": mix, "bpw": best["bpw_linears"], "bpw_all": best["bpw_all"], "best_peer": best["name"],
            "best_peer_kl": best["kl"], "best_peer_ear": best["ear"], "slq_kl": None, "kl_ratio": None,
@@ -242,7 +251,11 @@ def compare(mix: str, peers: list[dict], slq: dict | None, n_boot: int, seed: in
                         f"({slq.get('n_positions')} vs {best['n_positions']})")
     ratio, lo, hi = paired_bootstrap_ci(slq["kl_seq_sums"], best["kl_seq_sums"], n_boot=n_boot, seed=seed)
     out.update(slq_kl=slq["kl"], slq_ear=slq["ear"], slq_bpp=slq["achieved_bpp"], kl_ratio=ratio,
-               kl_ratio_ci=[lo, hi], slq_lower_beyond_noise=hi < 1.0, meets_0_75=hi < 1.0 and ratio <= 0.75)
+               kl_ratio_ci=[lo, hi], slq_lower_beyond_noise=hi < 1.0, meets_0_75=hi < 1.0 and ratio <= 0.75,
+               slq_scale_tuned=slq.get("curve") == "slq_asym_tuned")
+    if untuned is not None and untuned is not slq:
+        r, lo, hi = paired_bootstrap_ci(untuned["kl_seq_sums"], best["kl_seq_sums"], n_boot=n_boot, seed=seed)
+        out["allocation_only"] = {"slq_kl": untuned["kl"], "kl_ratio": r, "kl_ratio_ci": [lo, hi]}
     return out
 
 
@@ -255,7 +268,10 @@ def plot(peer_rows: list[dict], slq_rows: list[dict], uniform: list[dict], path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [("llama.cpp", [r for r in peer_rows if not r["imatrix"]], "s"),
               ("llama.cpp + imatrix", [r for r in peer_rows if r["imatrix"]], "D"),
-              ("SLQ (asym GPTQ database)", [{"bpw_linears": r["achieved_bpp"], **r} for r in slq_rows], "o"),
+              ("SLQ, allocation only", [{"bpw_linears": r["achieved_bpp"], **r} for r in slq_rows
+                                        if r["curve"] == "slq_asym"], "o"),
+              ("SLQ + scale tuning (the product)", [{"bpw_linears": r["achieved_bpp"], **r} for r in slq_rows
+                                                    if r["curve"] == "slq_asym_tuned"], "*"),
               ("uniform asym GPTQ g64", [{"bpw_linears": r["achieved_bpp"], **r} for r in uniform], "^")]
     for label, rows, marker in series:
         rows = sorted(rows, key=lambda r: r["bpw_linears"])
@@ -315,13 +331,14 @@ def main() -> int:
     imat = make_imatrix(bin_dir, f16, tok.decode(calib.flatten().tolist()), args.seq_len, args.calib_blocks,
                         args.threads, args.work / f"imatrix-brown-{args.calib_blocks}x{args.seq_len}.gguf")
     scorer = Scorer(model, held, args.n_boot, args.seed)
+    # rows scored before are reused only on these very tokens (the splits' order has changed before)
+    heldout_sha = hashlib.sha256(held.numpy().tobytes()).hexdigest()
 
     peer_rows = []
     prev = {}
     if args.out.is_file():  # rows already scored (same protocol) are kept
         old = json.loads(args.out.read_text())
-        if old.get("protocol", {}).get("slq_json_settings") == {k: st[k] for k in ("seq_len", "calib_blocks",
-                                                                                      "eval_blocks")}:
+        if old.get("protocol", {}).get("heldout_sha256") == heldout_sha:
             prev = {r["name"]: r for r in old.get("peers", [])}
     for mix in args.mixes:
         for use_imatrix in (False, True):
@@ -342,15 +359,16 @@ def main() -> int:
                   flush=True)
             peer_rows.append(row)
 
-    slq_rows = [r for r in slq_res["rows"] if r["curve"] == "slq_asym"]
+    slq_rows = [r for r in slq_res["rows"] if r["curve"] in ("slq_asym", "slq_asym_tuned") and not r.get("probe")]
     uniform = [r for r in slq_res["rows"] if r["curve"] == "uniform_asym"]
     comparisons, missing = [], []
     lo, hi = slq_res["settings"]["feasible_bpp"]["asym"]
     for mix in args.mixes:
         rows = [r for r in peer_rows if r["mix"] == mix]
         budget = min(max(rows[0]["bpw_linears"], lo), hi)
-        c = compare(mix, rows, slq_row_at(slq_res["rows"], budget, args.bpw_tolerance, top=hi), args.n_boot,
-                    args.seed)
+        untuned = slq_row_at(slq_res["rows"], budget, args.bpw_tolerance, top=hi)
+        tuned = slq_row_at(slq_res["rows"], budget, args.bpw_tolerance, curve="slq_asym_tuned")
+        c = compare(mix, rows, tuned or untuned, args.n_boot, args.seed, untuned=untuned)
         c["slq_budget"] = budget
         if budget != rows[0]["bpw_linears"]:
             c["slq_budget_note"] = f"the mix's {rows[0]['bpw_linears']:.4f} bpw clipped to SLQ's range [{lo}, {hi}]"
@@ -367,6 +385,7 @@ def main() -> int:
                      "scoring": "GGUF dequantized by transformers' GGUF loader to fp32; bpw from stored tensor bytes",
                      "slq_json": str(args.slq_json.name),
                      "slq_json_settings": {k: st[k] for k in ("seq_len", "calib_blocks", "eval_blocks")},
+                     "slq_tuning": st.get("tuning"), "heldout_sha256": heldout_sha,
                      "paired": f"{args.n_boot} bootstrap resamples of whole sequences, seed {args.seed}"},
         "reference_grid": reference_grid(model),
         "peers": peer_rows, "comparisons": comparisons, "wall_s": time.perf_counter() - t0,

@@ -82,6 +82,25 @@ def test_compare_pairs_slq_with_the_best_peer():
         peers.compare("Q4_K_M", [plain], other_text, n_boot=10, seed=0)
 
 
+def test_compare_uses_the_tuned_row_and_keeps_the_allocation_only_one():
+    """SLQModifier tunes scales by default: the tuned row is SLQ's, the untuned one is reported beside it."""
+    peers = _peers()
+    best = _row("Q4_K_M+imatrix", [2.0, 3.0, 1.0])
+    untuned = {**_row("slq", [1.0, 1.5, 0.5]), "curve": "slq_asym"}
+    tuned = {**_row("slq", [0.5, 0.75, 0.25]), "curve": "slq_asym_tuned"}
+    c = peers.compare("Q4_K_M", [best], tuned, n_boot=200, seed=0, untuned=untuned)
+    assert c["slq_scale_tuned"] and c["kl_ratio"] == pytest.approx(0.25)
+    assert c["allocation_only"]["kl_ratio"] == pytest.approx(0.5)
+    assert c["allocation_only"]["kl_ratio_ci"] == pytest.approx([0.5, 0.5])
+    alone = peers.compare("Q4_K_M", [best], untuned, n_boot=200, seed=0, untuned=untuned)
+    assert not alone["slq_scale_tuned"] and "allocation_only" not in alone
+    rows = [untuned, tuned]
+    assert peers.slq_row_at(rows, 4.5, 0.01, curve="slq_asym_tuned") is tuned
+    assert peers.slq_row_at(rows, 4.5, 0.01) is untuned
+    w8 = [{"curve": "uniform_asym", "achieved_bpp": 8.375}]
+    assert peers.slq_row_at(w8, 8.375, 0.01, top=8.375, curve="slq_asym_tuned") is None  # never tuned
+
+
 def test_slq_row_at_matches_the_budget():
     peers = _peers()
     rows = [{"curve": "slq_asym", "achieved_bpp": 4.496}, {"curve": "slq_asym", "achieved_bpp": 5.0},
