@@ -35,8 +35,14 @@ K-quants need rows of 256 weights: on a model whose hidden size is not a multipl
 (the reference model's is 576) llama-quantize falls back to a legacy type per tensor
 (e.g. q5_0 for q4_K). The tensor types each GGUF actually stores are recorded per mix.
 
-Not here yet: auto-round (its default 200 iterations per block do not fit a 2-core CPU;
-a GPU row is future work).
+Optional: auto-round (--auto-round BITS ...), Intel's SignRound: per decoder block, signed-
+gradient descent on the rounding offsets and the min/max clipping of each group, fitted to
+the block's FP output on the same calibration blocks SLQ's GPTQ uses. It runs on the
+asymmetric g64 grid of SLQ's database (fp16 scale, b-bit zero point: the same bpw as
+uniform_asym w<b>), so its row is compared, paired, with slq.py's uniform GPTQ row of that
+width: the quantizer alone, on one format. Its default 200 iterations per block are for a
+GPU (--auto-round-device cuda): on this 2-core CPU one iteration of one block on 32 x 512
+tokens is several seconds.
 
 Writes results/peers.json (read by our checks: "comparisons", one per mix) and peers.png
 (KL and EAR against bpw over the linears, every system).
@@ -44,6 +50,7 @@ Writes results/peers.json (read by our checks: "comparisons", one per mix) and p
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -66,6 +73,7 @@ from vllm_slq.data import MODEL_ALIASES, gguf_path, load_model, load_text, token
 from vllm_slq.eval.hf_backend import HFRunner
 from vllm_slq.eval.metrics import paired_bootstrap_ci
 from vllm_slq.fileio import atomic_path
+from vllm_slq.quant.spec import QuantSpec
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 # llama.cpp's README table (Llama-3-8B, mean KLD vs FP16) is the issue's; these are its names
@@ -204,6 +212,73 @@ class Scorer:
                                self.seed)
 
 
+AUTO_ROUND_GROUP = 64  # SLQ's database grid, so the row pairs with uniform_asym of its width
+
+
+def linears_bpw(model, spec: QuantSpec) -> float:
+    """bpw over the decoder linears (everything but lm_head) of one spec at every linear."""
+    sizes = [(m.in_features, m.weight.numel()) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return sum(spec.bpp(k) * n for k, n in sizes) / sum(n for _, n in sizes)
+
+
+def auto_round_model(model, tokenizer, calib: torch.Tensor, bits: int, iters: int, lr: float | None,
+                     device: str):
+    """A copy of `model` quantized by auto-round's SignRound (weight-only, asymmetric integer,
+    groups of AUTO_ROUND_GROUP, lm_head and embeddings kept) on the token blocks `calib`
+    [n, seq_len]; its linears hold the dequantized weights. lr None: auto-round's default
+    (1 / iters)."""
+    # imported here: an optional row, and auto_round's import is slow; its compressor turns on
+    # deterministic algorithms process-wide, which is restored below
+    from auto_round import AutoRound
+    from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cand = copy.deepcopy(model)
+    try:
+        ar = AutoRound(cand, tokenizer=tokenizer,
+                       scheme={"bits": bits, "group_size": AUTO_ROUND_GROUP, "sym": False, "data_type": "int",
+                               "act_bits": 16},
+                       alg_configs=SignRoundConfig(iters=iters, **({} if lr is None else {"lr": lr})),
+                       dataset=list(calib.split(1)),  # our tokens: nothing is downloaded
+                       nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=min(8, calib.shape[0]),
+                       device_map=device, amp=False,  # amp would cast the model to bf16 in place
+                       enable_torch_compile=False)
+        qmodel, layer_config = ar.quantize()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for m in qmodel.modules():  # the calibration pass leaves the original bound forward behind
+        m.__dict__.pop("forward", None)
+        m.__dict__.pop("orig_forward", None)
+    quantized = [n for n, c in layer_config.items() if c.get("bits", 16) < 16]
+    expected = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    if sorted(quantized) != sorted(expected):
+        raise PeerError(f"auto-round quantized {len(quantized)} linears, not the {len(expected)} decoder linears: "
+                        f"missing {sorted(set(expected) - set(quantized))[:3]}")
+    return qmodel.to("cpu").float()
+
+
+def auto_round_row(model, tokenizer, calib, bits: int, iters: int, lr: float | None, device: str,
+                   scorer: "Scorer", uniform: dict | None, n_boot: int, seed: int) -> dict:
+    """auto-round at `bits` scored like every peer, and paired with slq.py's uniform GPTQ row of
+    that width (`uniform`, the same format and bpw) where there is one."""
+    t = time.perf_counter()
+    cand = auto_round_model(model, tokenizer, calib, bits, iters, lr, device)
+    t_quant = time.perf_counter() - t
+    bpw = linears_bpw(model, QuantSpec(bits, AUTO_ROUND_GROUP, False))
+    row = {"name": f"auto-round w{bits}ag{AUTO_ROUND_GROUP}", "system": "auto-round", "bits": bits, "iters": iters,
+           "lr": lr, "device": device, "calibration": list(calib.shape), "bpw_linears": bpw, **scorer(cand),
+           "quantize_s": t_quant}
+    del cand
+    if uniform is not None:
+        if abs(uniform["achieved_bpp"] - bpw) > 1e-6 or uniform.get("n_positions") != row["n_positions"]:
+            raise PeerError(f"auto-round w{bits}: slq.py's uniform row is at {uniform['achieved_bpp']} bpw on "
+                            f"{uniform.get('n_positions')} positions, not {bpw} on {row['n_positions']}")
+        ratio, lo, hi = paired_bootstrap_ci(row["kl_seq_sums"], uniform["kl_seq_sums"], n_boot=n_boot, seed=seed)
+        row["vs_uniform_gptq"] = {"gptq_kl": uniform["kl"], "kl_ratio": ratio, "kl_ratio_ci": [lo, hi]}
+    return row
+
+
 def load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
@@ -259,7 +334,8 @@ def compare(mix: str, peers: list[dict], slq: dict | None, n_boot: int, seed: in
     return out
 
 
-def plot(peer_rows: list[dict], slq_rows: list[dict], uniform: list[dict], path: Path) -> None:
+def plot(peer_rows: list[dict], slq_rows: list[dict], uniform: list[dict], path: Path,
+         auto_rows: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +348,8 @@ def plot(peer_rows: list[dict], slq_rows: list[dict], uniform: list[dict], path:
                                         if r["curve"] == "slq_asym"], "o"),
               ("SLQ + scale tuning (the product)", [{"bpw_linears": r["achieved_bpp"], **r} for r in slq_rows
                                                     if r["curve"] == "slq_asym_tuned"], "*"),
-              ("uniform asym GPTQ g64", [{"bpw_linears": r["achieved_bpp"], **r} for r in uniform], "^")]
+              ("uniform asym GPTQ g64", [{"bpw_linears": r["achieved_bpp"], **r} for r in uniform], "^"),
+              ("auto-round asym g64", list(auto_rows), "v")]
     for label, rows, marker in series:
         rows = sorted(rows, key=lambda r: r["bpw_linears"])
         if rows:
@@ -306,6 +383,11 @@ def main() -> int:
     ap.add_argument("--slq-json", type=Path, default=RESULTS / "slq_peer_budgets.json",
                     help="slq.py results on the same protocol, with SLQ rows at the mixes' bpw")
     ap.add_argument("--bpw-tolerance", type=float, default=0.01)
+    ap.add_argument("--auto-round", type=int, nargs="*", default=[], metavar="BITS",
+                    help="also auto-round (SignRound) at these widths, asymmetric g64, on the calibration blocks")
+    ap.add_argument("--auto-round-iters", type=int, default=200, help="auto-round's default; for a GPU")
+    ap.add_argument("--auto-round-lr", type=float, default=None, help="default: auto-round's (1 / iters)")
+    ap.add_argument("--auto-round-device", default="cpu", help="e.g. cuda")
     ap.add_argument("--out", type=Path, default=RESULTS / "peers.json")
     args = ap.parse_args()
     unknown = [m for m in args.mixes if m not in MIXES]
@@ -335,11 +417,12 @@ def main() -> int:
     heldout_sha = hashlib.sha256(held.numpy().tobytes()).hexdigest()
 
     peer_rows = []
-    prev = {}
+    prev, prev_auto = {}, {}
     if args.out.is_file():  # rows already scored (same protocol) are kept
         old = json.loads(args.out.read_text())
         if old.get("protocol", {}).get("heldout_sha256") == heldout_sha:
             prev = {r["name"]: r for r in old.get("peers", [])}
+            prev_auto = {(r["bits"], r["iters"], r["lr"], r["device"]): r for r in old.get("auto_round", [])}
     for mix in args.mixes:
         for use_imatrix in (False, True):
             name = mix + ("+imatrix" if use_imatrix else "")
@@ -358,6 +441,23 @@ def main() -> int:
                   f"EAR {row['ear']:.4f} [{row['ear_lcb']:.4f}, {row['ear_ucb']:.4f}]  top1 {row['top1']:.4f}",
                   flush=True)
             peer_rows.append(row)
+
+    auto_rows = [r for k, r in prev_auto.items() if k[0] not in args.auto_round]  # other widths measured before
+    for bits in args.auto_round:
+        key = (bits, args.auto_round_iters, args.auto_round_lr, args.auto_round_device)
+        if key in prev_auto:
+            auto_rows.append(prev_auto[key])
+            continue
+        uniform_b = next((r for r in slq_res["rows"] if r["curve"] == "uniform_asym"
+                          and r.get("option") == QuantSpec(bits, AUTO_ROUND_GROUP, False).short()), None)
+        row = auto_round_row(model, tok, calib, bits, args.auto_round_iters, args.auto_round_lr,
+                             args.auto_round_device, scorer, uniform_b, args.n_boot, args.seed)
+        v = row.get("vs_uniform_gptq")
+        print(f"  {row['name']:16s} bpw linears {row['bpw_linears']:.3f}  KL {row['kl']:.5f}  EAR {row['ear']:.4f}  "
+              f"{row['iters']} iters, {row['quantize_s']:.0f} s" +
+              ("" if v is None else f"  / uniform GPTQ {v['kl_ratio']:.3f} [{v['kl_ratio_ci'][0]:.3f}, "
+                                    f"{v['kl_ratio_ci'][1]:.3f}]"), flush=True)
+        auto_rows.append(row)
 
     slq_rows = [r for r in slq_res["rows"] if r["curve"] in ("slq_asym", "slq_asym_tuned") and not r.get("probe")]
     uniform = [r for r in slq_res["rows"] if r["curve"] == "uniform_asym"]
@@ -388,7 +488,7 @@ def main() -> int:
                      "slq_tuning": st.get("tuning"), "heldout_sha256": heldout_sha,
                      "paired": f"{args.n_boot} bootstrap resamples of whole sequences, seed {args.seed}"},
         "reference_grid": reference_grid(model),
-        "peers": peer_rows, "comparisons": comparisons, "wall_s": time.perf_counter() - t0,
+        "peers": peer_rows, "comparisons": comparisons, "auto_round": auto_rows, "wall_s": time.perf_counter() - t0,
     }
     cols = [("mix", "mix", "s"), ("bpw", "bpw linears", ".3f"), ("bpw_all", "bpw all (peer)", ".3f"),
             ("best_peer", "best llama.cpp", "s"), ("best_peer_kl", "its KL", ".5f"), ("slq_kl", "SLQ KL", ".5f"),
@@ -399,7 +499,7 @@ def main() -> int:
     for c in comparisons:
         c.pop("ci_text")
     write_json(args.out, result)
-    plot(peer_rows, slq_rows, uniform, args.out.with_suffix(".png"))
+    plot(peer_rows, slq_rows, uniform, args.out.with_suffix(".png"), auto_rows)
     if missing:
         print(f"\nSLQ rows missing at bpw {missing}; measure them on the same protocol with:\n"
               f"  PYTHONPATH=.. python slq.py --out {args.slq_json} --skip-sym --bisect-steps 0 "

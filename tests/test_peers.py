@@ -150,3 +150,50 @@ def test_missing_build_tool_is_named(tmp_path):
     peers = _peers()
     with pytest.raises(peers.PeerError, match="no-such-cmake-xyz not found"):
         peers._run(["no-such-cmake-xyz", "--version"], tmp_path / "x.log")
+
+
+def test_auto_round_row_quantizes_every_decoder_linear_on_the_g64_grid():
+    """auto-round (real SignRound, 2 iterations) on a 2-layer cut of the reference model: every
+    decoder linear dequantized onto an asymmetric 2^b-level grid per group of 64, the caller's
+    model untouched, and the row paired with a uniform row of the same bpw."""
+    import copy
+
+    import torch
+
+    from vllm_slq.data import load_model, load_text, token_blocks
+    from vllm_slq.quant.grid import rtn as rtn_quantize
+    from vllm_slq.quant.spec import QuantSpec
+
+    peers = _peers()
+    model, tok = load_model("smollm2-135m", dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    text = load_text("brown")
+    calib = token_blocks(tok, text.calibration, 64, 4)
+    held = token_blocks(tok, text.evaluation, 64, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    q = peers.auto_round_model(model, tok, calib, bits=3, iters=2, lr=5e-3, device="cpu")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's model is kept
+    assert not torch.are_deterministic_algorithms_enabled()  # auto-round's global switch is undone
+    qmods = dict(q.named_modules())
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            w = qmods[name].weight.detach()
+            assert w.dtype == torch.float32 and not torch.equal(w, mod.weight), name
+            groups = w.reshape(-1, 64).sort(-1).values
+            assert int(((groups.diff(dim=-1) != 0).sum(-1) + 1).max()) <= 8, name
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+    scorer = peers.Scorer(model, held, n_boot=50, seed=0)
+    rtn = copy.deepcopy(model)
+    spec = QuantSpec(3, 64, False)
+    for name, mod in rtn.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            mod.weight.data = rtn_quantize(mod.weight.detach(), spec).dequantize(torch.float32)
+    uniform = {"achieved_bpp": peers.linears_bpw(model, spec), **scorer(rtn)}
+    row = peers.auto_round_row(model, tok, calib, 3, 2, 5e-3, "cpu", scorer, uniform, n_boot=50, seed=0)
+    assert row["bpw_linears"] == pytest.approx(3 + 19 / 64)  # b bits + fp16 scale + b-bit zero per 64
+    assert row["kl"] > 0 and 0 < row["ear"] < 1
+    v = row["vs_uniform_gptq"]
+    assert v["kl_ratio"] == pytest.approx(row["kl"] / uniform["kl"], rel=1e-6)
+    assert v["kl_ratio_ci"][0] <= v["kl_ratio"] <= v["kl_ratio_ci"][1]
