@@ -17,6 +17,12 @@ seconds (refinement only, one thread by default).
 
 --asymmetric: the asymmetric grid, initialised by the GPTQ variant SLQ's database and the
 uniform baseline use (gptq.GPTQ_VARIANT), zero points fixed; several --bits run in turn.
+
+Steps curve: several --epochs run in turn (each a fresh refinement from the GPTQ init, its
+cosine schedules over its own length), and the PNG gains a panel of MSE ratio vs steps:
+
+    python benchmarks/gsq_block.py --bits 2 --layers 2 20 --n-calib 64 --seq-len 256 \
+        --epochs 5 20 80 --out results/gsq_block_2bit_steps.json
 """
 from __future__ import annotations
 
@@ -125,14 +131,31 @@ def plot(payload, path):
 
     blocks = payload["blocks"]
     layers = list(blocks)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    curve = len({r.get("epochs") for r in blocks.values()}) > 1  # a steps curve: one more panel
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(13.5 if curve else 9, 3.5))
+    if curve:
+        runs = {}
+        for r in blocks.values():
+            runs.setdefault((r["bits"], r["layer"]), []).append(r)
+        for (bits, layer), rs in sorted(runs.items()):
+            rs = sorted(rs, key=lambda r: r["steps"])
+            line, = axes[2].plot([r["steps"] for r in rs], [r["heldout_ratio"] for r in rs], "o-",
+                                 label=f"w{bits} layer {layer}, held-out")
+            axes[2].plot([r["steps"] for r in rs], [r["ratio"] for r in rs], "s--", color=line.get_color(),
+                         label=f"w{bits} layer {layer}, calibration")
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("optimiser steps per block")
+        axes[2].set_ylabel("GSQ / GPTQ block-output MSE")
+        axes[2].axhline(1.0, color="grey", lw=0.8)
+        axes[2].legend(fontsize=7)
+        axes[2].set_title("steps curve")
     for ax, (a, b, title) in zip(axes, [("init_mse", "final_mse", "calibration"),
                                         ("heldout_init_mse", "heldout_final_mse", "held-out")]):
         xs = range(len(layers))
         ax.bar([x - 0.2 for x in xs], [blocks[l][a] for l in layers], 0.4, label="GPTQ init")
         ax.bar([x + 0.2 for x in xs], [blocks[l][b] for l in layers], 0.4, label="GSQ (hard)")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([str(l) if str(l).startswith("w") else f"layer {l}" for l in layers],
+        ax.set_xticklabels([f"layer {l}" if str(l).isdigit() else str(l) for l in layers],
                            rotation=45 if len(layers) > 4 else 0, fontsize=7 if len(layers) > 4 else None)
         ax.set_yscale("log")
         ax.set_title(f"block-output MSE, {title}")
@@ -140,7 +163,8 @@ def plot(payload, path):
     st = payload["settings"]
     bits = st["bits"] if isinstance(st["bits"], int) else "/".join(map(str, st["bits"]))
     grid = "asymmetric" if st.get("asymmetric") else "symmetric"
-    fig.suptitle(f"SmolLM2-135M MLP, {bits}-bit {grid} G{st['group_size']}: {payload['blocks'][layers[0]]['steps']} "
+    steps = "/".join(sorted({str(r["steps"]) for r in blocks.values()}, key=int))
+    fig.suptitle(f"SmolLM2-135M MLP, {bits}-bit {grid} G{st['group_size']}: {steps} "
                  f"steps/block, logit lr {st['logit_lr']:g}, scale lr {st['scale_lr']:g}, strength {st['init_strength']:g}",
                  fontsize=9)
     fig.tight_layout()
@@ -160,7 +184,8 @@ def main(argv=None):
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--n-heldout", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--epochs", type=int, nargs="+", default=[d.epochs],
+                    help="several: a steps curve, one refinement per value")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--logit-lr", type=float, default=d.logit_lr)
     ap.add_argument("--scale-lr", type=float, default=d.scale_lr)
@@ -169,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--kappa", type=float, nargs=2, default=[d.kappa_start, d.kappa_end])
     ap.add_argument("--init-strength", type=float, default=d.init_strength)
     ap.add_argument("--init-std", type=float, default=d.init_std)
+    ap.add_argument("--paper-init", action="store_true",
+                    help="the paper's logit draw, which starts some codes off GPTQ's (GSQConfig.init_keeps_codes off)")
     ap.add_argument("--final-lr-fraction", type=float, default=d.final_lr_fraction)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -203,26 +230,32 @@ def main(argv=None):
         with atomic_path(cache) as tmp:
             torch.save(data, tmp)
 
-    cfg = GSQConfig(tau_start=args.tau[0], tau_end=args.tau[1], kappa_start=args.kappa[0], kappa_end=args.kappa[1],
-                    logit_lr=args.logit_lr, logit_weight_decay=args.weight_decay, scale_lr=args.scale_lr,
-                    final_lr_fraction=args.final_lr_fraction, init_std=args.init_std,
-                    init_strength=args.init_strength, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    def config(epochs):
+        return GSQConfig(tau_start=args.tau[0], tau_end=args.tau[1], kappa_start=args.kappa[0],
+                         kappa_end=args.kappa[1], logit_lr=args.logit_lr, logit_weight_decay=args.weight_decay,
+                         scale_lr=args.scale_lr, final_lr_fraction=args.final_lr_fraction, init_std=args.init_std,
+                         init_strength=args.init_strength, init_keeps_codes=not args.paper_init, epochs=epochs,
+                         batch_size=args.batch_size, seed=args.seed)
+
     rows = {}
     print(f"{'bits':>4} {'layer':>5} {'init':>9} {'final':>9} {'ratio':>6} {'held init':>9} {'held fin':>9} "
           f"{'ratio':>6} {'steps':>5} {'refine s':>8} {'changed':>7}")
-    for bits in args.bits:
-        for i in args.layers:
-            r = refine_block(model.model.layers[i], i, data["items"][i], data["held"][i], data["H"][i], bits,
-                             args.group_size, cfg, threads=args.threads, profile=args.profile,
-                             symmetric=not args.asymmetric)
-            r["bits"], r["layer"] = bits, i
-            rows[i if len(args.bits) == 1 else f"w{bits}-layer{i}"] = r
-            print(f"{bits:>4} {i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} "
-                  f"{r['heldout_init_mse']:9.4g} {r['heldout_final_mse']:9.4g} {r['heldout_ratio']:6.3f} "
-                  f"{r['steps']:>5} {r['refine_s']:8.1f} {r['codes_changed_frac']:7.3f}", flush=True)
+    for epochs, bits, i in ((e, b, i) for e in args.epochs for b in args.bits for i in args.layers):
+        # the refinement leaves the block's FP weights in place (soft_linears), so each run
+        # starts from the same GPTQ init
+        r = refine_block(model.model.layers[i], i, data["items"][i], data["held"][i], data["H"][i], bits,
+                         args.group_size, config(epochs), threads=args.threads, profile=args.profile,
+                         symmetric=not args.asymmetric)
+        r["bits"], r["layer"], r["epochs"] = bits, i, epochs
+        key = i if len(args.bits) == 1 else f"w{bits}-layer{i}"
+        rows[key if len(args.epochs) == 1 else f"e{epochs}-{key}"] = r
+        print(f"{bits:>4} {i:>5} {r['init_mse']:9.4g} {r['final_mse']:9.4g} {r['ratio']:6.3f} "
+              f"{r['heldout_init_mse']:9.4g} {r['heldout_final_mse']:9.4g} {r['heldout_ratio']:6.3f} "
+              f"{r['steps']:>5} {r['refine_s']:8.1f} {r['codes_changed_frac']:7.3f}", flush=True)
     if args.out:
         out = Path(args.out)
-        payload = {"settings": vars(args), "config": {k: v for k, v in vars(cfg).items()}, "blocks": rows}
+        payload = {"settings": vars(args), "config": {k: v for k, v in vars(config(args.epochs[0])).items()
+                                                      if k != "epochs"}, "blocks": rows}
         atomic_write_json(out, payload, indent=2, default=str)
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -164,13 +164,37 @@ def test_rejects_inconsistent_zero_points_and_bad_ternary_init():
 
 
 def test_init_prior_prefers_gptq_code():
-    # prior gap 6 * 1/2 = 3 noise std between q0 and its neighbours: the argmax of the
-    # initial logits is q0 for ~97% of weights, a neighbour otherwise
+    # the paper's draw: a prior gap of 6 * 1/2 = 3 noise std between q0 and its neighbours,
+    # so the argmax of the initial logits is q0 for ~97% of weights, a neighbour otherwise
     for bits in (2, 3):
-        _, init, gw = _weight((bits, False), n=64, k=64, group=16)
+        w = torch.randn(64, 64, generator=torch.Generator().manual_seed(bits))
+        init = sym_rtn(w, bits, 16)
+        gw = GSQWeight(init, seed=0, fp_weight=w, init_keeps_codes=False)
         same = (gw.hard_codes() == init.codes).float().mean().item()
         assert 0.93 < same < 1.0, same
         assert (gw.hard_codes().int() - init.codes.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_init_keeps_every_gptq_code_with_the_same_noise_values(bits):
+    """init_keeps_codes (the default): the argmax is q0 everywhere, and per weight the noise
+    values are those of the paper's draw, two of them swapped where it had flipped the code."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(bits))
+    init = sym_rtn(w, bits, 16)
+    gw = GSQWeight(init, seed=0, fp_weight=w)
+    assert torch.equal(gw.hard_codes(), init.codes)
+    paper = GSQWeight(init, seed=0, fp_weight=w, init_keeps_codes=False)
+    assert (paper.hard_codes() != init.codes).any()
+    v = gw.base.float().unsqueeze(-1) + gw.offsets
+    # swapped: where the paper's logits peak off q0, off-grid candidates at the edges included
+    flipped = paper.logits.detach().argmax(-1) != (v == init.codes.float().unsqueeze(-1)).int().argmax(-1)
+    prior = -0.5 * (init.codes.float().unsqueeze(-1) - v) ** 2
+    prior = prior - prior.mean(-1, keepdim=True)
+    std, strength = GSQConfig.init_std, GSQConfig.init_strength
+    noise_keep = gw.logits.detach() / std - strength * prior
+    noise_paper = paper.logits.detach() / std - strength * prior
+    torch.testing.assert_close(noise_keep.sort(-1).values, noise_paper.sort(-1).values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(noise_keep[~flipped], noise_paper[~flipped], atol=1e-4, rtol=0)
 
 
 def test_schedules():

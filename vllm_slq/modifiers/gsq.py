@@ -118,6 +118,7 @@ class GSQModifier(LayerwiseQuantModifier):
     final_lr_fraction: float = GSQConfig.final_lr_fraction
     init_std: float = GSQConfig.init_std
     init_strength: float = GSQConfig.init_strength
+    init_keeps_codes: bool = GSQConfig.init_keeps_codes
     seed: int = 0
     keep_init_if_worse: bool = True
     block_types: Optional[list[str]] = None
@@ -147,7 +148,8 @@ class GSQModifier(LayerwiseQuantModifier):
             tau_start=self.tau_start, tau_end=self.tau_end, kappa_start=self.kappa_start, kappa_end=self.kappa_end,
             logit_lr=self.logit_lr, logit_weight_decay=self.logit_weight_decay, scale_lr=self.scale_lr,
             betas=tuple(self.betas), final_lr_fraction=self.final_lr_fraction, init_std=self.init_std,
-            init_strength=self.init_strength, epochs=self.epochs, batch_size=self.batch_size, seed=seed,
+            init_strength=self.init_strength, init_keeps_codes=self.init_keeps_codes, epochs=self.epochs,
+            batch_size=self.batch_size, seed=seed,
         )
 
     @property

@@ -83,7 +83,8 @@ def refine_block(block: torch.nn.Module, modules: Mapping[str, torch.nn.Linear],
     init_std / init_strength set the logit prior; its seed is replaced by refine_seed.
     """
     weights = {n: GSQWeight(inits[n], ternary=ternary, init_std=config.init_std,
-                            init_strength=config.init_strength, seed=weight_seed(seed, block_index, i),
+                            init_strength=config.init_strength, init_keeps_codes=config.init_keeps_codes,
+                            seed=weight_seed(seed, block_index, i),
                             fp_weight=modules[n].weight.data.float(), name=n)
                for i, n in enumerate(modules)}
     current: dict[str, torch.Tensor] = {}
