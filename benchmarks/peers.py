@@ -69,6 +69,7 @@ from gguf.quants import dequantize
 from slq import heldout_metrics
 from transformers import AutoModelForCausalLM
 
+from vllm_slq.allocation.problem import linear_shapes
 from vllm_slq.data import MODEL_ALIASES, gguf_path, load_model, load_text, token_blocks
 from vllm_slq.eval.hf_backend import HFRunner
 from vllm_slq.eval.metrics import paired_bootstrap_ci
@@ -216,10 +217,9 @@ AUTO_ROUND_GROUP = 64  # SLQ's database grid, so the row pairs with uniform_asym
 
 
 def linears_bpw(model, spec: QuantSpec) -> float:
-    """bpw over the decoder linears (everything but lm_head) of one spec at every linear."""
-    sizes = [(m.in_features, m.weight.numel()) for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    return sum(spec.bpp(k) * n for k, n in sizes) / sum(n for _, n in sizes)
+    """bpw over the decoder linears (SLQ's, linear_shapes) of one spec at every linear."""
+    shapes = linear_shapes(model)
+    return sum(spec.bpp(s.in_features) * s.params for s in shapes) / sum(s.params for s in shapes)
 
 
 def auto_round_model(model, tokenizer, calib: torch.Tensor, bits: int, iters: int, lr: float | None,
@@ -251,7 +251,7 @@ def auto_round_model(model, tokenizer, calib: torch.Tensor, bits: int, iters: in
         m.__dict__.pop("forward", None)
         m.__dict__.pop("orig_forward", None)
     quantized = [n for n, c in layer_config.items() if c.get("bits", 16) < 16]
-    expected = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    expected = [s.name for s in linear_shapes(model)]
     if sorted(quantized) != sorted(expected):
         raise PeerError(f"auto-round quantized {len(quantized)} linears, not the {len(expected)} decoder linears: "
                         f"missing {sorted(set(expected) - set(quantized))[:3]}")
