@@ -339,7 +339,13 @@ def main():
                          "tune_steps, 64 in the product); 0: allocation only")
     ap.add_argument("--tune-budgets", type=float, nargs="+", default=None,
                     help="tune only the points at these budgets (default: every --budgets point)")
-    ap.add_argument("--tune-lr", type=float, default=2e-3)
+    ap.add_argument("--tune-lr", type=float, default=2e-3, help="the rate at --tune-reference-bits")
+    ap.add_argument("--tune-reference-bits", type=int, default=4,
+                    help="each width's rate is lr * min(1, (2^r - 1) / (2^b - 1)) (scale_tuning.width_lr); "
+                         "0: one rate")
+    ap.add_argument("--tune-slow-only", action=argparse.BooleanOptionalAction, default=True,
+                    help="widths below --tune-reference-bits keep --tune-lr (default); --no-tune-slow-only "
+                         "raises their rate by the same rule")
     ap.add_argument("--tune-blocks", type=int, default=128, help="training blocks (SLQModifier's tune_blocks)")
     ap.add_argument("--tune-check-blocks", type=int, default=8,
                     help="held-back blocks choosing the best step (SLQModifier's objective_blocks)")
@@ -404,7 +410,9 @@ def main():
                 "select": "calibration KL of the rounding candidates (all objective blocks)",
                 "seed": args.seed},
         "tuning": None if args.tune_steps <= 0 else {
-            "curve": "slq_asym_tuned", "steps": args.tune_steps, "lr": args.tune_lr, "blocks": args.tune_blocks,
+            "curve": "slq_asym_tuned", "steps": args.tune_steps, "lr": args.tune_lr,
+            "reference_bits": args.tune_reference_bits or None, "slow_only": args.tune_slow_only,
+            "blocks": args.tune_blocks,
             "check_blocks": args.tune_check_blocks, "seq_len": args.tune_seq_len,
             "tokens": "the calibration split's last blocks (SLQModifier's); disjoint from GPTQ's and the objective's",
             "batch_blocks": 2, "check_every": 8},
@@ -494,7 +502,9 @@ def main():
             t = time.perf_counter()
             tune_obj = ModelKLObjective(model, pb, cands, tune_tokens, batch_blocks=2)
             try:
-                tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr)
+                tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr,
+                                     reference_bits=args.tune_reference_bits or None,
+                                     slow_only=args.tune_slow_only)
             finally:
                 tune_obj.close()
             t_tune = time.perf_counter() - t
@@ -504,7 +514,7 @@ def main():
             add_row({"curve": f"slq_{kind}_tuned", "budget": budget, "achieved_bpp": row["achieved_bpp"], **m,
                      "group_bits": row["group_bits"], "param_share_by_bits": row["param_share_by_bits"],
                      "tuning": {k: summary[k] for k in ("heldout_kl_start", "heldout_kl_best", "best_step",
-                                                        "seconds", "log")},
+                                                        "seconds", "lr_by_bits", "log")},
                      "alloc_s": row.get("alloc_s", 0) + t_tune, "tune_s": t_tune,
                      "eval_s": time.perf_counter() - t})
 

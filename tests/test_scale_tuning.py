@@ -5,7 +5,7 @@ import torch
 
 from vllm_slq.allocation.objective import ModelKLObjective, build_candidates
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.scale_tuning import ScaledLinear, tune_scales
+from vllm_slq.allocation.scale_tuning import ScaledLinear, tune_scales, width_lr
 from vllm_slq.allocation.store import StoredCandidate
 from vllm_slq.quant.grid import rtn
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
@@ -82,6 +82,29 @@ def test_no_step_that_helps_keeps_the_stored_scales():
         assert torch.equal(res.scales[name], entries[OPTS[2]].scale)
 
 
+def test_each_width_steps_at_its_own_rate():
+    """Adam's first step moves every log-scale by its group's rate. With reference_bits=2 a 4-bit
+    group's rate is lr * 3 / 15, so both widths' extreme codes move by the same share of a grid step."""
+    _, pb, db, _, obj = _setup()
+    choice = np.where(np.arange(pb.n_groups) % 2 == 0, 0, 2)  # 2-bit and 4-bit layers
+    lr = 1e-2
+    res = tune_scales(obj, choice, train_blocks=4, steps=1, lr=lr, check_every=1, reference_bits=2)
+    assert res.lr_by_bits == {2: pytest.approx(lr), 4: pytest.approx(lr / 5)}
+    assert res.best_step == 1, res.summary()  # RTN's min/max scales: the first step helps
+    for i, g in enumerate(pb.groups):
+        bits = OPTS[choice[i]].bits
+        for m in g.modules:
+            moved = torch.log(res.scales[m.name].float() / db[m.name][OPTS[choice[i]]].scale.float()).abs()
+            # |d| = rate where the gradient is not ~0, up to the stored fp16's rounding (2^-11 relative)
+            assert moved.median() == pytest.approx(res.lr_by_bits[bits], abs=1e-3), (m.name, bits)
+    one = tune_scales(obj, choice, train_blocks=4, steps=1, lr=lr, check_every=1, reference_bits=None)
+    assert one.lr_by_bits == {2: lr, 4: lr}
+    # the default: 4-bit groups and narrower at lr, wider ones slower
+    assert [width_lr(lr, b, 4) for b in (2, 3, 4)] == [lr, lr, lr]
+    assert width_lr(lr, 8, 4) == pytest.approx(lr * 15 / 255)
+    assert width_lr(lr, 2, 4, slow_only=False) == pytest.approx(5 * lr)
+
+
 def test_bad_arguments_name_what_is_wrong():
     _, pb, _, _, obj = _setup()
     choice = np.zeros(pb.n_groups, dtype=int)
@@ -89,3 +112,5 @@ def test_bad_arguments_name_what_is_wrong():
         tune_scales(obj, choice, train_blocks=6, steps=1)
     with pytest.raises(ValueError, match="steps=0"):
         tune_scales(obj, choice, train_blocks=4, steps=0)
+    with pytest.raises(ValueError, match="reference_bits=0"):
+        tune_scales(obj, choice, train_blocks=4, steps=1, reference_bits=0)

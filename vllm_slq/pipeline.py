@@ -184,7 +184,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="after the allocation, tune the chosen group scales on the model's KL for N steps "
                         "(default 64; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
     g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
-                   help="the scale tuning's Adam rate on log-scales (default 2e-3), cosine-decayed to 0")
+                   help="the scale tuning's Adam rate on the log-scales of groups of 4 bits or fewer (default "
+                        "2e-3; wider b-bit groups get LR * 15 / (2^b - 1)), cosine-decayed to 0")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,

@@ -9,7 +9,18 @@ the scales alone are tuned on the true objective, the whole model's KL:
     L(d)  = KL(p_fp || p_{W(d)})                mean over training blocks (ModelKLObjective)
     dL/dd = s(d) * sum_{j in group} (dL/dW)_j (q - z)_j,    dL/dW = g^T x
 
-by Adam with a cosine-decayed rate (tune_scales). Every `check_every` steps the KL on
+by Adam with a cosine-decayed rate (tune_scales), one rate per width (width_lr):
+
+    lr_b  = lr * min(1, (2^r - 1) / (2^b - 1))     r = reference_bits (4); None: lr at every width
+
+Adam moves each d by about its rate per step whatever the gradient's size, and a relative
+change d of the scale moves a weight by d * |q - z| * s, up to d * (2^b - 1) grid steps. One
+rate for all widths therefore moves an 8-bit weight 17x as many of its grid steps as a
+4-bit one: at 2e-3 half a grid step per step, which is more than the 8-bit rounding error
+it means to correct. Scaling by 1 / (2^b - 1) moves every width's largest code by the same
+fraction of its grid step. Widths below r keep lr (slow_only): raising their rate by the
+same rule (to 2.1x at 3 bits, 5x at 2) measured worse on the reference model
+(benchmarks/results/slq_peer_budgets_widthlr.json). Every `check_every` steps the KL on
 held-back blocks is measured and the best d kept, the start (GPTQ's scales) included:
 the tuning never returns scales that measured worse on text it did not fit.
 
@@ -39,7 +50,7 @@ from tqdm.auto import tqdm
 from .objective import ModelKLObjective, linear_weight_grad
 from .store import StoredCandidate
 
-__all__ = ["ScaledLinear", "ScaleTuning", "tune_scales"]
+__all__ = ["ScaledLinear", "ScaleTuning", "tune_scales", "width_lr"]
 
 
 class ScaledLinear(torch.autograd.Function):
@@ -92,25 +103,40 @@ class ScaleTuning:
     heldout_kl_best: float
     best_step: int
     seconds: float
+    lr_by_bits: dict[int, float] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {"heldout_kl_start": self.heldout_kl_start, "heldout_kl_best": self.heldout_kl_best,
                 "heldout_kl_ratio": self.heldout_kl_best / self.heldout_kl_start if self.heldout_kl_start else None,
-                "best_step": self.best_step, "seconds": self.seconds, "log": self.log}
+                "best_step": self.best_step, "seconds": self.seconds, "lr_by_bits": self.lr_by_bits, "log": self.log}
+
+
+def width_lr(lr: float, bits: int, reference_bits: int | None, slow_only: bool = True) -> float:
+    """The rate of a `bits`-wide candidate's log-scales: lr at reference_bits, scaled by 1 / (2^b - 1)
+    (the module docstring); lr at every width when reference_bits is None. slow_only: widths
+    below reference_bits keep lr; False raises their rate by the same rule."""
+    if reference_bits is None:
+        return lr
+    factor = ((1 << reference_bits) - 1) / ((1 << bits) - 1)
+    return lr * (min(factor, 1.0) if slow_only else factor)
 
 
 def tune_scales(objective: ModelKLObjective, choice: np.ndarray, train_blocks: int, steps: int,
-                lr: float = 2e-3, check_every: int = 8) -> ScaleTuning:
+                lr: float = 2e-3, check_every: int = 8, reference_bits: int | None = 4,
+                slow_only: bool = True) -> ScaleTuning:
     """Tune the group scales of the allocation `choice` (one option per group of the objective's
     problem) on the objective's first `train_blocks` token blocks, `objective.batch_blocks`
-    per step; the remaining blocks are the held-back check. Returns the best-checked scales."""
+    per step; the remaining blocks are the held-back check. `lr` is the rate at `reference_bits`
+    (width_lr). Returns the best-checked scales."""
     n_blocks = objective.tokens.shape[0]
     if not 0 < train_blocks < n_blocks:
         raise ValueError(f"tune_scales: train_blocks={train_blocks} must leave held-back blocks among the "
                          f"objective's {n_blocks}")
     if steps < 1 or check_every < 1:
         raise ValueError(f"tune_scales: steps={steps} and check_every={check_every} must be >= 1")
+    if reference_bits is not None and reference_bits < 1:
+        raise ValueError(f"tune_scales: reference_bits={reference_bits} must be >= 1, or None for one rate")
     t0 = time.time()
     problem = objective.problem
     chosen: dict[str, StoredCandidate] = {}
@@ -125,7 +151,9 @@ def tune_scales(objective: ModelKLObjective, choice: np.ndarray, train_blocks: i
     forwards = {name: functools.partial(_scaled_forward, objective.linears[name], d[name], c)
                 for name, c in chosen.items()}
     heldout = range(train_blocks, n_blocks)
-    optimizer = torch.optim.Adam(d.values(), lr=lr)
+    lr_by_bits = {b: width_lr(lr, b, reference_bits, slow_only) for b in sorted({c.spec.bits for c in chosen.values()})}
+    optimizer = torch.optim.Adam([{"params": [d[n] for n, c in chosen.items() if c.spec.bits == b], "lr": rate}
+                                  for b, rate in lr_by_bits.items()])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     best_kl = start_kl = objective.mean_divergence_with(forwards, heldout)
     best = {name: t.detach().clone() for name, t in d.items()}
@@ -149,4 +177,4 @@ def tune_scales(objective: ModelKLObjective, choice: np.ndarray, train_blocks: i
                 best = {name: t.detach().clone() for name, t in d.items()}
     with torch.no_grad():
         scales = {name: _scale(c, best[name]).to(c.scale.dtype).cpu() for name, c in chosen.items()}
-    return ScaleTuning(scales, start_kl, best_kl, best_step, time.time() - t0, log)
+    return ScaleTuning(scales, start_kl, best_kl, best_step, time.time() - t0, lr_by_bits, log)
