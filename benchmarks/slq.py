@@ -363,6 +363,9 @@ def main():
         return refresh_gsq(args, png)
     if args.rco_steps < 1 or args.rco_samples < 1:
         ap.error("--rco-steps and --rco-samples must be >= 1")
+    if args.tune_reference_bits < 0:  # tune_scales would say so only after the first allocation
+        ap.error(f"--tune-reference-bits must be >= 1, or 0 for one rate, not {args.tune_reference_bits}")
+    args.tune_reference_bits = args.tune_reference_bits or None  # 0: one rate (tune_scales' None)
     torch.set_num_threads(args.threads)
 
     from vllm_slq.allocation.objective import ModelKLObjective, cached_candidates
@@ -411,7 +414,7 @@ def main():
                 "seed": args.seed},
         "tuning": None if args.tune_steps <= 0 else {
             "curve": "slq_asym_tuned", "steps": args.tune_steps, "lr": args.tune_lr,
-            "reference_bits": args.tune_reference_bits or None, "slow_only": args.tune_slow_only,
+            "reference_bits": args.tune_reference_bits, "slow_only": args.tune_slow_only,
             "blocks": args.tune_blocks,
             "check_blocks": args.tune_check_blocks, "seq_len": args.tune_seq_len,
             "tokens": "the calibration split's last blocks (SLQModifier's); disjoint from GPTQ's and the objective's",
@@ -503,7 +506,7 @@ def main():
             tune_obj = ModelKLObjective(model, pb, cands, tune_tokens, batch_blocks=2)
             try:
                 tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr,
-                                     reference_bits=args.tune_reference_bits or None,
+                                     reference_bits=args.tune_reference_bits,
                                      slow_only=args.tune_slow_only)
             finally:
                 tune_obj.close()

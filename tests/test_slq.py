@@ -50,6 +50,8 @@ def test_modifier_needs_exactly_one_target():
         SLQModifier(target_bpp=4.0, target_ear=0.99)
     with pytest.raises(ValueError, match="bits_options"):
         SLQModifier(target_bpp=4.0, bits_options=[1, 4])
+    with pytest.raises(ValueError, match="tune_reference_bits=0"):
+        SLQModifier(target_bpp=4.0, tune_reference_bits=0)
     assert SLQModifier(target_bpp=4.0).bits == 8  # the database propagates its widest entry
 
 

@@ -181,6 +181,10 @@ class SLQModifier(LayerwiseQuantModifier):
         bad = [b for b in self.bits_options if not (MIN_BITS <= b <= MAX_BITS)]
         if bad or not self.bits_options:
             raise ValueError(f"SLQModifier.bits_options {self.bits_options}: widths must be in {MIN_BITS}..{MAX_BITS}")
+        # checked here: tune_scales would say so only after the whole allocation
+        if self.tune_reference_bits is not None and self.tune_reference_bits < 1:
+            raise ValueError(f"SLQModifier.tune_reference_bits={self.tune_reference_bits}: must be >= 1, "
+                             f"or None for one rate")
         self.bits = max(self.bits_options)
         return self
 
