@@ -306,6 +306,7 @@ def test_fp_weight_copy_is_half_precision_when_exact():
 def test_search_arguments_reach_the_modifier():
     import argparse
 
+    from vllm_slq.modifiers import SLQModifier
     from vllm_slq.pipeline import add_quantize_args, build_modifier
 
     p = argparse.ArgumentParser()
@@ -316,6 +317,10 @@ def test_search_arguments_reach_the_modifier():
     assert mod.sensitivity_max_passes == 4 and mod.rco_steps == 3 and mod.target_bpp == 4.0
     assert mod.tune_steps == 5 and mod.tune_lr == 0.01 and mod.bits_options == [2, 4] and mod.bits == 4
     assert mod.offload_dir == "/some/dir"
+    assert mod.tune_reference_bits == SLQModifier.model_fields["tune_reference_bits"].default
+    for flag, expected in (("3", 3), ("0", None)):
+        args = p.parse_args(["m", "--target", "bpp=4", "--tune-reference-bits", flag])
+        assert build_modifier(args, parse_target(args.target), shapes=[]).tune_reference_bits == expected
 
 
 @pytest.mark.llmcompressor

@@ -185,7 +185,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "(default 64; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
     g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
                    help="the scale tuning's Adam rate on the log-scales of groups of 4 bits or fewer (default "
-                        "2e-3; wider b-bit groups get LR * 15 / (2^b - 1)), cosine-decayed to 0")
+                        "2e-3; wider b-bit groups get LR * (2^R - 1) / (2^b - 1), R the reference "
+                        "width), cosine-decayed to 0")
+    g.add_argument("--tune-reference-bits", type=int, default=None, metavar="R",
+                   help="the width R above which the tuning's rate falls as 1 / (2^b - 1) (default 4; 0: "
+                        "--tune-lr at every width)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,
@@ -285,6 +289,9 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("tune_lr", "tune_lr"), ("bits_options", "bits_options")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
+    if getattr(args, "tune_reference_bits", None) is not None:
+        # 0 on the command line is the modifier's None: one rate at every width
+        kw["tune_reference_bits"] = args.tune_reference_bits or None
     if target.kind == "bpp":
         kw["target_bpp"] = target.value
     elif target.kind == "ear":
