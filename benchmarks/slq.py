@@ -62,7 +62,7 @@ from vllm_slq.allocation.baselines import uniform_allocate
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
 from vllm_slq.allocation.engine import SLQ_GPTQ, AllocationEngine, bisect_budget
 from vllm_slq.allocation.rco import RCOConfig
-from vllm_slq.allocation.scale_tuning import tune_scales
+from vllm_slq.allocation.scale_tuning import fold_norm_scales, tunable_norms, tune_scales
 from vllm_slq.eval.hf_backend import HFRunner, teacher_forced_metrics
 from vllm_slq.eval.metrics import summarize
 from vllm_slq.fileio import atomic_write_json
@@ -151,16 +151,24 @@ class HeldoutEvaluator:
         self.n_boot, self.seed = n_boot, seed
         self.cand_model = copy.deepcopy(model).eval()
         self.mods = dict(self.cand_model.named_modules())
+        self.norms = {name: [t.detach().clone() for t in m.parameters(recurse=False)]
+                      for name, m in tunable_norms(self.cand_model)[0].items()}
         self.ref = HFRunner(model, name="fp32 reference")
         self.ref.cache = {}  # the reference's hidden states are reused by every point
         self.cand = HFRunner(self.cand_model, name="quantized")
 
     @torch.no_grad()
-    def __call__(self, problem: AllocationProblem, cands, choice, scales: dict | None = None) -> dict:
-        """scales: per-layer scales replacing the candidates' (tuned ones), or None."""
+    def __call__(self, problem: AllocationProblem, cands, choice, scales: dict | None = None,
+                 norm_scales: dict | None = None) -> dict:
+        """scales: per-layer scales replacing the candidates' (tuned ones), or None; norm_scales:
+        tuned norms' factors, folded into the copy's norms (the others keep the FP model's)."""
         for name, spec in problem.module_specs(choice).items():
             qw = cands[name][spec] if scales is None else dataclasses.replace(cands[name][spec], scale=scales[name])
             self.mods[name].weight.copy_(qw.dequantize(torch.float32))
+        for name, originals in self.norms.items():
+            for t, t0 in zip(self.mods[name].parameters(recurse=False), originals):
+                t.copy_(t0)
+        fold_norm_scales(self.cand_model, norm_scales or {})
         return heldout_metrics(self.ref, self.cand, self.blocks, self.n_boot, self.seed)
 
 
@@ -340,12 +348,16 @@ def main():
     ap.add_argument("--tune-budgets", type=float, nargs="+", default=None,
                     help="tune only the points at these budgets (default: every --budgets point)")
     ap.add_argument("--tune-lr", type=float, default=2e-3, help="the rate at --tune-reference-bits")
-    ap.add_argument("--tune-reference-bits", type=int, default=4,
+    ap.add_argument("--tune-reference-bits", type=int, default=3,
                     help="each width's rate is lr * min(1, (2^r - 1) / (2^b - 1)) (scale_tuning.width_lr); "
                          "0: one rate")
     ap.add_argument("--tune-slow-only", action=argparse.BooleanOptionalAction, default=True,
                     help="widths below --tune-reference-bits keep --tune-lr (default); --no-tune-slow-only "
                          "raises their rate by the same rule")
+    ap.add_argument("--tune-norms", action="store_true",
+                    help="tune the norm layers with the scales (scale_tuning's norms=True), folded into the "
+                         "evaluated model's norm weights")
+    ap.add_argument("--norm-lr", type=float, default=None, help="the norms' rate (default --tune-lr)")
     ap.add_argument("--tune-blocks", type=int, default=128, help="training blocks (SLQModifier's tune_blocks)")
     ap.add_argument("--tune-check-blocks", type=int, default=8,
                     help="held-back blocks choosing the best step (SLQModifier's objective_blocks)")
@@ -418,7 +430,9 @@ def main():
             "blocks": args.tune_blocks,
             "check_blocks": args.tune_check_blocks, "seq_len": args.tune_seq_len,
             "tokens": "the calibration split's last blocks (SLQModifier's); disjoint from GPTQ's and the objective's",
-            "batch_blocks": 2, "check_every": 8},
+            "batch_blocks": 2, "check_every": 8,
+            # only when asked: rows tuned before the option existed stay resumable
+            **({"norms": {"lr": args.norm_lr or args.tune_lr}} if args.tune_norms else {})},
         "distribution_lossless": {"curve": "slq_asym", "targets": list(TARGETS), "bisect_steps": args.bisect_steps,
                                   "tolerance_bpp": args.bisect_tolerance,
                                   "criterion": "held-out EAR lower 95% bootstrap bound >= target"},
@@ -507,17 +521,18 @@ def main():
             try:
                 tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr,
                                      reference_bits=args.tune_reference_bits,
-                                     slow_only=args.tune_slow_only)
+                                     slow_only=args.tune_slow_only, norms=args.tune_norms, norm_lr=args.norm_lr)
             finally:
                 tune_obj.close()
             t_tune = time.perf_counter() - t
             t = time.perf_counter()
-            m = evaluator(pb, cands, choice, scales=tuning.scales)
+            m = evaluator(pb, cands, choice, scales=tuning.scales, norm_scales=tuning.norm_scales)
             summary = tuning.summary()
             add_row({"curve": f"slq_{kind}_tuned", "budget": budget, "achieved_bpp": row["achieved_bpp"], **m,
                      "group_bits": row["group_bits"], "param_share_by_bits": row["param_share_by_bits"],
                      "tuning": {k: summary[k] for k in ("heldout_kl_start", "heldout_kl_best", "best_step",
-                                                        "seconds", "lr_by_bits", "log")},
+                                                        "seconds", "lr_by_bits", "norms", "norm_lr",
+                                                        "norm_factor_range", "norms_excluded", "log")},
                      "alloc_s": row.get("alloc_s", 0) + t_tune, "tune_s": t_tune,
                      "eval_s": time.perf_counter() - t})
 

@@ -1,11 +1,13 @@
 """Tuning the chosen group scales on the model's KL, codes fixed (allocation/scale_tuning.py)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from vllm_slq.allocation.objective import ModelKLObjective, build_candidates
 from vllm_slq.allocation.problem import AllocationProblem, group_linears, linear_shapes
-from vllm_slq.allocation.scale_tuning import ScaledLinear, tune_scales, width_lr
+from vllm_slq.allocation.scale_tuning import ScaledLinear, fold_norm_scales, tunable_norms, tune_scales, width_lr
 from vllm_slq.allocation.store import StoredCandidate
 from vllm_slq.quant.grid import rtn
 from vllm_slq.quant.spec import QuantizedWeight, QuantSpec
@@ -99,10 +101,13 @@ def test_each_width_steps_at_its_own_rate():
             assert moved.median() == pytest.approx(res.lr_by_bits[bits], abs=1e-3), (m.name, bits)
     one = tune_scales(obj, choice, train_blocks=4, steps=1, lr=lr, check_every=1, reference_bits=None)
     assert one.lr_by_bits == {2: lr, 4: lr}
-    # the default: 4-bit groups and narrower at lr, wider ones slower
+    # reference 4: 4-bit groups and narrower at lr, wider ones slower
     assert [width_lr(lr, b, 4) for b in (2, 3, 4)] == [lr, lr, lr]
     assert width_lr(lr, 8, 4) == pytest.approx(lr * 15 / 255)
     assert width_lr(lr, 2, 4, slow_only=False) == pytest.approx(5 * lr)
+    # the default, 3: 4-bit groups at 7/15 of lr
+    default = tune_scales(obj, choice, train_blocks=4, steps=1, lr=lr, check_every=1)
+    assert default.lr_by_bits == {2: lr, 4: pytest.approx(lr * 7 / 15)}
 
 
 def test_bad_arguments_name_what_is_wrong():
@@ -114,3 +119,53 @@ def test_bad_arguments_name_what_is_wrong():
         tune_scales(obj, choice, train_blocks=4, steps=0)
     with pytest.raises(ValueError, match="reference_bits=0"):
         tune_scales(obj, choice, train_blocks=4, steps=1, reference_bits=0)
+
+
+class _OnePlusNorm(torch.nn.Module):
+    """Gemma's RMSNorm form, x_hat * (1 + w): its output is not proportional to w."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+def test_norms_fold_exactly_only_where_the_output_is_proportional_to_the_weight():
+    model = tiny_llama(seed=0)
+    norms, excluded = tunable_norms(model)
+    expected = {n for n, m in model.named_modules() if type(m).__name__ == "LlamaRMSNorm"}
+    assert set(norms) == expected and len(expected) == 2 * model.config.num_hidden_layers + 1 and not excluded
+    ln = torch.nn.LayerNorm(16)  # weight and bias both scale
+    assert tunable_norms(torch.nn.Sequential(ln, _OnePlusNorm(16))) == (
+        {"0": ln}, {"1": "output not proportional to its weight"})
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_tuned_norms_fold_into_the_model_that_scores_the_best_held_back_kl(checkpoint_blocks):
+    model = tiny_llama(seed=0)
+    pb = AllocationProblem(group_linears(linear_shapes(model)), OPTS)
+    tokens = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    db = build_candidates(model, pb, method="rtn", progress=False)
+    obj = ModelKLObjective(model, pb, db, tokens, batch_blocks=2, checkpoint_blocks=checkpoint_blocks)
+    choice = np.zeros(pb.n_groups, dtype=int)
+    scales_only = tune_scales(obj, choice, train_blocks=4, steps=12, lr=2e-2, check_every=3)
+    res = tune_scales(obj, choice, train_blocks=4, steps=12, lr=2e-2, check_every=3, norms=True, norm_lr=2e-2)
+    assert res.norm_lr == 2e-2 and set(res.norm_scales) == set(tunable_norms(model)[0])
+    assert all(not torch.equal(r, torch.ones_like(r)) for r in res.norm_scales.values())  # every norm got a gradient
+    assert res.best_step > 0 and res.heldout_kl_best < scales_only.heldout_kl_best, (res.summary(), scales_only.summary())
+    assert res.summary()["norms"] == len(res.norm_scales)
+    # the tuned scales as a database of their own, the norms folded into a copy of the model:
+    # no hook, the held-back KL the tuning measured (up to the scales' rounding to fp16)
+    tuned = {name: {OPTS[0]: QuantizedWeight(e[OPTS[0]].codes, res.scales[name], e[OPTS[0]].zero_point, OPTS[0])}
+             for name, e in db.items()}
+    folded = copy.deepcopy(model)
+    fold_norm_scales(folded, res.norm_scales)
+    pb1 = AllocationProblem(group_linears(linear_shapes(model)), OPTS[:1])
+    check = ModelKLObjective(folded, pb1, tuned, tokens[4:])
+    assert check.head is not None  # the reference is kept as hidden states: the FP model's replace it
+    check._ref_hidden = ModelKLObjective(model, pb1, tuned, tokens[4:])._ref_hidden
+    assert check.evaluate(np.zeros(pb1.n_groups, dtype=int)) == pytest.approx(res.heldout_kl_best, rel=2e-3)
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        fold_norm_scales(folded, {"nope": torch.ones(3)})

@@ -321,6 +321,9 @@ def test_search_arguments_reach_the_modifier():
     for flag, expected in (("3", 3), ("0", None)):
         args = p.parse_args(["m", "--target", "bpp=4", "--tune-reference-bits", flag])
         assert build_modifier(args, parse_target(args.target), shapes=[]).tune_reference_bits == expected
+    assert mod.tune_norms is False
+    args = p.parse_args(["m", "--target", "bpp=4", "--tune-norms"])
+    assert build_modifier(args, parse_target(args.target), shapes=[]).tune_norms is True
 
 
 @pytest.mark.llmcompressor
@@ -361,3 +364,41 @@ def test_the_allocation_and_tuning_compare_against_the_fp_model(tiny_with_tokeni
     layer = dict(model.named_modules())[name]
     assert getattr(layer, "quantization_enabled", True)
     torch.testing.assert_close(layer.weight.data, qw.dequantize(layer.weight.dtype))
+
+
+@pytest.mark.llmcompressor
+def test_tuned_norms_are_folded_into_the_written_model(tiny_with_tokenizer, monkeypatch):
+    """tune_norms: the norm factors the tuning returns are the written model's norm weights over
+    the FP model's, and the allocation's record counts them."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import vllm_slq.modifiers.slq as slq_module
+    from vllm_slq.data import calibration_dataset
+    from vllm_slq.modifiers import SLQModifier
+
+    tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32)
+    fp = dict(AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32).named_parameters())
+    results = []
+    real_tune = slq_module.tune_scales
+
+    def keeping_tune(*args, **kwargs):
+        results.append(real_tune(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(slq_module, "tune_scales", keeping_tune)
+    # 2 bits and a fast rate: a few steps measure better on the held-back blocks
+    mod = SLQModifier(target_bpp=2.28125, bits_options=[2], objective_blocks=2, objective_seq_len=64,
+                      tune_steps=4, tune_blocks=4, tune_check_every=1, rco_steps=2, tune_lr=2e-2,
+                      tune_norms=True, tune_norm_lr=0.05)
+    model = oneshot(model=model, tokenizer=tok, recipe=[mod], dataset=calibration_dataset(tok, "brown", 4, 64),
+                    num_calibration_samples=4, max_seq_length=64, pipeline="sequential")
+    (tuning,) = results
+    assert tuning.norm_lr == 0.05 and len(tuning.norm_scales) == 2 * model.config.num_hidden_layers + 1
+    assert mod.allocation.extra["scale_tuning"]["norms"] == len(tuning.norm_scales)
+    params = dict(model.named_parameters())
+    for name, r in tuning.norm_scales.items():
+        torch.testing.assert_close(params[f"{name}.weight"].data, fp[f"{name}.weight"].data * r)
+    assert tuning.best_step > 0  # so the written norms are not the FP model's
+    assert any(not torch.equal(params[f"{n}.weight"].data, fp[f"{n}.weight"].data) for n in tuning.norm_scales)

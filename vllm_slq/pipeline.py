@@ -184,12 +184,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="after the allocation, tune the chosen group scales on the model's KL for N steps "
                         "(default 64; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
     g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
-                   help="the scale tuning's Adam rate on the log-scales of groups of 4 bits or fewer (default "
+                   help="the scale tuning's Adam rate on the log-scales of groups of R bits or fewer (default "
                         "2e-3; wider b-bit groups get LR * (2^R - 1) / (2^b - 1), R the reference "
                         "width), cosine-decayed to 0")
     g.add_argument("--tune-reference-bits", type=int, default=None, metavar="R",
-                   help="the width R above which the tuning's rate falls as 1 / (2^b - 1) (default 4; 0: "
+                   help="the width R above which the tuning's rate falls as 1 / (2^b - 1) (default 3; 0: "
                         "--tune-lr at every width)")
+    g.add_argument("--tune-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune the norm layers' weights with the scales (folded into the stored norms; "
+                        "format unchanged)")
     g.add_argument("--database-cache", default=None, metavar="DIR",
                    help="keep the GPTQ database here, by content: a rerun with another target skips GPTQ")
     g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=None,
@@ -286,7 +289,7 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
                        ("offload_dir", "offload_dir"), ("objective", "allocation_objective"),
                        ("sensitivity_passes", "sensitivity_max_passes"), ("tune_steps", "tune_steps"),
-                       ("tune_lr", "tune_lr"), ("bits_options", "bits_options")):
+                       ("tune_lr", "tune_lr"), ("tune_norms", "tune_norms"), ("bits_options", "bits_options")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
     if getattr(args, "tune_reference_bits", None) is not None:
@@ -513,7 +516,8 @@ def render_report(report: dict) -> str:
         if tuning:
             lines.append(f"  - group scales tuned on the model's KL ({tuning['steps']} steps, {tuning['seconds']:.0f} s): "
                          f"held-back calibration KL {tuning['heldout_kl_start']:.4g} -> {tuning['heldout_kl_best']:.4g}"
-                         f" (step {tuning['best_step']})")
+                         f" (step {tuning['best_step']})"
+                         + (f"; {tuning['norms']} norm layers tuned with them" if tuning.get("norms") else ""))
     spec = report.get("speculative")
     if spec:
         lo, hi = spec["acceptance_ci95"]

@@ -26,7 +26,8 @@
                zero points fixed (vllm_slq.allocation.scale_tuning; tune_steps, 64 by
                default, 0: off); kept only where they measure better on held-back blocks.
                It runs once, after the search: a target_ear/task/speculative allocation
-               was judged untuned and only gains from it
+               was judged untuned and only gains from it. tune_norms: the norm layers
+               are tuned with them, their factors folded into the norms' weights
     write      the chosen database entry (with its tuned scales) becomes module.weight
                and module.slq_quantized
 
@@ -53,7 +54,7 @@ from vllm_slq.allocation.offload import OffloadDir
 from vllm_slq.allocation.probe import FidelityProbe, reference_continuations
 from vllm_slq.allocation.problem import AllocationProblem, LinearShape, group_linears
 from vllm_slq.allocation.rco import RCOConfig
-from vllm_slq.allocation.scale_tuning import ScaleTuning, tune_scales
+from vllm_slq.allocation.scale_tuning import ScaleTuning, fold_norm_scales, tune_scales
 from vllm_slq.allocation.store import CandidateStore
 from vllm_slq.data import load_text, token_blocks
 from vllm_slq.eval.lmeval import LOCAL_TASKS, compare, run_lm_eval
@@ -142,12 +143,18 @@ class SLQModifier(LayerwiseQuantModifier):
     tune_steps: int = 64
     tune_blocks: int = 128
     tune_lr: float = 2e-3
-    # tune_lr is the rate of 4-bit and narrower groups' log-scales; a wider b-bit group's is
-    # tune_lr * 15 / (2^b - 1), so that a step moves its extreme codes by the same share of a
-    # grid step as a 4-bit group's (scale_tuning.width_lr); None: tune_lr at every width.
-    # Measured against one rate at 4.2-8.0 bpw: 0.81-0.99x the held-out KL, CIs below 1
+    # tune_lr is the rate of 3-bit and narrower groups' log-scales; a wider b-bit group's is
+    # tune_lr * 7 / (2^b - 1), so that a step moves its extreme codes by the same share of a
+    # grid step as a 3-bit group's (scale_tuning.width_lr); None: tune_lr at every width.
+    # Measured at 4.2-8.0 bpw: reference 4 gave 0.81-0.99x one rate's held-out KL, and
+    # reference 3 0.97-0.99x reference 4's (tied at 8.0), CIs below 1
     # (benchmarks/results/slq_peer_budgets*.json)
-    tune_reference_bits: Optional[int] = 4
+    tune_reference_bits: Optional[int] = 3
+    # tune the model's norm layers with the scales (scale_tuning's norms=True), at tune_norm_lr
+    # (None: tune_lr); the factors fold into the norms' stored weights, so the checkpoint's
+    # format and kernels are unchanged
+    tune_norms: bool = False
+    tune_norm_lr: Optional[float] = None
     tune_check_every: int = 8
     search_steps: int = 6
     search_tolerance_bpp: float = 0.05
@@ -305,6 +312,8 @@ class SLQModifier(LayerwiseQuantModifier):
         self._sensitivity_info = engine.sensitivity_info
         model.to(dtype)
         specs = problem.module_specs(choice)
+        if tuning is not None:
+            fold_norm_scales(model, tuning.norm_scales)
         with torch.no_grad():
             for name, spec in specs.items():
                 qw = self._db.quantized(name, spec)
@@ -349,7 +358,8 @@ class SLQModifier(LayerwiseQuantModifier):
                                      divergence={"kl": "kl", "ear": "tv"}[self.allocation_objective])
         try:
             tuning = tune_scales(objective, choice, self.tune_blocks, self.tune_steps, lr=self.tune_lr,
-                                 check_every=self.tune_check_every, reference_bits=self.tune_reference_bits)
+                                 check_every=self.tune_check_every, reference_bits=self.tune_reference_bits,
+                                 norms=self.tune_norms, norm_lr=self.tune_norm_lr)
         finally:
             objective.close()
         logger.info(f"SLQModifier: scales tuned in {tuning.seconds:.0f} s, held-back KL "
