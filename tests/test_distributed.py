@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from vllm_slq.modifiers.base import LayerwiseQuantModifier
 from vllm_slq.quant.database import LayerDatabase, build_database, build_database_sharded
@@ -127,7 +128,7 @@ def test_all_reduced_hessian_is_the_hessian_of_all_tokens(tmp_path, world):
 def _quantize(model_dir, out, nproc: int):
     args = ["quantize", str(model_dir), "--target", "bpp=4.0", "--calib-samples", "4", "--seq-len", "64",
             "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4", "--probe-seq-len", "64",
-            "--eval-tokens", "256", "--tune-steps", "4", "--output", str(out)]
+            "--eval-tokens", "256", "--tune-steps", "4", "--tune-norms", "--output", str(out)]
     launch = [sys.executable, "-m", "vllm_slq.cli"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
          str(_free_port()), "-m", "vllm_slq.cli"]
@@ -166,6 +167,14 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, reference_model_dir):
     assert tuned[0]["log"][1]["heldout_kl"] != tuned[0]["log"][0]["heldout_kl"]  # the steps moved the scales
     for x, y in zip(tuned[0]["log"], tuned[1]["log"]):
         assert y["heldout_kl"] == pytest.approx(x["heldout_kl"], rel=1e-2)
+    # the norms were tuned with the scales (their gradients summed over ranks too) and folded
+    # into the written norm weights alike
+    assert tuned[0]["norms"] == tuned[1]["norms"] == 5  # 2 per decoder layer and the final one
+    norms = [{k: v for k, v in load_file(tmp_path / d / "model.safetensors").items() if k.endswith("norm.weight")}
+             for d in ("one", "two")]
+    assert sorted(norms[0]) == sorted(norms[1]) and len(norms[0]) == 5
+    for k in norms[0]:
+        torch.testing.assert_close(norms[1][k], norms[0][k], rtol=1e-2, atol=1e-3)
     # rank 0 evaluated the checkpoint after leaving the process group
     ears = [r["fidelity"]["teacher_forced"]["ear"] for r in reports]
     assert 0 < ears[1] <= 1 and ears[1] == pytest.approx(ears[0], abs=1e-3)
