@@ -25,15 +25,23 @@ def tiny_servable(tmp_path_factory, reference_model_dir):
                            intermediate=256, layers=2, heads=2, kv_heads=2)
 
 
-@pytest.mark.parametrize("target", ["bpp=4.0", "ear=0.9", "task-lossless"])
-def test_vllm_backend_confirms_reported_ear(tiny_servable, tmp_path, target):
+@pytest.mark.parametrize("target,rotate", [("bpp=4.0", False), ("ear=0.9", False), ("task-lossless", False),
+                                           ("bpp=4.0", True)])
+def test_vllm_backend_confirms_reported_ear(tiny_servable, tmp_path, target, rotate):
+    """rotate: the weights rotated first (RotationModifier), served as the plain model it is."""
     from vllm_slq.eval.api import evaluate
 
     out = tmp_path / "ckpt"
     assert main(["quantize", str(tiny_servable), "--target", target, "--calib-samples", "4", "--seq-len", "64",
                  "--eval-tokens", "512", "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4",
-                 "--probe-seq-len", "64", "--search-steps", "2", "--output", str(out)]) == 0
+                 "--probe-seq-len", "64", "--search-steps", "2", "--output", str(out)]
+                + (["--rotate"] if rotate else [])) == 0
     report = json.loads((out / "slq_report.json").read_text())
+    if rotate:
+        assert report["rotation"]["function_kl"] < 1e-4
+        config = json.loads((out / "config.json").read_text())
+        assert config["tie_word_embeddings"] is False and config["vllm_slq"]["rotation"]["rotations"] == ["R1", "R2"]
+        assert not config["quantization_config"]["transform_config"]  # fused: nothing for a loader to apply
     hf = report["fidelity"]["teacher_forced"]
     assert report["fidelity"]["backend"] == "hf"
     if target == "task-lossless":  # every probe was judged by lm-eval, task by task

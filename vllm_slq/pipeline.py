@@ -164,6 +164,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity report")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=False,
+                   help="first rotate the residual stream and value heads by random Hadamard matrices "
+                        "fused into the weights (RotationModifier; same function, same format, lm_head "
+                        "untied)")
     add_device_args(p)
     g = p.add_argument_group("slq search (defaults: recipes/slq_*.yaml)")
     g.add_argument("--rco-steps", type=int, default=None)
@@ -396,7 +400,13 @@ def run_quantize(args) -> int:
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     t0 = time.time()
     fx_keys = fx_wrap_keys()  # what calibration's tracing adds is released before the evaluation
-    model = oneshot(model=model, tokenizer=tok, recipe=[modifier], dataset=dataset,
+    recipe = [modifier]
+    if args.rotate:
+        from vllm_slq.modifiers.rotation import RotationModifier
+
+        rotation = RotationModifier()
+        recipe.insert(0, rotation)  # first: the quantizer's Hessians are taken in the rotated basis
+    model = oneshot(model=model, tokenizer=tok, recipe=recipe, dataset=dataset,
                     num_calibration_samples=len(dataset), max_seq_length=args.seq_len,
                     pipeline="sequential" if modifier.requires_calibration_data else "datafree")
     quant_seconds = time.time() - t0
@@ -417,6 +427,9 @@ def run_quantize(args) -> int:
     extra = {"method": args.method, "target": target_text, "bpp": bpp,
              "model": str(args.model), "calibration": {"dataset": args.dataset,
              "samples": args.calib_samples, "seq_len": args.seq_len}, "layers": bit_map}
+    if args.rotate:
+        extra["rotation"] = {"rotations": list(rotation.rotations), "type": rotation.transform_type,
+                             "function_kl": rotation.function_kl}
     search = getattr(modifier, "search_log", None)
     if search:
         extra["search"] = search
@@ -438,6 +451,8 @@ def run_quantize(args) -> int:
                   "device": device, "dtype": str(dtype).removeprefix("torch."),
                   "quantize_seconds": quant_seconds, "peak_device_memory_gb": peak_device_gb,
                   "layers": bit_map}
+        if "rotation" in extra:
+            report["rotation"] = extra["rotation"]
         if search:
             report["search"] = search
         if allocation:
@@ -506,6 +521,10 @@ def render_report(report: dict) -> str:
              + (f"; {report['bpp_all_params']:.3f} over all {report['params_all'] / 1e9:.3g}B parameters "
                 f"as stored; checkpoint {report['checkpoint_gb']:.3g} GB" if "bpp_all_params" in report else ""),
              f"- quantization wall-clock: {report['quantize_seconds']:.0f} s"]
+    rot = report.get("rotation")
+    if rot:
+        lines.append(f"- weights rotated first ({', '.join(rot['rotations'])}, {rot['type']}, fused; lm_head "
+                     f"untied): KL to the original {rot['function_kl']:.2e} on the probe tokens")
     alloc = report.get("allocation")
     if alloc and alloc.get("seconds") is not None:
         cache = alloc.get("database_cache")

@@ -40,7 +40,8 @@ register_modifiers()
 # SLQ and GSQ import this package's base module; they are registered here, once, so that
 # YAML recipes resolve them (the modules themselves never import the package: no cycle).
 from .gsq import GSQModifier  # noqa: E402
+from .rotation import RotationModifier  # noqa: E402
 from .slq import SLQModifier  # noqa: E402
 
-register_modifiers(SLQModifier, GSQModifier)
-__all__ += ["SLQModifier", "GSQModifier"]
+register_modifiers(SLQModifier, GSQModifier, RotationModifier)
+__all__ += ["SLQModifier", "GSQModifier", "RotationModifier"]
