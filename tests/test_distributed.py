@@ -128,7 +128,7 @@ def test_all_reduced_hessian_is_the_hessian_of_all_tokens(tmp_path, world):
 def _quantize(model_dir, out, nproc: int):
     args = ["quantize", str(model_dir), "--target", "bpp=4.0", "--calib-samples", "4", "--seq-len", "64",
             "--rco-steps", "4", "--objective-blocks", "2", "--eval-blocks", "4", "--probe-seq-len", "64",
-            "--eval-tokens", "256", "--tune-steps", "4", "--tune-norms", "--output", str(out)]
+            "--eval-tokens", "256", "--tune-steps", "4", "--tune-norms", "--rotate", "--output", str(out)]
     launch = [sys.executable, "-m", "vllm_slq.cli"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
          str(_free_port()), "-m", "vllm_slq.cli"]
@@ -175,6 +175,12 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, reference_model_dir):
     assert sorted(norms[0]) == sorted(norms[1]) and len(norms[0]) == 5
     for k in norms[0]:
         torch.testing.assert_close(norms[1][k], norms[0][k], rtol=1e-2, atol=1e-3)
+    # every rank rotated the weights by the same matrices (else the all-reduced Hessians would mix
+    # bases and the codes above would differ): the same rotated embedding and untied lm_head
+    assert all(r["rotation"]["function_kl"] < 1e-4 for r in reports)
+    dense = [load_file(tmp_path / d / "model.safetensors") for d in ("one", "two")]
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(dense[0][k], dense[1][k]), k
     # rank 0 evaluated the checkpoint after leaving the process group
     ears = [r["fidelity"]["teacher_forced"]["ear"] for r in reports]
     assert 0 < ears[1] <= 1 and ears[1] == pytest.approx(ears[0], abs=1e-3)

@@ -128,3 +128,8 @@ def test_rotated_recipe_parses_with_the_rotation_first():
     assert [type(m).__name__ for m in mods] == ["RotationModifier", "SLQModifier"]
     assert list(mods[0].rotations) == ["R1", "R2"] and mods[0].transform_type == "random-hadamard"
     assert mods[1].target_bpp == 4.0
+
+
+def test_online_rotations_are_refused_when_the_recipe_is_built():
+    with pytest.raises(ValueError, match=r"R4.*R1 and R2 are fused"):
+        RotationModifier(rotations=["R1", "R4"])

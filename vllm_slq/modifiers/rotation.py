@@ -20,7 +20,8 @@ more tightly (measured in README, "Rotations").
 llmcompressor's SpinQuantModifier does the folding and the fusing (its architecture
 mappings, compressed-tensors' random-Hadamard transforms in float64). Two things differ:
 
-- No embedding centering. SpinQuant's reference code subtracts each embedding's mean,
+- No embedding centering (the fold and the fusion are written here, in `_rotate`, so that
+  under torchrun one rank applies them). SpinQuant's reference code subtracts each embedding's mean,
   which is an identity only before a LayerNorm; before an RMSNorm it changes the model
   (KL 0.006 on the reference model, more than its 8-bit quantization's error; the
   SpinQuant authors' issue #14 reports the same). Every model it maps uses RMSNorm.
@@ -43,11 +44,16 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from compressed_tensors.offload import get_execution_device
+import torch.distributed as dist
+from compressed_tensors import match_named_modules
+from compressed_tensors.distributed import is_distributed, is_source_process
+from compressed_tensors.offload import align_module_device, get_execution_device, update_offload_parameter
+from compressed_tensors.transform import TransformFactory, TransformLocation
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.transform import SpinQuantModifier
+from llmcompressor.utils import untie_word_embeddings
 from loguru import logger
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, field_validator
 
 __all__ = ["RotationError", "RotationModifier"]
 
@@ -71,6 +77,15 @@ class RotationModifier(SpinQuantModifier):
     probe_tokens: int = 64
     _function_kl: Optional[float] = PrivateAttr(default=None)
 
+    @field_validator("rotations", mode="after")
+    @classmethod
+    def _fused_only(cls, value):
+        online = [str(r) for r in value if str(r) not in ("R1", "R2")]
+        if online:
+            raise ValueError(f"RotationModifier.rotations: {online} rotate activations at inference, which the "
+                             f"checkpoint format and the plugin do not carry; R1 and R2 are fused into the weights")
+        return value
+
     @property
     def function_kl(self) -> Optional[float]:
         """The measured KL(original || rotated) per probe token, once rotated."""
@@ -82,7 +97,7 @@ class RotationModifier(SpinQuantModifier):
         ids = torch.randint(vocab, (1, self.probe_tokens), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             before = _log_probs(model, ids)
-            super().on_calibration_start(state, event, **kwargs)
+            self._rotate(model)
             after = _log_probs(model, ids)
         kl = float((before.exp() * (before - after)).sum(-1).mean())
         arch = type(model).__name__
@@ -95,5 +110,25 @@ class RotationModifier(SpinQuantModifier):
                     f"KL to the original {kl:.2e} on {self.probe_tokens} probe tokens")
         self._function_kl = kl
 
-    def _center_embeddings(self, model):
-        """Deliberately nothing: centering changes an RMSNorm model (module docstring)."""
+    @torch.no_grad()
+    def _rotate(self, model: torch.nn.Module) -> None:
+        """SpinQuant's fold and fusion, written once. Under torchrun llmcompressor keeps the
+        weights in CPU memory shared by the ranks, and every update is a read-modify-write
+        (W <- W R): done by each rank, it would be applied once per rank (measured: the probe KL
+        0.03 with two ranks). So one rank rotates and the others wait; untying re-registers the
+        embeddings, which the shared cache does collectively, so every rank unties."""
+        untie_word_embeddings(model)
+        if is_source_process():
+            self._fuse_norms(model)
+            for name, scheme in self.transform_config.config_groups.items():
+                factory = TransformFactory.from_scheme(scheme, name=name)
+                for args in scheme.apply:
+                    for _, module in match_named_modules(model, args.targets, args.ignore):
+                        transform = factory.create_transform(module, args)
+                        with align_module_device(module):
+                            update_offload_parameter(module, "weight", transform(module.weight))
+                            # y R = (W x + b) R: an output rotation turns the bias too
+                            if args.location == TransformLocation.WEIGHT_OUTPUT and getattr(module, "bias", None) is not None:
+                                update_offload_parameter(module, "bias", transform(module.bias[:, None])[:, 0])
+        if is_distributed():
+            dist.barrier()
