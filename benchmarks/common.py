@@ -9,7 +9,8 @@ from vllm_slq.fileio import atomic_path, atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "current_rss_mb", "current_anon_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure"]
+__all__ = ["RESULTS", "current_rss_mb", "current_anon_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure",
+           "run_pending", "paired_comparisons"]
 
 
 def current_rss_mb() -> float:
@@ -118,3 +119,33 @@ def save_figure(fig, path: Path | str, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+def run_pending(names, rows: list[dict], run_one, out, result: dict) -> list[dict]:
+    """Run each name not already in rows (kept by --resume) with run_one(name) -> row, writing
+    result (with the rows so far) to out after every run, so an interrupted series resumes."""
+    for name in names:
+        if any(r["run"] == name for r in rows):
+            print(f"{name}: kept from {out}", flush=True)
+            continue
+        rows.append(run_one(name))
+        print(f"{name}: KL {rows[-1]['kl']:.4f} in {rows[-1]['wall_s']:.0f} s", flush=True)
+        result["rows"] = rows
+        write_json(out, result)
+    return rows
+
+
+def paired_comparisons(fidelity: dict, pairs) -> list[dict]:
+    """For each (a, b) in pairs with both runs present, a vs b on the same sequences (the
+    statistics of `vllm-slq report --compare`): KL ratio with its paired 95% CI, EAR difference."""
+    from vllm_slq.eval.report import paired_comparison
+
+    comparisons = []
+    for a, b in pairs:
+        if a in fidelity and b in fidelity:
+            c = paired_comparison(fidelity[a], fidelity[b])
+            lo, hi = c["kl"]["ci95"]
+            comparisons.append({"a": a, "b": b, "kl_ratio": c["kl"]["ratio_a_over_b"], "kl_ratio_ci": [lo, hi],
+                                "kl_ratio_ci_text": f"[{lo:.3f}, {hi:.3f}]",
+                                "ear_difference": c["ear"]["a_minus_b"], "ear_difference_ci": c["ear"]["ci95"]})
+    return comparisons

@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, print_table, save_figure, write_json
-
-from vllm_slq.eval.report import paired_comparison
+from common import RESULTS, paired_comparisons, print_table, run_pending, save_figure, write_json
 
 BASE_RUNS = {
     "w4": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "0"],
@@ -103,24 +101,8 @@ def main() -> None:
                         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
         rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["run"] in args.runs]
-    for name in args.runs:
-        if any(r["run"] == name for r in rows):
-            print(f"{name}: kept from {args.out}", flush=True)
-            continue
-        rows.append(run(name, args, work))
-        print(f"{name}: KL {rows[-1]['kl']:.4f} in {rows[-1]['wall_s']:.0f} s", flush=True)
-        result["rows"] = rows
-        write_json(args.out, result)
-    result["rows"] = rows
-    by = {r["run"]: r["fidelity"] for r in rows}
-    comparisons = []
-    for a, b in PAIRS:
-        if a in by and b in by:
-            c = paired_comparison(by[a], by[b])
-            lo, hi = c["kl"]["ci95"]
-            comparisons.append({"a": a, "b": b, "kl_ratio": c["kl"]["ratio_a_over_b"], "kl_ratio_ci": [lo, hi],
-                                "kl_ratio_ci_text": f"[{lo:.3f}, {hi:.3f}]",
-                                "ear_difference": c["ear"]["a_minus_b"], "ear_difference_ci": c["ear"]["ci95"]})
+    result["rows"] = run_pending(args.runs, rows, lambda name: run(name, args, work), args.out, result)
+    comparisons = paired_comparisons({r["run"]: r["fidelity"] for r in rows}, PAIRS)
     result["comparisons"] = comparisons
     print_table(rows, [("run", "run", ""), ("bpp", "bpp", ".3f"), ("bpp_all_params", "bpp all params", ".2f"),
                        ("kl", "held-out KL", ".4f"), ("ear", "EAR", ".4f"), ("top1", "top-1", ".4f"),

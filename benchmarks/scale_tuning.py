@@ -33,9 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, print_table, save_figure, write_json
-
-from vllm_slq.eval.report import paired_comparison
+from common import RESULTS, paired_comparisons, print_table, run_pending, save_figure, write_json
 
 # the untuned runs say --tune-steps 0: SLQ tunes 64 steps by default since 2026-12-06
 RUNS = {
@@ -124,24 +122,8 @@ def main() -> None:
         rows = [r for r in kept["rows"] if r["run"] in args.runs]
         if "notes" in kept:  # written by hand: which rows predate which fix
             result["notes"] = kept["notes"]
-    for name in args.runs:
-        if any(r["run"] == name for r in rows):
-            print(f"{name}: kept from {args.out}", flush=True)
-            continue
-        rows.append(run(name, args, work))
-        print(f"{name}: KL {rows[-1]['kl']:.4f} in {rows[-1]['wall_s']:.0f} s", flush=True)
-        result["rows"] = rows
-        write_json(args.out, result)
-    result["rows"] = rows
-    by = {r["run"]: r["fidelity"] for r in rows}
-    comparisons = []
-    for a, b in PAIRS:
-        if a in by and b in by:
-            c = paired_comparison(by[a], by[b])
-            lo, hi = c["kl"]["ci95"]
-            comparisons.append({"a": a, "b": b, "kl_ratio": c["kl"]["ratio_a_over_b"], "kl_ratio_ci": [lo, hi],
-                                "kl_ratio_ci_text": f"[{lo:.3f}, {hi:.3f}]",
-                                "ear_difference": c["ear"]["a_minus_b"], "ear_difference_ci": c["ear"]["ci95"]})
+    result["rows"] = run_pending(args.runs, rows, lambda name: run(name, args, work), args.out, result)
+    comparisons = paired_comparisons({r["run"]: r["fidelity"] for r in rows}, PAIRS)
     result["comparisons"] = comparisons
     print_table(rows, [("run", "run", ""), ("bpp", "bpp", ".3f"), ("kl", "held-out KL", ".4f"), ("ear", "EAR", ".4f"), ("ppl", "PPL", ".2f"),
                        ("heldback_kl_ratio", "held-back KL tuned/start", ".3f"), ("tuning_s", "tuning s", ".0f"),

@@ -17,18 +17,18 @@ its kernels serve it unchanged. What changes is what the quantizer sees: a rando
 rotation spreads every outlier channel over all channels, so group scales fit the weights
 more tightly (measured in README, "Rotations").
 
-llmcompressor's SpinQuantModifier does the folding and the fusing (its architecture
-mappings, compressed-tensors' random-Hadamard transforms in float64). Two things differ:
+llmcompressor's SpinQuantModifier supplies the pieces (its architecture mappings and norm
+fold, compressed-tensors' random-Hadamard transforms in float64). Three things differ:
 
-- No embedding centering (the fold and the fusion are written here, in `_rotate`, so that
-  under torchrun one rank applies them). SpinQuant's reference code subtracts each embedding's mean,
-  which is an identity only before a LayerNorm; before an RMSNorm it changes the model
-  (KL 0.006 on the reference model, more than its 8-bit quantization's error; the
-  SpinQuant authors' issue #14 reports the same). Every model it maps uses RMSNorm.
+- No embedding centering. SpinQuant's reference code subtracts each embedding's mean, which
+  is an identity only before a LayerNorm; before an RMSNorm it changes the model (KL 0.006 on
+  a probe sentence through the reference model, more than its 8-bit quantization's error;
+  the SpinQuant authors' issue #14 reports the same).
 - The rotated model is checked against the original on a probe sequence, and a KL above
-  max_kl stops the run, naming the architecture: SpinQuant falls back to Llama's module
-  names for any architecture it does not know, and a model whose names or norms differ
-  (fused qkv_proj, norms after the sublayers) would otherwise quantize a broken model.
+  max_kl stops the run, naming the architecture: a model with Llama's module names but
+  LayerNorms (StableLM) would otherwise quantize a broken model. (Names that do not match
+  stop earlier, in llmcompressor's own matching.)
+- The fold and the fusion are applied here, in `_rotate`, by one rank under torchrun.
 
 Put it first in a recipe: the quantizers after it collect their Hessians in the rotated
 basis.
