@@ -4,10 +4,12 @@ Four runs of the main job, as subprocesses, sharing one GPTQ database cache (so 
 differs in the tuning alone):
 
     slq        vllm-slq quantize smollm2-135m --target bpp=4.0 --tune-steps 0
-    slq+tune   ... --tune-steps N           (the main job since tuning is on by default: N = 64)
+    slq+tune   ... --tune-steps N           (the main job since tuning is on by default: N = 128,
+                                            over SLQModifier's 256 training blocks)
     w4         --target bpp=4.3125 --bits-options 4 --tune-steps 0   (uniform asymmetric w4 g64: SLQ's database
                and pipeline with one width, the same GPTQ as `--method gptq --bits 4`)
     w4+tune    ... --tune-steps N
+    slq+tune64, w4+tune64: the default until session 22, 64 steps over 128 blocks
 
 with the main job's evaluation (--eval-tokens held-out tokens of the evaluation split, which
 neither GPTQ nor the tuning read). Paired on the same sequences (the statistics of `vllm-slq
@@ -41,6 +43,8 @@ RUNS = {
     "slq+tune": ["--target", "bpp=4.0", "--tune-steps", "{steps}"],
     "w4": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "0"],
     "w4+tune": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "{steps}"],
+    "slq+tune64": ["--target", "bpp=4.0", "--tune-steps", "64", "--tune-blocks", "128"],
+    "w4+tune64": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "64", "--tune-blocks", "128"],
     # the allocation objective on 32 blocks instead of 8: RCO's steps and the sensitivities
     # read the same number of blocks per step either way, so this costs little compute;
     # it asks whether 2,048 tokens are too few to choose the widths from
@@ -49,6 +53,7 @@ RUNS = {
     "slq/obj32+longtune": ["--target", "bpp=4.0", "--objective-blocks", "32", "--tune-steps", "{long_steps}"],
 }
 PAIRS = [("slq+tune", "slq"), ("w4+tune", "w4"), ("slq", "w4"), ("slq+tune", "w4"), ("slq+tune", "w4+tune"),
+         ("slq+tune", "slq+tune64"), ("w4+tune", "w4+tune64"), ("slq+tune64", "w4"), ("w4+tune64", "w4"),
          ("slq/obj32", "slq"), ("slq/obj32", "w4"), ("slq/obj32+tune", "slq/obj32"), ("slq/obj32+tune", "w4"),
          ("slq/obj32+tune", "w4+tune"), ("slq/obj32+longtune", "slq/obj32"), ("slq/obj32+longtune", "w4"),
          ("slq/obj32+longtune", "w4+tune")]
@@ -105,7 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--tune-steps", type=int, default=64)
+    p.add_argument("--tune-steps", type=int, default=128, help="the +tune runs' steps (SLQModifier's default)")
     p.add_argument("--long-tune-steps", type=int, default=256, help="the +longtune runs' steps")
     p.add_argument("--tune-lr", type=float, default=None, help="the tuned runs' --tune-lr (default: the CLI's)")
     p.add_argument("--eval-tokens", type=int, default=8192)

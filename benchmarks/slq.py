@@ -344,7 +344,7 @@ def main():
                     help="GSQ rows over every decoder linear (benchmarks/gsq.py --include-attention)")
     ap.add_argument("--tune-steps", type=int, default=0,
                     help="also score each slq_asym point after this many scale-tuning steps (SLQModifier's "
-                         "tune_steps, 64 in the product); 0: allocation only")
+                         "tune_steps, 128 in the product since session 22, 64 before); 0: allocation only")
     ap.add_argument("--tune-budgets", type=float, nargs="+", default=None,
                     help="tune only the points at these budgets (default: every --budgets point)")
     ap.add_argument("--tune-lr", type=float, default=2e-3, help="the rate at --tune-reference-bits")
@@ -358,7 +358,8 @@ def main():
                     help="tune the norm layers with the scales (scale_tuning's norms=True), folded into the "
                          "evaluated model's norm weights")
     ap.add_argument("--norm-lr", type=float, default=None, help="the norms' rate (default --tune-lr)")
-    ap.add_argument("--tune-blocks", type=int, default=128, help="training blocks (SLQModifier's tune_blocks)")
+    ap.add_argument("--tune-blocks", type=int, default=256,
+                    help="training blocks (SLQModifier's tune_blocks: 256 since session 22, 128 before)")
     ap.add_argument("--tune-check-blocks", type=int, default=8,
                     help="held-back blocks choosing the best step (SLQModifier's objective_blocks)")
     ap.add_argument("--tune-seq-len", type=int, default=256, help="SLQModifier's objective_seq_len")

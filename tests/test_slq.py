@@ -312,10 +312,17 @@ def test_search_arguments_reach_the_modifier():
     p = argparse.ArgumentParser()
     add_quantize_args(p)
     args = p.parse_args(["m", "--target", "bpp=4", "--sensitivity-passes", "4", "--rco-steps", "3",
-                         "--offload-dir", "/some/dir", "--tune-steps", "5", "--tune-lr", "0.01", "--bits-options", "2", "4"])
+                         "--offload-dir", "/some/dir", "--tune-steps", "5", "--tune-blocks", "12", "--tune-lr", "0.01",
+                         "--bits-options", "2", "4"])
     mod = build_modifier(args, parse_target(args.target), shapes=[])
     assert mod.sensitivity_max_passes == 4 and mod.rco_steps == 3 and mod.target_bpp == 4.0
-    assert mod.tune_steps == 5 and mod.tune_lr == 0.01 and mod.bits_options == [2, 4] and mod.bits == 4
+    assert mod.tune_steps == 5 and mod.tune_blocks == 12 and mod.tune_lr == 0.01
+    assert mod.bits_options == [2, 4] and mod.bits == 4
+    # the defaults come from the modifier, not from the command line's parser
+    args = p.parse_args(["m", "--target", "bpp=4"])
+    default = build_modifier(args, parse_target(args.target), shapes=[])
+    assert (default.tune_steps, default.tune_blocks) == (SLQModifier.model_fields["tune_steps"].default,
+                                                         SLQModifier.model_fields["tune_blocks"].default)
     assert mod.offload_dir == "/some/dir"
     assert mod.tune_reference_bits == SLQModifier.model_fields["tune_reference_bits"].default
     for flag, expected in (("3", 3), ("0", None)):

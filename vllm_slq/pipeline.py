@@ -186,7 +186,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "baseline through SLQ's database and tuning")
     g.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help="after the allocation, tune the chosen group scales on the model's KL for N steps "
-                        "(default 64; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
+                        "(default 128; codes fixed; the scales measuring best on held-back blocks are kept; 0: off)")
+    g.add_argument("--tune-blocks", type=int, default=None, metavar="N",
+                   help="calibration blocks the scale tuning trains on (default 256, two per step)")
     g.add_argument("--tune-lr", type=float, default=None, metavar="LR",
                    help="the scale tuning's Adam rate on the log-scales of groups of R bits or fewer (default "
                         "2e-3; wider b-bit groups get LR * (2^R - 1) / (2^b - 1), R the reference "
@@ -293,7 +295,8 @@ def _slq_modifier(args, target: Target, shapes, scale_dtype):
                        ("database_cache", "database_cache"), ("checkpoint_blocks", "checkpoint_blocks"),
                        ("offload_dir", "offload_dir"), ("objective", "allocation_objective"),
                        ("sensitivity_passes", "sensitivity_max_passes"), ("tune_steps", "tune_steps"),
-                       ("tune_lr", "tune_lr"), ("tune_norms", "tune_norms"), ("bits_options", "bits_options")):
+                       ("tune_blocks", "tune_blocks"), ("tune_lr", "tune_lr"), ("tune_norms", "tune_norms"),
+                       ("bits_options", "bits_options")):
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)
     if getattr(args, "tune_reference_bits", None) is not None:
