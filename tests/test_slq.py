@@ -130,6 +130,7 @@ def test_the_quantized_model_is_freed_before_the_evaluation_loads_two_more(tiny_
 @pytest.mark.llmcompressor
 def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_tokenizer, tmp_path):
     from vllm_slq.checkpoint import load_checkpoint
+    from vllm_slq.modifiers import SLQModifier
 
     out = tmp_path / "ckpt"
     assert _quantize(tiny_with_tokenizer, out, "--target", "bpp=4.0") == 0
@@ -137,7 +138,8 @@ def test_main_job_bpp_mode_writes_servable_checkpoint_and_report(tiny_with_token
     assert report["bpp"] <= 4.0 + 1e-9 and report["bpp"] > 2.28
     # the scales are tuned by default, and never kept worse than GPTQ's on the held-back blocks
     tuning = report["allocation"]["scale_tuning"]
-    assert tuning["steps"] == 64 and tuning["heldout_kl_best"] <= tuning["heldout_kl_start"]
+    assert tuning["steps"] == SLQModifier.model_fields["tune_steps"].default
+    assert tuning["heldout_kl_best"] <= tuning["heldout_kl_start"]
     fid = report["fidelity"]["teacher_forced"]
     assert 0.0 < fid["ear"] <= 1.0 and fid["ear_ci95"][0] <= fid["ear"] <= fid["ear_ci95"][1]
     # the report names the checkpoint, not the staging directory it was scored in, and keeps
