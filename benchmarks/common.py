@@ -1,7 +1,9 @@
 """What every benchmark here shares: peak-RSS sampling, a plain-text table, atomic JSON and PNG."""
 from __future__ import annotations
 
+import json
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from vllm_slq.fileio import atomic_path, atomic_write_json
 RESULTS = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS", "current_rss_mb", "current_anon_mb", "PeakSampler", "DevicePeak", "print_table", "write_json", "save_figure",
-           "run_pending", "paired_comparisons"]
+           "run_pending", "paired_comparisons", "print_comparisons", "add_series_arguments", "run_series"]
 
 
 def current_rss_mb() -> float:
@@ -149,3 +151,38 @@ def paired_comparisons(fidelity: dict, pairs) -> list[dict]:
                                 "kl_ratio_ci_text": f"[{lo:.3f}, {hi:.3f}]",
                                 "ear_difference": c["ear"]["a_minus_b"], "ear_difference_ci": c["ear"]["ci95"]})
     return comparisons
+
+
+def add_series_arguments(p, runs, work_name: str, out_name: str) -> None:
+    """The options of a series of main-job runs as subprocesses (rotation.py, scale_tuning.py)."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--runs", nargs="+", default=list(runs), choices=list(runs))
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / work_name))
+    p.add_argument("--out", default=str(RESULTS / out_name))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs --out already holds (their settings are not checked: pass the same ones)")
+
+
+def run_series(args, benchmark: str, run_one, pairs) -> dict:
+    """Run args.runs with run_one(name, work_dir) -> row, keeping with --resume the rows (and the
+    hand-written notes) --out already holds, and pair them on the same sequences.
+    Returns the result ({"benchmark", "settings", "machine", "rows", "comparisons"[, "notes"]})."""
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows, result = [], {"benchmark": benchmark, "settings": vars(args),
+                        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
+        kept = json.loads(Path(args.out).read_text())
+        rows = [r for r in kept["rows"] if r["run"] in args.runs]
+        if "notes" in kept:  # written by hand: which rows predate which fix
+            result["notes"] = kept["notes"]
+    result["rows"] = run_pending(args.runs, rows, lambda name: run_one(name, work), args.out, result)
+    result["comparisons"] = paired_comparisons({r["run"]: r["fidelity"] for r in rows}, pairs)
+    return result
+
+
+def print_comparisons(comparisons: list[dict]) -> str:
+    """paired_comparisons' rows as a table."""
+    return print_table(comparisons, [("a", "a", ""), ("b", "b", ""), ("kl_ratio", "KL a/b", ".3f"),
+                                     ("kl_ratio_ci_text", "paired 95% CI", ""), ("ear_difference", "EAR a-b", "+.4f")])

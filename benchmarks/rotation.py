@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, paired_comparisons, print_table, run_pending, save_figure, write_json
+from common import add_series_arguments, print_comparisons, print_table, run_series, save_figure, write_json
 
 BASE_RUNS = {
     "w4": ["--target", "bpp=4.3125", "--bits-options", "4", "--tune-steps", "0"],
@@ -88,28 +87,15 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "rotation"))
-    p.add_argument("--out", default=str(RESULTS / "rotation.json"))
-    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds (pass the same settings)")
+    add_series_arguments(p, RUNS, "rotation", "rotation.json")
     args = p.parse_args()
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    rows, result = [], {"benchmark": "rotation", "settings": vars(args),
-                        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-    if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
-        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["run"] in args.runs]
-    result["rows"] = run_pending(args.runs, rows, lambda name: run(name, args, work), args.out, result)
-    comparisons = paired_comparisons({r["run"]: r["fidelity"] for r in rows}, PAIRS)
-    result["comparisons"] = comparisons
+    result = run_series(args, "rotation", lambda name, work: run(name, args, work), PAIRS)
+    rows, comparisons = result["rows"], result["comparisons"]
     print_table(rows, [("run", "run", ""), ("bpp", "bpp", ".3f"), ("bpp_all_params", "bpp all params", ".2f"),
                        ("kl", "held-out KL", ".4f"), ("ear", "EAR", ".4f"), ("top1", "top-1", ".4f"),
                        ("ppl", "PPL", ".2f"), ("rotation_kl", "rotation KL", ".1e"), ("wall_s", "wall s", ".0f")])
     print()
-    print_table(comparisons, [("a", "a", ""), ("b", "b", ""), ("kl_ratio", "KL a/b", ".3f"),
-                              ("kl_ratio_ci_text", "paired 95% CI", ""), ("ear_difference", "EAR a-b", "+.4f")])
+    print_comparisons(comparisons)
     write_json(args.out, result)
     plot(rows, comparisons, Path(args.out).with_suffix(".png"))
 

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, paired_comparisons, print_table, run_pending, save_figure, write_json
+from common import add_series_arguments, print_comparisons, print_table, run_series, save_figure, write_json
 
 # the untuned runs say --tune-steps 0: SLQ tunes 64 steps by default since 2026-12-06
 RUNS = {
@@ -108,34 +107,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    add_series_arguments(p, RUNS, "scale_tuning", "scale_tuning.json")
     p.add_argument("--tune-steps", type=int, default=128, help="the +tune runs' steps (SLQModifier's default)")
     p.add_argument("--long-tune-steps", type=int, default=256, help="the +longtune runs' steps")
     p.add_argument("--tune-lr", type=float, default=None, help="the tuned runs' --tune-lr (default: the CLI's)")
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vllm-slq-bench" / "scale_tuning"))
-    p.add_argument("--out", default=str(RESULTS / "scale_tuning.json"))
-    p.add_argument("--resume", action="store_true", help="keep the runs --out already holds (their settings are not checked: pass the same ones)")
     args = p.parse_args()
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    rows, result = [], {"benchmark": "scale_tuning", "settings": vars(args),
-                        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-    if args.resume and Path(args.out).exists():  # rows keep their per-sequence sums, so they pair later
-        kept = json.loads(Path(args.out).read_text())
-        rows = [r for r in kept["rows"] if r["run"] in args.runs]
-        if "notes" in kept:  # written by hand: which rows predate which fix
-            result["notes"] = kept["notes"]
-    result["rows"] = run_pending(args.runs, rows, lambda name: run(name, args, work), args.out, result)
-    comparisons = paired_comparisons({r["run"]: r["fidelity"] for r in rows}, PAIRS)
-    result["comparisons"] = comparisons
+    result = run_series(args, "scale_tuning", lambda name, work: run(name, args, work), PAIRS)
+    rows, comparisons = result["rows"], result["comparisons"]
     print_table(rows, [("run", "run", ""), ("bpp", "bpp", ".3f"), ("kl", "held-out KL", ".4f"), ("ear", "EAR", ".4f"), ("ppl", "PPL", ".2f"),
                        ("heldback_kl_ratio", "held-back KL tuned/start", ".3f"), ("tuning_s", "tuning s", ".0f"),
                        ("wall_s", "wall s", ".0f")])
     print()
-    print_table(comparisons, [("a", "a", ""), ("b", "b", ""), ("kl_ratio", "KL a/b", ".3f"),
-                              ("kl_ratio_ci_text", "paired 95% CI", ""), ("ear_difference", "EAR a-b", "+.4f")])
+    print_comparisons(comparisons)
     write_json(args.out, result)
     plot(rows, Path(args.out).with_suffix(".png"))
 
