@@ -13,6 +13,9 @@ blocks and evaluated on held-out blocks of the other split:
                    runs it; trained on --tune-blocks calibration blocks of --tune-seq-len
                    cut from the split's end, best scales kept by --tune-check-blocks more
                    (disjoint from GPTQ's, the objective's and the held-out blocks)
+    uniform_asym_tuned with --tune-uniform B..: the uniform_asym rows of those widths after
+                   the same tuning: the line tuned SLQ must beat for mixing widths to
+                   be worth anything once both are tuned
     uniform_sym    symmetric GPTQ g64, 2..8 bits
     slq_sym        the same RCO search on the symmetric database: the gamma-squared
                    ablation (symmetric grids inflate the noise by gamma^2 per group)
@@ -80,6 +83,7 @@ CURVES = {
     "uniform_asym": "uniform asymmetric GPTQ g64",
     "slq_asym": "SLQ (asym, RCO)",
     "slq_asym_tuned": "SLQ (asym, RCO) + scale tuning",
+    "uniform_asym_tuned": "uniform asymmetric GPTQ g64 + scale tuning",
     "uniform_sym": "uniform symmetric GPTQ g64",
     "slq_sym": "SLQ sym (gamma^2 ablation)",
     "gsq": "GSQ (symmetric)",
@@ -255,7 +259,8 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     styles = {"uniform_asym": ("s", "--", "C0"), "slq_asym": ("o", "-", "C0"),
-              "slq_asym_tuned": ("*", "-", "C3"), "uniform_sym": ("s", "--", "C1"),
+              "slq_asym_tuned": ("*", "-", "C3"), "uniform_asym_tuned": ("s", "--", "C3"),
+              "uniform_sym": ("s", "--", "C1"),
               "slq_sym": ("o", "-", "C1"), "gsq": ("D", ":", "C2"), "gsq_gptq": ("x", ":", "C2")}
     for curve, (mk, ls, col) in styles.items():
         pts = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["achieved_bpp"])
@@ -293,13 +298,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def print_table(rows) -> None:
-    print(f"{'curve':13s} {'budget':>6s} {'bpp':>7s} {'EAR':>7s} {'LCB':>7s} {'KL':>9s} {'top1':>7s} "
+    print(f"{'curve':18s} {'budget':>6s} {'bpp':>7s} {'EAR':>7s} {'LCB':>7s} {'KL':>9s} {'top1':>7s} "
           f"{'PPL':>8s} {'alloc s':>8s} {'eval s':>7s}")
     for r in sorted(rows, key=lambda r: (list(CURVES).index(r["curve"]), r["achieved_bpp"])):
         b = "" if r.get("budget") is None else f"{r['budget']:.2f}"
         lcb = "" if r.get("ear_lcb") is None else f"{r['ear_lcb']:.4f}"
         f = lambda k, fmt: "" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
-        print(f"{r['curve']:13s} {b:>6s} {r['achieved_bpp']:7.4f} {r['ear']:7.4f} {lcb:>7s} {r['kl']:9.5f} "
+        print(f"{r['curve']:18s} {b:>6s} {r['achieved_bpp']:7.4f} {r['ear']:7.4f} {lcb:>7s} {r['kl']:9.5f} "
               f"{f('top1', '7.4f'):>7s} {f('ppl', '8.3f'):>8s} {f('alloc_s', '8.1f'):>8s} {f('eval_s', '7.1f'):>7s}"
               f"{'  (bisect probe)' if r.get('probe') else ''}")
 
@@ -347,6 +352,8 @@ def main():
                          "tune_steps, 128 in the product since session 22, 64 before); 0: allocation only")
     ap.add_argument("--tune-budgets", type=float, nargs="+", default=None,
                     help="tune only the points at these budgets (default: every --budgets point)")
+    ap.add_argument("--tune-uniform", type=int, nargs="+", default=[], metavar="BITS",
+                    help="also tune the asymmetric uniform rows of these widths (curve uniform_asym_tuned)")
     ap.add_argument("--tune-lr", type=float, default=2e-3, help="the rate at --tune-reference-bits")
     ap.add_argument("--tune-reference-bits", type=int, default=3,
                     help="each width's rate is lr * min(1, (2^r - 1) / (2^b - 1)) (scale_tuning.width_lr); "
@@ -379,6 +386,10 @@ def main():
     if args.tune_reference_bits < 0:  # tune_scales would say so only after the first allocation
         ap.error(f"--tune-reference-bits must be >= 1, or 0 for one rate, not {args.tune_reference_bits}")
     args.tune_reference_bits = args.tune_reference_bits or None  # 0: one rate (tune_scales' None)
+    if args.tune_uniform and args.tune_steps <= 0:
+        ap.error("--tune-uniform needs --tune-steps N > 0")
+    if set(args.tune_uniform) - set(BITS):
+        ap.error(f"--tune-uniform: widths {sorted(set(args.tune_uniform) - set(BITS))} are not in {BITS}")
     torch.set_num_threads(args.threads)
 
     from vllm_slq.allocation.objective import ModelKLObjective, cached_candidates
@@ -426,7 +437,7 @@ def main():
                 "select": "calibration KL of the rounding candidates (all objective blocks)",
                 "seed": args.seed},
         "tuning": None if args.tune_steps <= 0 else {
-            "curve": "slq_asym_tuned", "steps": args.tune_steps, "lr": args.tune_lr,
+            "curves": ["slq_asym_tuned", "uniform_asym_tuned"], "steps": args.tune_steps, "lr": args.tune_lr,
             "reference_bits": args.tune_reference_bits, "slow_only": args.tune_slow_only,
             "blocks": args.tune_blocks,
             "check_blocks": args.tune_check_blocks, "seq_len": args.tune_seq_len,
@@ -457,8 +468,10 @@ def main():
             raise SystemExit(f"--resume: {args.out} was written with other settings; use another --out")
         previous = {(r["curve"], r.get("option"), r.get("budget")): r for r in old.get("rows", [])
                     if r["curve"] not in GSQ_JSON_CURVES.values()}
-        if old["settings"].get("tuning") != settings["tuning"]:  # tuned points of other settings are not these
-            previous = {k: r for k, r in previous.items() if k[0] != "slq_asym_tuned"}
+        old_tuning, new_tuning = ({k: v for k, v in (t or {}).items() if k not in ("curve", "curves")}
+                                  for t in (old["settings"].get("tuning"), settings["tuning"]))
+        if old_tuning != new_tuning:  # tuned points of other settings are not these
+            previous = {k: r for k, r in previous.items() if not k[0].endswith("_tuned")}
         # stages not rerun this time (a resumed database's sensitivities) keep their old figures
         stages.update({k: v for k, v in old.get("stages", {}).items() if k not in stages})
         print(f"resuming: {len(previous)} points from {args.out}")
@@ -488,17 +501,49 @@ def main():
               f"{info['hessian_s']:.0f} s), {info['loaded_layers']} loaded ({info['load_s']:.1f} s) "
               f"from {info['path']}", flush=True)
 
+        def tune_row(curve, option, budget, choice, row):
+            """SLQModifier's scale tuning of the allocation `choice` (option indices per group),
+            which `row` scored untuned: a row of `curve`."""
+            if (curve, option, budget) in previous:
+                add_row({**previous[(curve, option, budget)], "resumed": True})
+                return
+            t = time.perf_counter()
+            tune_obj = ModelKLObjective(model, pb, cands, tune_tokens, batch_blocks=2)
+            try:
+                tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr,
+                                     reference_bits=args.tune_reference_bits,
+                                     slow_only=args.tune_slow_only, norms=args.tune_norms, norm_lr=args.norm_lr)
+            finally:
+                tune_obj.close()
+            t_tune = time.perf_counter() - t
+            t = time.perf_counter()
+            m = evaluator(pb, cands, choice, scales=tuning.scales, norm_scales=tuning.norm_scales)
+            summary = tuning.summary()
+            add_row({"curve": curve, **({"option": option} if option else {}), "budget": budget,
+                     "achieved_bpp": row["achieved_bpp"], **m,
+                     **{k: row[k] for k in ("group_bits", "param_share_by_bits") if k in row},
+                     "tuning": {k: summary[k] for k in ("heldout_kl_start", "heldout_kl_best", "best_step",
+                                                        "seconds", "lr_by_bits", "norms", "norm_lr",
+                                                        "norm_factor_range", "norms_excluded", "log")},
+                     "alloc_s": row.get("alloc_s", 0) + t_tune, "tune_s": t_tune,
+                     "eval_s": time.perf_counter() - t})
+
         for k, spec in enumerate(pb.options):  # uniform curve
+            tune = kind == "asym" and spec.bits in args.tune_uniform
             if (f"uniform_{kind}", spec.short(), None) in previous:
-                add_row({**previous[(f"uniform_{kind}", spec.short(), None)], "resumed": True})
-                continue
-            t = time.perf_counter()
-            r = uniform_allocate(pb, pb.cost_bits[:, k].sum() / pb.total_params)
-            t_alloc = time.perf_counter() - t
-            t = time.perf_counter()
-            m = evaluator(pb, cands, r.choice)
-            add_row({"curve": f"uniform_{kind}", "option": spec.short(), "budget": None,
-                     "achieved_bpp": r.bpp, **m, "alloc_s": t_alloc, "eval_s": time.perf_counter() - t})
+                row = {**previous[(f"uniform_{kind}", spec.short(), None)], "resumed": True}
+                add_row(row)
+            else:
+                t = time.perf_counter()
+                r = uniform_allocate(pb, pb.cost_bits[:, k].sum() / pb.total_params)
+                t_alloc = time.perf_counter() - t
+                t = time.perf_counter()
+                m = evaluator(pb, cands, r.choice)
+                row = {"curve": f"uniform_{kind}", "option": spec.short(), "budget": None,
+                       "achieved_bpp": r.bpp, **m, "alloc_s": t_alloc, "eval_s": time.perf_counter() - t}
+                add_row(row)
+            if tune:
+                tune_row(f"uniform_{kind}_tuned", spec.short(), None, np.full(len(groups), k), row)
 
         t = time.perf_counter()
         obj = ModelKLObjective(model, pb, cands, objective_tokens, batch_blocks=1)
@@ -512,30 +557,8 @@ def main():
 
         def tune_point(budget, row):
             """The point's allocation (its row's group widths) after SLQModifier's scale tuning."""
-            if (f"slq_{kind}_tuned", None, budget) in previous:
-                add_row({**previous[(f"slq_{kind}_tuned", None, budget)], "resumed": True})
-                return
             by_bits = {o.bits: k for k, o in enumerate(pb.options)}
-            choice = np.array([by_bits[b] for b in row["group_bits"]])
-            t = time.perf_counter()
-            tune_obj = ModelKLObjective(model, pb, cands, tune_tokens, batch_blocks=2)
-            try:
-                tuning = tune_scales(tune_obj, choice, args.tune_blocks, args.tune_steps, lr=args.tune_lr,
-                                     reference_bits=args.tune_reference_bits,
-                                     slow_only=args.tune_slow_only, norms=args.tune_norms, norm_lr=args.norm_lr)
-            finally:
-                tune_obj.close()
-            t_tune = time.perf_counter() - t
-            t = time.perf_counter()
-            m = evaluator(pb, cands, choice, scales=tuning.scales, norm_scales=tuning.norm_scales)
-            summary = tuning.summary()
-            add_row({"curve": f"slq_{kind}_tuned", "budget": budget, "achieved_bpp": row["achieved_bpp"], **m,
-                     "group_bits": row["group_bits"], "param_share_by_bits": row["param_share_by_bits"],
-                     "tuning": {k: summary[k] for k in ("heldout_kl_start", "heldout_kl_best", "best_step",
-                                                        "seconds", "lr_by_bits", "norms", "norm_lr",
-                                                        "norm_factor_range", "norms_excluded", "log")},
-                     "alloc_s": row.get("alloc_s", 0) + t_tune, "tune_s": t_tune,
-                     "eval_s": time.perf_counter() - t})
+            tune_row(f"slq_{kind}_tuned", None, budget, np.array([by_bits[b] for b in row["group_bits"]]), row)
 
         def tuned(budget):
             return kind == "asym" and args.tune_steps > 0 and (args.tune_budgets is None or any(
@@ -644,19 +667,38 @@ def gsq_vs_curves(rows) -> list[dict]:
     return out
 
 
-def slq_vs_uniform_line(rows, kind: str, curve: str | None = None) -> list[dict]:
-    """Each SLQ point (of `curve`, default slq_<kind>) against the line through the (untuned)
-    uniform points of the same database (log KL vs bpp): below 1 is what mixing widths (and,
-    for slq_asym_tuned, the scale tuning) buys over interpolating uniform widths."""
+def slq_vs_uniform_line(rows, kind: str, curve: str | None = None, line: str | None = None) -> list[dict]:
+    """Each SLQ point (of `curve`, default slq_<kind>) against the line through the uniform
+    points (of `line`, default the untuned uniform_<kind>) of the same database (log KL vs
+    bpp): below 1 is what mixing widths (and, for slq_asym_tuned against the untuned line,
+    the scale tuning) buys over interpolating uniform widths."""
     from vllm_slq.eval.report import log_interpolate
 
-    uniform = [(r["achieved_bpp"], r["kl"]) for r in rows if r["curve"] == f"uniform_{kind}"]
+    uniform = [(r["achieved_bpp"], r["kl"]) for r in rows if r["curve"] == (line or f"uniform_{kind}")]
     out = []
     for r in sorted((r for r in rows if r["curve"] == (curve or f"slq_{kind}")), key=lambda r: r["achieved_bpp"]):
         at = log_interpolate(uniform, r["achieved_bpp"])
         if at:
             out.append({"budget": r["budget"], "bpp": r["achieved_bpp"], "kl": r["kl"], "uniform_line_kl": at[0],
                         "ratio_to_line": r["kl"] / at[0], "uniform_between": list(at[1])})
+    return out
+
+
+def tuning_gain(rows, n_boot: int, seed: int) -> list[dict]:
+    """Each tuned row's held-out KL over its untuned row's (the same allocation), paired on
+    the held-out sequences."""
+    from vllm_slq.eval.metrics import paired_bootstrap_ci
+
+    out = []
+    for t in (r for r in rows if r["curve"].endswith("_tuned")):
+        base = next((r for r in rows if r["curve"] == t["curve"][:-len("_tuned")] and not r.get("probe")
+                     and r.get("option") == t.get("option") and r.get("budget") == t.get("budget")), None)
+        if base is None or not (t.get("kl_seq_sums") and base.get("kl_seq_sums")):
+            continue
+        ratio, lo, hi = paired_bootstrap_ci(t["kl_seq_sums"], base["kl_seq_sums"], n_boot=n_boot, seed=seed)
+        out.append({"curve": t["curve"], "option": t.get("option"), "budget": t.get("budget"),
+                    "bpp": t["achieved_bpp"], "kl": t["kl"], "untuned_kl": base["kl"],
+                    "kl_ratio": ratio, "kl_ratio_ci95": [lo, hi]})
     return out
 
 
@@ -721,6 +763,11 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
                                    if any(r["curve"] == f"slq_{k}" for r in rows)}
     if any(r["curve"] == "slq_asym_tuned" for r in rows):
         comp["slq_vs_uniform_line"]["asym_tuned"] = slq_vs_uniform_line(rows, "asym", "slq_asym_tuned")
+    if any(r["curve"] == "uniform_asym_tuned" for r in rows):
+        # the fair line for tuned SLQ: what mixing widths buys once both are tuned
+        comp["slq_vs_uniform_line"]["asym_tuned_vs_tuned_line"] = slq_vs_uniform_line(
+            rows, "asym", "slq_asym_tuned", line="uniform_asym_tuned")
+    comp["tuning_gain"] = tuning_gain(rows, args.n_boot, args.seed)
     result["comparisons"] = comp
     result["status"] = "complete"
     save()
@@ -756,6 +803,9 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
               "predicted for RTN / GPTQ database median: " + ", ".join(
                   f"w{b} {gs['predicted_rtn_noise_ratio_sym_over_asym'][str(b)]:.2f}/"
                   f"{gs['gptq_error_ratio_sym_over_asym_median'][str(b)]:.2f}" for b in BITS))
+    for g in comp["tuning_gain"]:
+        print(f"tuning {g['curve']} {g['option'] or g['budget']}: KL {g['untuned_kl']:.5f} -> {g['kl']:.5f}, "
+              f"{g['kl_ratio']:.3f} [{g['kl_ratio_ci95'][0]:.3f}, {g['kl_ratio_ci95'][1]:.3f}]")
     for k, pts in comp["slq_vs_uniform_line"].items():
         print(f"SLQ {k} / uniform line: " + ", ".join(f"{p['bpp']:.2f} bpp {p['ratio_to_line']:.3f}" for p in pts))
     for g in comp["gsq_vs_uniform_sym_and_slq"] if isinstance(comp["gsq_vs_uniform_sym_and_slq"], list) else []:
