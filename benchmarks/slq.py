@@ -370,6 +370,8 @@ def main():
     ap.add_argument("--tune-check-blocks", type=int, default=8,
                     help="held-back blocks choosing the best step (SLQModifier's objective_blocks)")
     ap.add_argument("--tune-seq-len", type=int, default=256, help="SLQModifier's objective_seq_len")
+    ap.add_argument("--save-tuned-scales", type=Path, default=None, metavar="DIR",
+                    help="write each tuned row's scales to DIR/<curve>_<option or budget>.pt")
     ap.add_argument("--out", type=Path, default=RESULTS / "slq.json")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the points already in --out when its settings match (budgets and "
@@ -519,6 +521,12 @@ def main():
             t = time.perf_counter()
             m = evaluator(pb, cands, choice, scales=tuning.scales, norm_scales=tuning.norm_scales)
             summary = tuning.summary()
+            if args.save_tuned_scales:
+                args.save_tuned_scales.mkdir(parents=True, exist_ok=True)
+                torch.save({"curve": curve, "option": option, "budget": budget, "scales": tuning.scales,
+                            "norm_scales": tuning.norm_scales, "options": {
+                                name: spec.short() for name, spec in pb.module_specs(choice).items()}},
+                           args.save_tuned_scales / f"{curve}_{option or budget}.pt")
             add_row({"curve": curve, **({"option": option} if option else {}), "budget": budget,
                      "achieved_bpp": row["achieved_bpp"], **m,
                      **{k: row[k] for k in ("group_bits", "param_share_by_bits") if k in row},
