@@ -16,6 +16,11 @@ blocks and evaluated on held-out blocks of the other split:
     uniform_asym_tuned with --tune-uniform B..: the uniform_asym rows of those widths after
                    the same tuning: the line tuned SLQ must beat for mixing widths to
                    be worth anything once both are tuned
+
+With --candidate-scales FILE.. (the .pt files --save-tuned-scales writes for tuned uniform
+rows), the asymmetric database's entries of those widths carry the tuned scales instead
+of GPTQ's before anything is measured: every curve is then an allocation over tuned
+candidates (a tuning-aware allocation; its uniform rows reproduce the tuned ones).
     uniform_sym    symmetric GPTQ g64, 2..8 bits
     slq_sym        the same RCO search on the symmetric database: the gamma-squared
                    ablation (symmetric grids inflate the noise by gamma^2 per group)
@@ -372,6 +377,9 @@ def main():
     ap.add_argument("--tune-seq-len", type=int, default=256, help="SLQModifier's objective_seq_len")
     ap.add_argument("--save-tuned-scales", type=Path, default=None, metavar="DIR",
                     help="write each tuned row's scales to DIR/<curve>_<option or budget>.pt")
+    ap.add_argument("--candidate-scales", type=Path, nargs="+", default=[], metavar="FILE",
+                    help="tuned uniform rows' scales (--save-tuned-scales' files) replacing GPTQ's in the "
+                         "asymmetric database's entries of those widths")
     ap.add_argument("--out", type=Path, default=RESULTS / "slq.json")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the points already in --out when its settings match (budgets and "
@@ -390,6 +398,10 @@ def main():
     args.tune_reference_bits = args.tune_reference_bits or None  # 0: one rate (tune_scales' None)
     if args.tune_uniform and args.tune_steps <= 0:
         ap.error("--tune-uniform needs --tune-steps N > 0")
+    candidate_scales = [torch.load(f, weights_only=True) for f in args.candidate_scales]
+    for f, c in zip(args.candidate_scales, candidate_scales):
+        if c["curve"] != "uniform_asym_tuned":
+            ap.error(f"--candidate-scales: {f} holds a {c['curve']} row's scales, not a tuned uniform row's")
     if set(args.tune_uniform) - set(BITS):
         ap.error(f"--tune-uniform: widths {sorted(set(args.tune_uniform) - set(BITS))} are not in {BITS}")
     torch.set_num_threads(args.threads)
@@ -447,6 +459,9 @@ def main():
             "batch_blocks": 2, "check_every": 8,
             # only when asked: rows tuned before the option existed stay resumable
             **({"norms": {"lr": args.norm_lr or args.tune_lr}} if args.tune_norms else {})},
+        **({"candidate_scales": [{"file": str(f), "option": c["option"]}
+                                 for f, c in zip(args.candidate_scales, candidate_scales)]}
+           if candidate_scales else {}),
         "distribution_lossless": {"curve": "slq_asym", "targets": list(TARGETS), "bisect_steps": args.bisect_steps,
                                   "tolerance_bpp": args.bisect_tolerance,
                                   "criterion": "held-out EAR lower 95% bootstrap bound >= target"},
@@ -499,6 +514,19 @@ def main():
         cands, info = cached_candidates(model, pb, calib, db_root, key_extra={"model": "smollm2-135m"}, **gptq_kw)
         stages[f"database_{kind}"] = {**info, "wall_s": time.perf_counter() - t}
         db_errors[kind] = [[cands[sh.name][spec].meta["rel_err"] for spec in pb.options] for sh in shapes]
+        if kind == "asym":
+            by_short = {o.short(): o for o in pb.options}
+            for f, c in zip(args.candidate_scales, candidate_scales):
+                for name, option in c["options"].items():
+                    if name not in cands:
+                        raise SystemExit(f"--candidate-scales: {f} tunes layer {name}, which this run does not "
+                                         "quantize (another --max-layers?)")
+                    entry = cands[name][by_short[option]]
+                    if c["scales"][name].shape != entry.scale.shape:
+                        raise SystemExit(f"--candidate-scales: {f}: layer {name}'s scales have shape "
+                                         f"{tuple(c['scales'][name].shape)}, the database's {tuple(entry.scale.shape)}")
+                    entry.scale = c["scales"][name].to(entry.scale.dtype)
+                print(f"database asym: {c['option']} entries carry the tuned scales of {f}")
         print(f"database {kind}: {info['built_layers']} layers built ({info['build_s']:.0f} s, Hessians "
               f"{info['hessian_s']:.0f} s), {info['loaded_layers']} loaded ({info['load_s']:.1f} s) "
               f"from {info['path']}", flush=True)
