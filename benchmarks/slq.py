@@ -264,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     styles = {"uniform_asym": ("s", "--", "C0"), "slq_asym": ("o", "-", "C0"),
-              "slq_asym_tuned": ("*", "-", "C3"), "uniform_asym_tuned": ("s", "--", "C3"),
+              "slq_asym_tuned": ("*", "-", "C3"), "uniform_asym_tuned": ("s", "--", "C4"),
               "uniform_sym": ("s", "--", "C1"),
               "slq_sym": ("o", "-", "C1"), "gsq": ("D", ":", "C2"), "gsq_gptq": ("x", ":", "C2")}
     for curve, (mk, ls, col) in styles.items():
