@@ -16,17 +16,17 @@ blocks and evaluated on held-out blocks of the other split:
     uniform_asym_tuned with --tune-uniform B..: the uniform_asym rows of those widths after
                    the same tuning: the line tuned SLQ must beat for mixing widths to
                    be worth anything once both are tuned
-
-With --candidate-scales FILE.. (the .pt files --save-tuned-scales writes for tuned uniform
-rows), the asymmetric database's entries of those widths carry the tuned scales instead
-of GPTQ's before anything is measured: every curve is then an allocation over tuned
-candidates (a tuning-aware allocation; its uniform rows reproduce the tuned ones).
     uniform_sym    symmetric GPTQ g64, 2..8 bits
     slq_sym        the same RCO search on the symmetric database: the gamma-squared
                    ablation (symmetric grids inflate the noise by gamma^2 per group)
     gsq            read from benchmarks/results/gsq_all_linears.json (benchmarks/gsq.py
                    --include-attention --n-eval 8: the same held-out tokens) when it holds completed GSQ
                    rows over every decoder linear; otherwise listed as not measured
+
+With --candidate-scales FILE.. (the .pt files --save-tuned-scales writes for tuned uniform
+rows), the asymmetric database's entries of those widths carry the tuned scales instead
+of GPTQ's before anything is measured: every curve is then an allocation over tuned
+candidates (a tuning-aware allocation; its uniform rows reproduce the tuned ones).
 
 Distribution-lossless mode: for EAR targets 0.98 and 0.99, bisect the budget of
 slq_asym between the curve's bracketing points (RCO at every probe) and report
