@@ -1,4 +1,4 @@
-"""SLQ on the reference model: fidelity vs bpp against uniform GPTQ, the symmetric ablation and GSQ.
+"""SLQ on the reference model (or --model): fidelity vs bpp against uniform GPTQ, the symmetric ablation and GSQ.
 
 Curves (docs/methods.md section 2), all from ONE set of FP Hessians on calibration
 blocks and evaluated on held-out blocks of the other split:
@@ -215,7 +215,7 @@ def thresholds(rows, key: str, targets=TARGETS) -> dict:
     return out
 
 
-def gsq_points(path: Path, shapes, seq_len: int, eval_blocks: int) -> tuple[list[dict], str]:
+def gsq_points(path: Path, shapes, seq_len: int, eval_blocks: int, model: str) -> tuple[list[dict], str]:
     """Completed GSQ rows over all of `shapes` (the decoder linears) from benchmarks/gsq.py's JSON,
     with the GPTQ rows of the same run (GSQ's own baseline: the same calibration, which differs
     from this benchmark's Hessian tokens) as the curve "gsq_gptq"."""
@@ -238,6 +238,8 @@ def gsq_points(path: Path, shapes, seq_len: int, eval_blocks: int) -> tuple[list
                     f"decoder linears (GSQ's default quantizes the MLP only)"
                     f"{'; its status: ' + status if status else ''}")
     st = data.get("settings", {})
+    if st.get("model") != model:
+        return [], f"not comparable: {path} measured the model {st.get('model')!r}, this curve {model!r}"
     if (st.get("seq_len"), st.get("n_eval")) != (seq_len, eval_blocks):
         # gsq.py and this benchmark cut held-out blocks the same way: the same shape is the same text
         return [], (f"not comparable: {path} was scored on {st.get('n_eval')} x {st.get('seq_len')} held-out "
@@ -323,7 +325,7 @@ def refresh_gsq(args, png: Path) -> None:
     result = json.loads(args.out.read_text())
     if result.get("status") != "complete":
         raise SystemExit(f"--gsq-only: {args.out} has status {result.get('status')!r}, not 'complete'")
-    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+    model, _ = load_model(result["settings"]["model"], dtype=torch.float32)
     shapes = decoder_shapes(model, result["settings"]["max_layers"])
     finish(result, shapes, args, png, None, lambda: atomic_write_json(args.out, result))
     print(f"wrote {args.out} and {png}")
@@ -331,6 +333,8 @@ def refresh_gsq(args, png: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="alias or local directory (vllm_slq.data.resolve_model); computed in float32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-blocks", type=int, default=8)
@@ -412,7 +416,7 @@ def main():
     t_all = time.perf_counter()
     stages: dict = {}
     t = time.perf_counter()
-    model, tok = load_model("smollm2-135m", dtype=torch.float32)
+    model, tok = load_model(args.model, dtype=torch.float32)
     model.eval()
     text = load_text("brown")
     both = token_blocks(tok, text.calibration, args.seq_len, 2 * args.calib_blocks)
@@ -434,7 +438,7 @@ def main():
     gptq_kw = {**SLQ_GPTQ, "act_order": args.act_order}  # SLQModifier's database options
 
     settings = {
-        "model": "smollm2-135m", "dtype": "float32", "text": "brown (calibration / evaluation splits)",
+        "model": args.model, "dtype": "float32", "text": "brown (calibration / evaluation splits)",
         "n_modules": len(shapes), "n_groups": len(groups), "tied": "q/k/v and gate/up per block",
         "max_layers": args.max_layers, "seq_len": args.seq_len, "calib_blocks": args.calib_blocks,
         "eval_blocks": args.eval_blocks, "budgets": args.budgets,
@@ -511,7 +515,7 @@ def main():
     db_errors = {}
     for kind, pb in problems.items():
         t = time.perf_counter()
-        cands, info = cached_candidates(model, pb, calib, db_root, key_extra={"model": "smollm2-135m"}, **gptq_kw)
+        cands, info = cached_candidates(model, pb, calib, db_root, key_extra={"model": args.model}, **gptq_kw)
         stages[f"database_{kind}"] = {**info, "wall_s": time.perf_counter() - t}
         db_errors[kind] = [[cands[sh.name][spec].meta["rel_err"] for spec in pb.options] for sh in shapes]
         if kind == "asym":
@@ -745,7 +749,7 @@ def finish(result: dict, shapes, args, png: Path, gamma: dict | None, save) -> N
     rows[:] = [r for r in rows if r["curve"] not in GSQ_JSON_CURVES.values()]
     lossless = result.get("distribution_lossless", {})
     st = result["settings"]
-    gsq, gsq_note = gsq_points(args.gsq_json, shapes, st["seq_len"], st["eval_blocks"])
+    gsq, gsq_note = gsq_points(args.gsq_json, shapes, st["seq_len"], st["eval_blocks"], st["model"])
     rows.extend(gsq)
     result["gsq"] = {"status": gsq_note, "points": len(gsq)}
     print(f"GSQ: {gsq_note}")

