@@ -274,7 +274,8 @@ def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_pat
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    spec = data.GGUFAlias(wheel_module="x", gguf_name="v.gguf", pip_spec="x", bos="<bos>", eos="<eos>", pad="<pad>")
+    spec = data.GGUFAlias(wheel_module="x", gguf_name="v.gguf", pip_spec="x", bos="<bos>", eos="<eos>", pad="<pad>",
+                          sentencepiece_tokenizer="GemmaTokenizer")
     (tmp_path / "tok").mkdir()
     tok = data._sentencepiece_tokenizer(tmp_path / "v.gguf", spec, tmp_path / "tok")
     assert tok.convert_ids_to_tokens(tok("The cat").input_ids) == ["<bos>", "The", "▁cat"]

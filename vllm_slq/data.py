@@ -66,10 +66,11 @@ class GGUFAlias:
     # the dtype the dense weights are saved in: the model's training dtype (fp16
     # overflows in Gemma's activations)
     dtype: torch.dtype = torch.float16
-    # rebuild the tokenizer from the GGUF's SentencePiece pieces and scores: transformers'
-    # GGUF converter gives some SentencePiece vocabularies a tokenizer that splits every
-    # character ("The" -> "T", "h", "e") though the model needs "The" whole
-    sentencepiece_tokenizer: bool = False
+    # a transformers tokenizer class to rebuild the tokenizer with, from the GGUF's
+    # SentencePiece pieces and scores: transformers' GGUF converter gives some SentencePiece
+    # vocabularies a tokenizer that splits every character ("The" -> "T", "h", "e") though
+    # the model was trained on "The" whole
+    sentencepiece_tokenizer: str = ""
 
 
 MODEL_ALIASES: dict[str, GGUFAlias] = {
@@ -91,7 +92,7 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
                     for i in range(4)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         dtype=torch.bfloat16,
-        sentencepiece_tokenizer=True,
+        sentencepiece_tokenizer="GemmaTokenizer",
     ),
 }
 MODEL_ALIASES["smollm2-135m-instruct"] = MODEL_ALIASES["smollm2-135m"]
@@ -136,8 +137,9 @@ def gguf_path(alias: str, spec: GGUFAlias) -> Path:
 
 
 def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
-    """A tokenizer built from the GGUF's SentencePiece pieces, scores and types (BPE, byte
-    fallback, no added prefix space: what tokenizer.ggml.add_space_prefix = false means)."""
+    """spec.sentencepiece_tokenizer built in `dest` from the GGUF's SentencePiece pieces, scores
+    and types (BPE, byte fallback, no added prefix space: what tokenizer.ggml.add_space_prefix
+    = false means), adding BOS as tokenizer.ggml.add_bos_token says."""
     import gguf as gguf_lib
     from sentencepiece import sentencepiece_model_pb2 as sp_pb
     from transformers import AutoTokenizer
@@ -145,6 +147,7 @@ def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
     fields = gguf_lib.GGUFReader(str(gguf)).fields
     meta = {k: fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens",
                                               "tokenizer.ggml.scores", "tokenizer.ggml.token_type")}
+    add_bos = fields["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in fields else True
     if meta["tokenizer.ggml.model"] != "llama":
         raise DataError(f"{gguf}: tokenizer.ggml.model is {meta['tokenizer.ggml.model']!r}, not SentencePiece's 'llama'")
     proto = sp_pb.ModelProto()
@@ -160,10 +163,10 @@ def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
         proto.pieces.add(piece=piece, score=float(score), type=int(kind))
     (dest / "tokenizer.model").write_bytes(proto.SerializeToString())
     (dest / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "tokenizer_class": spec.sentencepiece_tokenizer, "add_bos_token": bool(add_bos), "add_eos_token": False,
         "bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad}))
     tok = AutoTokenizer.from_pretrained(str(dest))
-    (dest / "tokenizer.model").unlink()  # tokenizer.json, saved next, carries it
+    tok.init_kwargs.pop("vocab_file", None)  # dest is temporary; the saved tokenizer.json carries it all
     return tok
 
 
