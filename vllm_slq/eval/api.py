@@ -195,8 +195,10 @@ class Evaluator:
         elif backend == "vllm":
             if isinstance(candidate, torch.nn.Module):
                 raise EvalError("the vLLM backend needs a model directory, not an in-memory model")
-            from .vllm_backend import VLLMCandidate
+            from .vllm_backend import VLLMCandidate, check_host_memory
 
+            if topk == -1:
+                check_host_memory(self.blocks.shape[1], self.ref.vocab_size)
             need = max(self.blocks.shape[1], self.sample_prompt_len + self.sample_new_tokens
                        if self.sample_prompts else 0)
             runner = VLLMCandidate(candidate, max_model_len=need, topk=topk,

@@ -15,7 +15,12 @@ Exact vs bounded:
     matrix, so EAR, KL and top-1 are exact (`exact = True`). Cost: vLLM
     returns T*(V+1) Python floats per sequence (`flat_logprobs=True` keeps them
     in flat lists rather than per-token objects); for V=49152 and T=512 that
-    is ~25M values, ~2 GB of transient host memory and a few seconds.
+    is ~25M values, ~2 GB of transient host memory and a few seconds. The host
+    memory grows as T*V: about HOST_BYTES_PER_LOGPROB bytes per value with the
+    ids, ranks and our dense copy (measured: Gemma 3, V=262144, T=512 peaked at
+    18.1 GB and was killed on a 24 GB machine; Llama-3's V=128256 needs ~9 GB per
+    512-token sequence). `check_host_memory` refuses a run that cannot fit before
+    the engine starts, naming the --seq-len that would.
   * `topk=k>0`: only the listed tokens are known, so the report carries the
     exact lower bound sum_{v in S} min(p_v, q_v) and the upper bound
     (`metrics.topk_ear_bounds`), KL is not reported, `exact = False`.
@@ -31,6 +36,39 @@ import torch
 
 from .hf_backend import EvalError
 from .metrics import DenseLogits, LogitSource
+
+
+# host bytes per full-vocabulary prompt logprob at the peak: vLLM's flat lists of Python floats
+# (24 B + an 8 B slot), token ids and ranks (~36 B each), our numpy copies and dense row
+# (~30 B); 18.1 GB peak RSS at 512 x 262145 values (of which ~1.5 GB the models) is ~130
+HOST_BYTES_PER_LOGPROB = 130
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(seq_len: int, vocab_size: int, available: int | None = None, fraction: float = 0.8) -> None:
+    """Refuse full-vocabulary scoring whose per-sequence prompt logprobs cannot fit in host memory."""
+    available = available_host_bytes() if available is None else available
+    if available is None:
+        return
+    need = seq_len * (vocab_size + 1) * HOST_BYTES_PER_LOGPROB
+    if need > fraction * available:
+        fits = int(fraction * available / ((vocab_size + 1) * HOST_BYTES_PER_LOGPROB))
+        raise EvalError(
+            f"the vLLM backend's full-vocabulary prompt logprobs for one {seq_len}-token sequence over a "
+            f"{vocab_size}-token vocabulary need about {need / 1e9:.1f} GB of host memory (vLLM returns them as "
+            f"Python lists, ~{HOST_BYTES_PER_LOGPROB} B per value); {available / 1e9:.1f} GB are available. "
+            f"Use --seq-len {fits} or less, or --topk K for EAR bounds")
 
 
 def configure_cpu_env() -> None:
