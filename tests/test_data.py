@@ -162,6 +162,29 @@ def test_token_blocks(tmp_path):
         data.token_blocks(Tok(), docs, seq_len=3, from_end=True)
 
 
+def test_token_blocks_start_with_the_bos_a_tokenizer_adds_and_only_then():
+    """Gemma and Llama-3 are only ever run after their BOS: each block gets it, then seq_len - 1
+    tokens of text. A tokenizer that names a BOS but does not add it (SmolLM2's) gets none."""
+    class Tok:
+        eos_token_id, bos_token_id = 0, 1
+
+        def __init__(self, adds: bool):
+            self.adds = adds
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [ord(c) for c in text]
+            return type("E", (), {"input_ids": ([1] if add_special_tokens and self.adds else []) + ids})()
+
+    docs = ["abcdefgh", "ijklmnop"]
+    rows = lambda t: ["".join("^" if c == 1 else "|" if c == 0 else chr(c) for c in r) for r in t.tolist()]  # noqa: E731
+    assert rows(data.token_blocks(Tok(adds=True), docs, seq_len=4, n_blocks=3)) == ["^abc", "^ijk", "^def"]
+    # from_end: 3-token blocks aligned to the end of "abcdefgh|ijklmnop|", then the BOS
+    assert rows(data.token_blocks(Tok(adds=True), docs, seq_len=4, n_blocks=2, from_end=True)) == ["^gh|", "^op|"]
+    assert rows(data.token_blocks(Tok(adds=False), docs, seq_len=4, n_blocks=2)) == ["abcd", "lmno"]
+    with pytest.raises(DataError, match="no room for text after the tokenizer's BOS"):
+        data.token_blocks(Tok(adds=True), docs, seq_len=1, n_blocks=1)
+
+
 def test_token_blocks_spread_over_documents():
     """One block per document before any document gives a second (round-robin), prefix-stable
     from the start and suffix-stable from the end, reading only the documents needed."""

@@ -146,16 +146,16 @@ def test_report_run_files_and_plot(blocks, tmp_path):
 
 
 def test_full_vocabulary_vllm_scoring_that_cannot_fit_is_refused_with_a_seq_len_that_would(monkeypatch):
-    """vLLM returns prompt logprobs as Python lists (~130 B per value): Gemma 3's 262k vocabulary
+    """vLLM returns prompt logprobs as Python lists (~200 B per value): Gemma 3's 262k vocabulary
     at 512 tokens was OOM-killed on a 24 GB machine. The check says so before the engine starts."""
     from vllm_slq.eval import vllm_backend
     from vllm_slq.eval.vllm_backend import check_host_memory
 
-    check_host_memory(512, 49152, available=16e9)  # the reference model: ~3.3 GB, fits
-    with pytest.raises(EvalError, match=r"512-token sequence over a 262144-token vocabulary need about 17.4 GB"
-                                        r".*16.0 GB are available\. Use --seq-len 375 or less, or --topk K"):
+    check_host_memory(512, 49152, available=16e9)  # the reference model: ~5 GB, fits
+    with pytest.raises(EvalError, match=r"512-token sequence over a 262144-token vocabulary need about 26.8 GB"
+                                        r".*16.0 GB are available\. Use --seq-len 244 or less, or --topk K"):
         check_host_memory(512, 262144, available=16e9)
-    check_host_memory(375, 262144, available=16e9)
+    check_host_memory(244, 262144, available=16e9)
     monkeypatch.setattr(vllm_backend, "available_host_bytes", lambda: None)
     check_host_memory(10**6, 262144)  # no /proc/meminfo: nothing to check against
 

@@ -397,11 +397,20 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None 
     and the last document's first; they come back in the reverse of that order, so the last k
     of n are the k-block answer -- text disjoint from the first blocks while the two together
     need no more documents than there are (e.g. an objective beside the Hessians' tokens).
+
+    A tokenizer that puts BOS before every text (Gemma, Llama-2/3, Mistral) gets it at the
+    start of every block, then seq_len - 1 text tokens: those models are only ever run that
+    way, and Gemma 3 270M without it scored a perplexity of 579 on 128-token blocks. A
+    tokenizer that adds none (SmolLM2, GPT-2) gets seq_len text tokens.
     """
     if not docs:
         raise DataError("no documents to tokenize")
     if from_end and n_blocks is None:
         raise DataError("token_blocks(from_end=True) needs n_blocks")
+    bos = added_bos(tokenizer)
+    if bos is not None and seq_len < 2:
+        raise DataError(f"blocks of {seq_len} token(s) leave no room for text after the tokenizer's BOS")
+    text_len = seq_len - (bos is not None)
     sep = tokenizer.eos_token_id
 
     def pieces():  # each document's tokens with its EOS; from_end: mirrored, last token first
@@ -411,7 +420,7 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None 
                 piece.append(sep)
             yield piece[::-1] if from_end else piece
 
-    blocks, owners = _cut_blocks(pieces(), seq_len, n_blocks)
+    blocks, owners = _cut_blocks(pieces(), text_len, n_blocks)
     if not blocks or (n_blocks is not None and len(blocks) < n_blocks):
         raise DataError(f"text makes {len(blocks)} blocks of {seq_len} tokens: fewer than {n_blocks or 1} blocks")
     if n_blocks is None:
@@ -425,7 +434,18 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, n_blocks: int | None 
         chosen = order[:n_blocks]
     if from_end:  # mirror back: each block's tokens, and the blocks into text order
         chosen = [b[::-1] for b in reversed(chosen)]
+    if bos is not None:
+        chosen = [[bos] + b for b in chosen]
     return torch.tensor(chosen, dtype=torch.long).view(len(chosen), seq_len)
+
+
+def added_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text it encodes, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if len(ids) and ids[0] == bos else None
 
 
 def _cut_blocks(pieces, seq_len: int, n_blocks: int | None) -> tuple[list[list[int]], list[int]]:

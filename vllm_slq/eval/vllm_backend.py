@@ -17,9 +17,9 @@ Exact vs bounded:
     in flat lists rather than per-token objects); for V=49152 and T=512 that
     is ~25M values, ~2 GB of transient host memory and a few seconds. The host
     memory grows as T*V: about HOST_BYTES_PER_LOGPROB bytes per value with the
-    ids, ranks and our dense copy (measured: Gemma 3, V=262144, T=512 peaked at
-    18.1 GB and was killed on a 24 GB machine; Llama-3's V=128256 needs ~9 GB per
-    512-token sequence). `check_host_memory` refuses a run that cannot fit before
+    ids, ranks and our dense copy (measured with Gemma 3, V=262144: T=128 peaked
+    at 9.6 GB RSS, T=512 was killed at 18.1 GB on a 24 GB machine; Llama-3's
+    V=128256 needs ~13 GB per 512-token sequence). `check_host_memory` refuses a run that cannot fit before
     the engine starts, naming the --seq-len that would.
   * `topk=k>0`: only the listed tokens are known, so the report carries the
     exact lower bound sum_{v in S} min(p_v, q_v) and the upper bound
@@ -39,9 +39,10 @@ from .metrics import DenseLogits, LogitSource
 
 
 # host bytes per full-vocabulary prompt logprob at the peak: vLLM's flat lists of Python floats
-# (24 B + an 8 B slot), token ids and ranks (~36 B each), our numpy copies and dense row
-# (~30 B); 18.1 GB peak RSS at 512 x 262145 values (of which ~1.5 GB the models) is ~130
-HOST_BYTES_PER_LOGPROB = 130
+# (24 B + an 8 B slot), token ids and ranks (~36 B each), vLLM's tensors, our numpy copies and
+# dense row. Measured: 9.6 GB peak RSS scoring 128 x 262145 values (Gemma 3 270M, the HF
+# reference and the engine being ~3 GB of it): ~200
+HOST_BYTES_PER_LOGPROB = 200
 
 
 def available_host_bytes() -> int | None:
