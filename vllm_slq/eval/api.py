@@ -197,10 +197,10 @@ class Evaluator:
                 raise EvalError("the vLLM backend needs a model directory, not an in-memory model")
             from .vllm_backend import VLLMCandidate, check_host_memory
 
-            if topk == -1:
-                check_host_memory(self.blocks.shape[1], self.ref.vocab_size)
             need = max(self.blocks.shape[1], self.sample_prompt_len + self.sample_new_tokens
                        if self.sample_prompts else 0)
+            if topk == -1:
+                check_host_memory(need, self.ref.vocab_size)
             runner = VLLMCandidate(candidate, max_model_len=need, topk=topk,
                                    dtype=cand_dtype or "auto", seed=self.seed, **(vllm_kwargs or {}))
             tok, limit, cvocab = None, runner.max_positions, runner.vocab_size
