@@ -122,7 +122,6 @@ def gguf_path(alias: str, spec: GGUFAlias) -> Path:
     parts = [_package_file(alias, spec, m, n) for m, n in spec.parts]
     joined = cache_dir() / "gguf" / spec.gguf_name
     if not joined.is_file():
-        joined.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         with atomic_path(joined) as tmp, tmp.open("wb") as out:
             for part in parts:
@@ -174,8 +173,8 @@ def _build_alias(alias: str, spec: GGUFAlias, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path(alias, spec)
-    print(f"[vllm_slq.data] converting {gguf.name} to {str(spec.dtype).removeprefix('torch.')} safetensors "
-          f"in {dest} (once)", file=sys.stderr)
+    print(f"[vllm_slq.data] converting {gguf.name} to {DTYPE_SUFFIX[spec.dtype]} safetensors in {dest} (once)",
+          file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tok_dir:
