@@ -304,3 +304,19 @@ def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_pat
     assert tok.convert_ids_to_tokens(tok("The cat").input_ids) == ["<bos>", "The", "▁cat"]
     ids = tok("The cat!", add_special_tokens=False).input_ids
     assert tok.convert_ids_to_tokens(ids)[-1] == "<0x21>" and tok.decode(ids) == "The cat!"
+
+
+def test_text_windows_score_every_token_once_from_the_bos():
+    from vllm_slq.perplexity import text_windows
+
+    ids = torch.arange(10)
+    with_bos = text_windows(ids, 4, bos=99)
+    assert [w.tolist() for w in with_bos] == [[99, 0, 1, 2, 3], [99, 4, 5, 6, 7], [99, 8, 9]]
+    # each window's targets are its tokens after the first: every text token exactly once
+    assert torch.cat([w[1:] for w in with_bos]).tolist() == ids.tolist()
+    without = text_windows(ids, 4)
+    assert [w.tolist() for w in without] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
+    assert torch.cat([w[1:] for w in without]).tolist() == ids[1:].tolist()
+    assert text_windows(torch.arange(1), 4) == [] and len(text_windows(torch.arange(1), 4, bos=0)) == 1
+    with pytest.raises(ValueError, match="0 tokens"):
+        text_windows(ids, 0)
