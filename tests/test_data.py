@@ -278,7 +278,8 @@ def test_a_missing_part_names_the_wheel_to_install(tmp_path, monkeypatch):
         data.gguf_path("fake", spec)
 
 
-def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path):
+@pytest.mark.parametrize("add_space_prefix", [False, True])
+def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path, add_space_prefix):
     """Pieces merge by score (SentencePiece BPE), spaces become '▁' with no prefix added, and
     text outside the vocabulary falls back to bytes: what Gemma's GGUF vocabulary needs."""
     import gguf
@@ -293,6 +294,7 @@ def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_pat
     writer.add_token_list(specials + pieces)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
+    writer.add_add_space_prefix(add_space_prefix)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -300,6 +302,10 @@ def test_the_sentencepiece_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_pat
     spec = data.GGUFAlias(wheel_module="x", gguf_name="v.gguf", pip_spec="x", bos="<bos>", eos="<eos>", pad="<pad>",
                           sentencepiece_tokenizer="GemmaTokenizer")
     (tmp_path / "tok").mkdir()
+    if add_space_prefix:  # a vocabulary that wants a prefix space the rebuild cannot write
+        with pytest.raises(DataError, match="v.gguf: tokenizer.ggml.add_space_prefix is True"):
+            data._sentencepiece_tokenizer(tmp_path / "v.gguf", spec, tmp_path / "tok")
+        return
     tok = data._sentencepiece_tokenizer(tmp_path / "v.gguf", spec, tmp_path / "tok")
     assert tok.convert_ids_to_tokens(tok("The cat").input_ids) == ["<bos>", "The", "▁cat"]
     ids = tok("The cat!", add_special_tokens=False).input_ids

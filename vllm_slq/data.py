@@ -137,8 +137,10 @@ def gguf_path(alias: str, spec: GGUFAlias) -> Path:
 
 def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
     """spec.sentencepiece_tokenizer built in `dest` from the GGUF's SentencePiece pieces, scores
-    and types (BPE, byte fallback, no added prefix space: what tokenizer.ggml.add_space_prefix
-    = false means), adding BOS as tokenizer.ggml.add_bos_token says."""
+    and types (BPE, byte fallback, no added prefix space), adding BOS as
+    tokenizer.ggml.add_bos_token says. A GGUF whose tokenizer.ggml.add_space_prefix is true (or
+    absent: llama.cpp's default for SentencePiece) is refused: GemmaTokenizer's conversion
+    writes no prefix, so the ids would differ from the model's at every text's first word."""
     import gguf as gguf_lib
     from sentencepiece import sentencepiece_model_pb2 as sp_pb
     from transformers import AutoTokenizer
@@ -149,6 +151,11 @@ def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
     add_bos = fields["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in fields else True
     if meta["tokenizer.ggml.model"] != "llama":
         raise DataError(f"{gguf}: tokenizer.ggml.model is {meta['tokenizer.ggml.model']!r}, not SentencePiece's 'llama'")
+    space_prefix = "tokenizer.ggml.add_space_prefix"
+    if not (space_prefix in fields and fields[space_prefix].contents() is False):
+        raise DataError(f"{gguf}: {space_prefix} is "
+                        f"{fields[space_prefix].contents() if space_prefix in fields else 'absent (true)'}; "
+                        f"the SentencePiece rebuild ({spec.sentencepiece_tokenizer}) writes no prefix space")
     proto = sp_pb.ModelProto()
     proto.trainer_spec.model_type = sp_pb.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
