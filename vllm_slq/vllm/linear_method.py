@@ -41,6 +41,7 @@ from fractions import Fraction
 from typing import Callable, Optional
 
 import torch
+from vllm import envs
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
@@ -76,8 +77,6 @@ def vllm_cpu_runs_w4a8(kernel: str, params_dtype: torch.dtype) -> bool:
     "shape '[30, 32, 4, 128]' is invalid", measured on this machine's Xeon), so such layers are ours."""
     if kernel != "CPUWNA16LinearKernel" or params_dtype != torch.bfloat16:
         return False
-    from vllm import envs
-
     return bool(envs.VLLM_CPU_INT4_W4A8) and torch.cpu._is_amx_tile_supported()
 
 
