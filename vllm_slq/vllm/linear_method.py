@@ -267,6 +267,7 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
         self.shard_names = shard_names or [self.layer_name]
         self.kernel = None
         self.stock: Optional[CompressedTensorsWNA16] = None  # set when vLLM's own kernel serves the layer
+        self.served_by: Optional[str] = None  # vLLM's kernel class name, or "vllm-slq"; set by create_weights
 
     def vllm_kernel(self, input_size: int, output_size: int, input_size_per_partition: int,
                     output_size_per_partition: int, params_dtype: torch.dtype) -> Optional[str]:
@@ -304,6 +305,7 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
                        params_dtype: torch.dtype, weight_loader: Callable, **kwargs):
         served_by = self.vllm_kernel(input_size, output_size, input_size_per_partition,
                                      sum(output_partition_sizes), params_dtype)
+        self.served_by = served_by or "vllm-slq"
         if served_by is not None:
             logger.debug("vllm-slq: %s (w%d%s) is served by vLLM's %s", self.layer_name, self.num_bits,
                          "" if self.symmetric else "a", served_by)
