@@ -6,7 +6,7 @@ Each quantized width runs on our CPU path (VLLM_SLQ_KERNELS=ours: kernels/cpu_de
 dequantizes once at load, so tokens/s ~ dense and resident weights = dense). Widths vLLM
 has a CPU kernel for (4 bits with zero points: CPUWNA16) run a second time on it (VLLM_SLQ_KERNELS=auto,
 VLLM_CPU_INT4_W4A8=0, so an AMX CPU keeps W4A16 instead of quantizing activations to int8).
-Which kernel served each layer is read from the engine's model (the plugin's scheme records it). Each engine runs in
+Which kernel served each layer is read from the engine's model (`kernels_serving`). Each engine runs in
 its own subprocess.
 
     python benchmarks/cpu_serving.py [--widths 2 3 4 8] [--tokens 32] [--prompts 4]
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from common import save_figure
@@ -57,10 +56,12 @@ def run_one(path: str, dtype: str, tokens: int, prompts: int) -> dict:
     """In a fresh process: load, warm up, then time one batched greedy generation."""
     from vllm import LLM, SamplingParams
 
+    from vllm_slq.vllm.linear_method import kernels_serving
+
     t0 = time.perf_counter()
     llm = LLM(path, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0)
     load_s = time.perf_counter() - t0
-    served_by = llm.apply_model(layers_per_kernel)[0]
+    served_by = llm.apply_model(kernels_serving)[0]
     sp = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0.0, ignore_eos=True)
     batch = (PROMPTS * ((prompts + 3) // 4))[:prompts]
     llm.generate(batch[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
@@ -71,13 +72,6 @@ def run_one(path: str, dtype: str, tokens: int, prompts: int) -> dict:
     return {"load_s": load_s, "gen_s": gen_s, "output_tokens": n_out, "tokens_per_s": n_out / gen_s,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "served_by": served_by}
 
-
-def layers_per_kernel(model) -> dict:
-    """Quantized linears per kernel, as the plugin's scheme recorded it when it built them."""
-    from vllm_slq.vllm.linear_method import SLQWNA16Scheme
-
-    return dict(Counter(m.scheme.served_by for m in model.modules()
-                        if isinstance(getattr(m, "scheme", None), SLQWNA16Scheme)))
 
 
 def engine_cases(widths, tmp: Path, reference: str):
@@ -96,7 +90,7 @@ def engine_cases(widths, tmp: Path, reference: str):
 
 def check_kernels(name: str, mode: str, served_by: dict) -> None:
     """The row's kernel mode is what served it: all ours, or some layers on vLLM's kernel."""
-    vllm = {k: n for k, n in served_by.items() if k != "vllm-slq"}
+    vllm = {k: n for k, n in served_by.items() if k.startswith("vllm:")}
     if mode == "ours" and vllm:
         raise RuntimeError(f"{name}: VLLM_SLQ_KERNELS=ours, yet vLLM's kernels served layers: {vllm}")
     if mode == "vllm" and not vllm:

@@ -109,19 +109,15 @@ def compare_greedy(vllm_tokens, hf_results, tol=NEAR_TIE):
 
 def layer_schemes(llm):
     """{scheme class name: count} and {kernel name: count} of the engine's linear layers
-    (a layer vLLM serves itself counts as "vllm:<its kernel class>")."""
+    (`kernels_serving`: a layer vLLM serves itself counts as "vllm:<its kernel class>")."""
     def probe(model):
-        schemes, kernels = {}, {}
+        from vllm_slq.vllm.linear_method import kernels_serving
+
+        schemes = {}
         for mod in model.modules():
             s = getattr(mod, "scheme", None)
-            if s is None:
-                continue
-            schemes[type(s).__name__] = schemes.get(type(s).__name__, 0) + 1
-            stock = getattr(s, "stock", None)  # a layer the plugin handed to vLLM's own kernel
-            k = getattr(stock if stock is not None else s, "kernel", None)
-            if k is not None:
-                kn = f"vllm:{type(k).__name__}" if stock is not None else getattr(k, "name", type(k).__name__)
-                kernels[kn] = kernels.get(kn, 0) + 1
-        return schemes, kernels
+            if s is not None:
+                schemes[type(s).__name__] = schemes.get(type(s).__name__, 0) + 1
+        return schemes, kernels_serving(model)
 
     return llm.apply_model(probe)[0]

@@ -80,6 +80,23 @@ def vllm_cpu_runs_w4a8(kernel: str, params_dtype: torch.dtype) -> bool:
     return bool(envs.VLLM_CPU_INT4_W4A8) and torch.cpu._is_amx_tile_supported()
 
 
+def kernels_serving(model: torch.nn.Module) -> dict[str, int]:
+    """{kernel: layers} over a vLLM model's linears that this plugin's scheme built: a layer
+    handed to vLLM's own kernel counts as "vllm:<its kernel class>", one of ours under its
+    kernel's name (e.g. cpu_dequant). Run it in the engine with `LLM.apply_model`."""
+    counts: dict[str, int] = {}
+    for mod in model.modules():
+        scheme = getattr(mod, "scheme", None)
+        if not isinstance(scheme, SLQWNA16Scheme):
+            continue
+        if scheme.stock is not None:
+            name = f"vllm:{type(scheme.stock.kernel).__name__}"
+        else:
+            name = getattr(scheme.kernel, "name", type(scheme.kernel).__name__)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class CheckpointLayoutError(ValueError):
     """A checkpoint tensor that does not fit the layer it is loaded into."""
 
@@ -267,7 +284,6 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
         self.shard_names = shard_names or [self.layer_name]
         self.kernel = None
         self.stock: Optional[CompressedTensorsWNA16] = None  # set when vLLM's own kernel serves the layer
-        self.served_by: Optional[str] = None  # vLLM's kernel class name, or "vllm-slq"; set by create_weights
 
     def vllm_kernel(self, input_size: int, output_size: int, input_size_per_partition: int,
                     output_size_per_partition: int, params_dtype: torch.dtype) -> Optional[str]:
@@ -305,7 +321,6 @@ class SLQWNA16Scheme(CompressedTensorsScheme):
                        params_dtype: torch.dtype, weight_loader: Callable, **kwargs):
         served_by = self.vllm_kernel(input_size, output_size, input_size_per_partition,
                                      sum(output_partition_sizes), params_dtype)
-        self.served_by = served_by or "vllm-slq"
         if served_by is not None:
             logger.debug("vllm-slq: %s (w%d%s) is served by vLLM's %s", self.layer_name, self.num_bits,
                          "" if self.symmetric else "a", served_by)
