@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from common import save_figure
 from vllm_slq.fileio import atomic_write_json
 
@@ -71,7 +73,6 @@ def run_one(path: str, dtype: str, tokens: int, prompts: int) -> dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in out)
     return {"load_s": load_s, "gen_s": gen_s, "output_tokens": n_out, "tokens_per_s": n_out / gen_s,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "served_by": served_by}
-
 
 
 def engine_cases(widths, tmp: Path, reference: str):
@@ -159,8 +160,6 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:<16} {r['checkpoint_MB']:>8.1f} {r['load_s']:>7.1f} {r['tokens_per_s']:>7.2f} "
               f"{r['vs_dense']:>8.2f} {r['peak_rss_MB']:>11.0f}  {r['served_by'] or '-'}")
-    import torch
-
     payload = {
         "benchmark": "cpu_serving", "model": "smollm2-135m", "dtype": args.dtype,
         "prompts": args.prompts, "tokens_per_prompt": args.tokens,
