@@ -152,10 +152,10 @@ def _sentencepiece_tokenizer(gguf: Path, spec: GGUFAlias, dest: Path):
     if meta["tokenizer.ggml.model"] != "llama":
         raise DataError(f"{gguf}: tokenizer.ggml.model is {meta['tokenizer.ggml.model']!r}, not SentencePiece's 'llama'")
     space_prefix = "tokenizer.ggml.add_space_prefix"
-    if not (space_prefix in fields and fields[space_prefix].contents() is False):
-        raise DataError(f"{gguf}: {space_prefix} is "
-                        f"{fields[space_prefix].contents() if space_prefix in fields else 'absent (true)'}; "
-                        f"the SentencePiece rebuild ({spec.sentencepiece_tokenizer}) writes no prefix space")
+    prefix = fields[space_prefix].contents() if space_prefix in fields else "absent (true)"
+    if prefix is not False:
+        raise DataError(f"{gguf}: {space_prefix} is {prefix}; the SentencePiece rebuild "
+                        f"({spec.sentencepiece_tokenizer}) writes no prefix space")
     proto = sp_pb.ModelProto()
     proto.trainer_spec.model_type = sp_pb.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
